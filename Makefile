@@ -1,0 +1,80 @@
+# kpipe — `make help` lists the targets. EXP and COMP pick the experiment and competition:
+#   make folds train infer COMP=dog-breed EXP=configs/exp/resnet50.yaml ARGS="train.lr=3e-4"
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+KPIPE  := $(VENV)/bin/kpipe
+STAMP  := $(VENV)/.kpipe-setup-stamp
+
+COMP ?= demo
+EXP  ?= configs/exp/demo.yaml
+ARGS ?=
+GPUS ?= 0
+FILE ?=
+MSG  ?=
+
+RUN := $(KPIPE)
+CFG := -c $(EXP) --comp $(COMP)
+
+.PHONY: help setup demo test test-fast lint audit folds train relabel infer ensemble submit lb bench clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+	@echo "  variables: COMP=$(COMP) EXP=$(EXP) ARGS='key=value ...' GPUS=N"
+
+setup: $(STAMP) ## create .venv and install kpipe with its dependencies (quick when done)
+
+# Re-runs only when pyproject.toml changes. torch comes from the registry's regular (CUDA) build:
+# it runs on CPU too, and the registry's torchvision only loads against it.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $@
+
+demo: setup ## build the demo competition and run the whole pipeline on it, end to end
+	$(RUN) demo-data
+	$(RUN) folds --comp demo
+	$(RUN) train -c configs/exp/demo.yaml --comp demo
+	$(RUN) infer -c configs/exp/demo.yaml --comp demo
+	$(RUN) demo-report
+
+test: setup ## run the test suite (CPU, a few minutes)
+	$(PY) -m pytest -q
+
+test-fast: setup ## the tests without the slow end-to-end ones
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup ## ruff over src/ and tests/
+	$(VENV)/bin/ruff check src tests
+
+audit: setup ## find corrupt files, duplicates and train/test leakage in COMP
+	$(RUN) audit $(CFG) $(ARGS)
+
+folds: setup ## write folds/<COMP>.csv (stratified, duplicate-grouped K folds)
+	$(RUN) folds $(CFG) $(ARGS)
+
+train: setup ## train EXP on COMP (GPUS=N for DDP over N GPUs)
+	$(RUN) train $(CFG) $(if $(filter-out 0,$(GPUS)),--gpus $(GPUS)) $(ARGS)
+
+relabel: setup ## suggest relabels from EXP's out-of-fold predictions (data/<COMP>/review.html)
+	$(RUN) relabel $(CFG) $(ARGS)
+
+infer: setup ## predict the test set with EXP's folds and write a validated submission
+	$(RUN) infer $(CFG) $(ARGS)
+
+submit: setup ## submit FILE (default: the newest submission) to Kaggle with MSG
+	$(RUN) submit $(if $(FILE),$(FILE),$$(ls -t submissions/*.csv | grep -v ledger | head -n 1)) \
+		-m "$(if $(MSG),$(MSG),$$(.venv/bin/python -m kpipe.ledger describe-newest))" $(CFG) --wait
+
+lb: setup ## sync the ledger with Kaggle and show CV vs leaderboard
+	$(RUN) lb $(CFG)
+
+bench: setup ## measure loader / inference / training speed (bench/results.md)
+	$(RUN) bench
+
+clean: ## remove run outputs and caches (keeps data/ and the venv)
+	rm -rf runs predictions cache bench .pytest_cache

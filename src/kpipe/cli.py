@@ -1,0 +1,231 @@
+"""The `kpipe` command: one subcommand per stage, each `stage.run(load_config(...))`.
+
+Stage modules are imported inside their handler so `kpipe --help` stays instant and a
+stage's heavy imports (torch, kaggle) load only when it runs.
+Usage: ``kpipe train -c configs/exp/resnet50.yaml --comp demo train.lr=3e-4``
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+from rich.console import Console
+from rich.markup import escape
+
+from kpipe.config import Config, load_config
+from kpipe.errors import KpipeError
+
+err_console = Console(stderr=True)
+
+
+def resolve_comp(comp: str | None) -> str | None:
+    """A competition given by name means configs/competition/<name>.yaml."""
+    if comp is None or comp.endswith((".yaml", ".yml")) or Path(comp).is_file():
+        return comp
+    return f"configs/competition/{comp}.yaml"
+
+
+def config_from(args: argparse.Namespace) -> Config:
+    return load_config(args.exp, resolve_comp(args.comp), args.overrides)
+
+
+def _config_args(p: argparse.ArgumentParser, exp_help: str = "experiment YAML (inherits configs/exp/base.yaml)") -> None:
+    p.add_argument("-c", "--config", dest="exp", metavar="EXP.yaml", help=exp_help)
+    p.add_argument("--comp", metavar="NAME|FILE",
+                   help="competition: a name (configs/competition/<name>.yaml) or a YAML path")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides applied last, e.g. train.lr=3e-4 train.folds=0,2")
+
+
+# ------------------------------------------------------------------ handlers
+
+
+def _demo_data(args: argparse.Namespace) -> int:
+    from kpipe import demo
+
+    demo.run(args.data_root, force=args.force)
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from kpipe import audit
+
+    audit.run(config_from(args))
+    return 0
+
+
+def _folds(args: argparse.Namespace) -> int:
+    from kpipe import folds
+
+    folds.run(config_from(args))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from kpipe import train
+
+    if args.gpus or args.fold_per_gpu:
+        from kpipe import dist
+
+        return dist.launch(args, sys.argv[1:])
+    train.run(config_from(args), resume=args.resume)
+    return 0
+
+
+def _relabel(args: argparse.Namespace) -> int:
+    from kpipe import relabel
+
+    relabel.run(config_from(args), run_dir=args.run, accept_above=args.accept_above, apply=args.apply,
+                quick=args.quick)
+    return 0
+
+
+def _infer(args: argparse.Namespace) -> int:
+    from kpipe import infer
+
+    infer.run(config_from(args), runs=args.runs)
+    return 0
+
+
+def _oof_tta(args: argparse.Namespace) -> int:
+    from kpipe import infer
+
+    infer.run_oof_tta(config_from(args), runs=args.runs)
+    return 0
+
+
+def _ensemble(args: argparse.Namespace) -> int:
+    from kpipe import ensemble
+
+    ensemble.run(config_from(args), run_dirs=args.runs, out=args.out, include_tta=not args.no_tta)
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from kpipe import submission
+
+    return submission.run_validate(config_from(args), Path(args.file))
+
+
+def _kaggle_download(args: argparse.Namespace) -> int:
+    from kpipe import kaggle
+
+    kaggle.download(config_from(args), force=args.force)
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from kpipe import kaggle
+
+    kaggle.submit(config_from(args), Path(args.file), args.message, wait=args.wait, force=args.force)
+    return 0
+
+
+def _lb(args: argparse.Namespace) -> int:
+    from kpipe import kaggle
+
+    kaggle.lb(config_from(args))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from kpipe import bench
+
+    bench.run(out_dir=Path(args.out), n_images=args.images, repeats=args.repeats, quick=args.quick)
+    return 0
+
+
+# ------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kpipe",
+        description="A pipeline for Kaggle image-classification competitions: "
+                    "demo-data/kaggle download -> audit -> folds -> train -> relabel -> infer -> submit -> lb.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(fn=fn)
+        return p
+
+    p = add("demo-data", _demo_data, "write the bundled demo competition (MNIST in Kaggle layout) to data/demo/")
+    p.add_argument("--data-root", default="data", help="folder that receives demo/ and demo_truth.csv")
+    p.add_argument("--force", action="store_true", help="rebuild even if the demo is already there")
+
+    _config_args(add("audit", _audit, "find unreadable files, odd images, duplicates and train/test leakage"))
+    _config_args(add("folds", _folds, "write stratified (duplicate-grouped) K folds to folds/<comp>.csv"))
+
+    p = add("train", _train, "train the experiment's folds; writes runs/<exp>/")
+    _config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from each fold's last.pt")
+    p.add_argument("--gpus", type=int, default=0, help="launch DDP over N GPUs via torchrun (same command)")
+    p.add_argument("--fold-per-gpu", action="store_true", help="train one fold per visible GPU, in parallel")
+
+    p = add("relabel", _relabel, "suggest relabels from OOF predictions (confident learning); review; apply")
+    _config_args(p)
+    p.add_argument("--run", help="run folder whose oof.csv to use (default: runs/<exp>)")
+    p.add_argument("--accept-above", type=float, default=None, metavar="SCORE",
+                   help="accept suggestions whose score is at least SCORE")
+    p.add_argument("--apply", action="store_true", help="build the cleaned labels folds/train read from now on")
+    p.add_argument("--quick", action="store_true", help="no run yet: train a small CV model first to get OOF")
+
+    p = add("infer", _infer, "predict the test set (TTA, folds, runs) and write a validated submission")
+    _config_args(p)
+    p.add_argument("--runs", nargs="+", default=None, help="run folders to ensemble (default: infer.runs or runs/<exp>)")
+
+    p = add("oof-tta", _oof_tta, "score every TTA view on each fold's own validation images")
+    _config_args(p)
+    p.add_argument("--runs", nargs="+", default=None, help="run folders (default: infer.runs or runs/<exp>)")
+
+    p = add("ensemble", _ensemble, "fit blend weights over runs (and TTA views) on OOF")
+    _config_args(p)
+    p.add_argument("--runs", nargs="+", required=True, help="run folders to blend")
+    p.add_argument("--out", default=None, help="weights JSON (default: runs/ensembles/<exp>.json)")
+    p.add_argument("--no-tta", action="store_true", help="blend runs only, not their TTA views")
+
+    p = add("validate-submission", _validate, "check a submission CSV against sample_submission.csv")
+    p.add_argument("file", help="submission CSV")
+    _config_args(p)
+
+    p = add("kaggle", _kaggle_download, "talk to Kaggle: `kpipe kaggle download --comp NAME`")
+    p.add_argument("action", choices=["download"], help="download: the competition files into data/<comp>/")
+    p.add_argument("--force", action="store_true", help="download again even if the files are there")
+    _config_args(p)
+
+    p = add("submit", _submit, "validate, then submit a CSV to Kaggle and record it in submissions/ledger.csv")
+    p.add_argument("file", help="submission CSV")
+    p.add_argument("-m", "--message", required=True, help="submission description")
+    p.add_argument("--wait", action="store_true", help="poll until the score (or the error) arrives")
+    p.add_argument("--force", action="store_true", help="submit even a byte-identical file again")
+    _config_args(p)
+
+    _config_args(add("lb", _lb, "sync the ledger with Kaggle; CV vs public/private table and plot"))
+
+    p = add("bench", _bench, "measure loader, inference and training speed (writes bench/results.md)")
+    p.add_argument("--out", default="bench", help="output folder")
+    p.add_argument("--images", type=int, default=1000, help="synthetic JPEGs to generate")
+    p.add_argument("--repeats", type=int, default=3, help="repetitions per measurement (median reported)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except KpipeError as e:
+        err_console.print(f"[bold red]kpipe {args.command}:[/] {escape(str(e))}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        err_console.print(f"[yellow]kpipe {args.command}: interrupted[/]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,382 @@
+"""The one typed config schema for kpipe, and the one place configs are loaded.
+
+Two kinds of file fill it: a competition file (where its files are and what they mean;
+its keys are the `competition` section) and an experiment file (model, data, train, folds,
+infer sections) that may `inherit:` a base. `key=value` overrides on the command line come
+last. Defaults live only here. Unknown keys, wrong types and malformed overrides fail with
+one message naming the file, the key and a close match. The config is frozen after loading.
+
+Usage: ``cfg = load_config("configs/exp/demo.yaml", "configs/competition/demo.yaml", ["train.lr=3e-4"])``
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from kpipe.errors import KpipeError
+
+CMDLINE = "command line"
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys rejected, values frozen after loading."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_comma_lists(cls, data: Any) -> Any:
+        # `train.folds=0,2` arrives as the string "0,2"; list-typed keys accept that form.
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for key, value in data.items():
+            field = cls.model_fields.get(key)
+            if field is not None and isinstance(value, str) and _is_list_type(field.annotation):
+                out[key] = [v.strip() for v in value.split(",") if v.strip()]
+        return out
+
+
+def _is_list_type(tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return any(_is_list_type(a) for a in typing.get_args(tp))
+    return origin is list
+
+
+class CompetitionConfig(Section):
+    """Where a competition's files are and what they mean."""
+
+    name: str
+    data_dir: str | None = None  # default: <paths.data_root>/<name>
+    kaggle_slug: str | None = None  # default: name
+    layout: Literal["csv", "folders"] = "csv"  # labels from train_csv, or from class folders under train_dir
+    train_csv: str = "train.csv"
+    id_col: str = "id"
+    label_col: str = "label"
+    group_col: str | None = None  # a column of train_csv that must not straddle folds
+    train_dir: str = "train"
+    test_dir: str = "test"
+    # Appended to ids that do not name a file as they are (e.g. ".jpg"); None: try the id
+    # as given, then the common image extensions.
+    image_ext: str | None = None
+    sample_submission: str = "sample_submission.csv"
+    sub_id_col: str | None = None  # default: sample_submission's first column
+    # "label": one target column holding the class; "proba": one column per class; "auto": from its shape.
+    submission_format: Literal["auto", "label", "proba"] = "auto"
+    metric: Literal["accuracy", "macro_f1", "log_loss"] = "accuracy"
+
+
+class ModelConfig(Section):
+    name: str = "resnet18"  # any timm name, or "googlenet" (torchvision)
+    pretrained: bool = True
+    weights: str | None = None  # local state dict or checkpoint; used instead of a download
+    freeze_until: str | None = None  # stage name: every stage before it is frozen (e.g. "layer4")
+    unfreeze_epoch: int | None = None  # epoch (0-based) at which frozen stages start training
+    act: Literal["default", "relu", "leaky_relu", "silu"] = "default"
+    small_stem: bool = False  # 3x3 stride-1 stem, no max-pool, for 32-64 px inputs
+    drop_rate: float = 0.0
+
+
+class DataConfig(Section):
+    img_size: int | None = None  # default: the model's input size
+    mean: list[float] | None = None  # default: the model's normalisation
+    std: list[float] | None = None
+    aug: Literal["none", "light", "medium", "heavy"] = "light"
+    batch_aug: bool = False  # flips + resized crop on whole uint8 batches (needs cache); see README
+    cache: bool = False  # decode once: images resized to img_size, uint8, memory-mapped
+    cache_dir: str = "cache"
+    batch_size: int = 32
+    num_workers: int = 2
+    balanced_sampling: bool = False
+
+
+class TrainConfig(Section):
+    epochs: int = 10
+    folds: list[int] | None = None  # default: every fold in the folds file
+    optimizer: Literal["sgd", "adam", "adamw", "nadam"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    scheduler: Literal["cosine", "step", "plateau", "none"] = "cosine"
+    warmup_epochs: int = 0
+    step_size: int = 3
+    gamma: float = 0.1
+    plateau_patience: int = 2
+    label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    ema: bool = False
+    ema_decay: float = 0.999
+    accum_steps: int = 1
+    clip_grad: float | None = None
+    early_stop_patience: int | None = None
+    amp: bool = True  # CUDA only: bf16 where supported, else fp16 with a grad scaler
+    channels_last: bool = True  # CUDA only
+    compile: bool = False
+    sync_bn: bool = False  # DDP only
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class FoldsConfig(Section):
+    n_folds: int = 5
+    seed: int = 42
+
+
+class InferConfig(Section):
+    runs: list[str] | None = None  # run folders to ensemble; default: this experiment's run
+    tta: list[str] = ["identity"]
+    agg: Literal["mean", "geomean"] = "mean"
+    batch_size: int = 64
+    ensemble_weights: str | None = None  # JSON written by `kpipe ensemble`
+    name: str | None = None  # default: the experiment name
+
+
+class PathsConfig(Section):
+    data_root: str = "data"
+    folds_dir: str = "folds"
+    runs_dir: str = "runs"
+    predictions_dir: str = "predictions"
+    submissions_dir: str = "submissions"
+
+
+class Config(Section):
+    """The whole resolved config. Written beside every output as config.yaml."""
+
+    name: str = "default"  # experiment name; default: the experiment file's stem
+    competition: CompetitionConfig
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    folds: FoldsConfig = FoldsConfig()
+    infer: InferConfig = InferConfig()
+    paths: PathsConfig = PathsConfig()
+
+    # Derived locations, so no stage rebuilds a path by hand.
+    @property
+    def data_dir(self) -> Path:
+        c = self.competition
+        return Path(c.data_dir) if c.data_dir else Path(self.paths.data_root) / c.name
+
+    @property
+    def work_dir(self) -> Path:
+        """kpipe's own files about the competition (audit/, relabels.csv, labels_clean.csv).
+
+        The same folder as data_dir unless competition.data_dir points elsewhere (a read-only
+        mount, say): raw files are only ever read.
+        """
+        return Path(self.paths.data_root) / self.competition.name
+
+    @property
+    def folds_csv(self) -> Path:
+        return Path(self.paths.folds_dir) / f"{self.competition.name}.csv"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.paths.runs_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every valid dotted key of the schema, for suggestions."""
+    keys: list[str] = []
+    for name, field in model.model_fields.items():
+        sub = _section_type(field.annotation)
+        keys.append(prefix + name)
+        if sub is not None:
+            keys.extend(_all_keys(sub, prefix + name + "."))
+    return keys
+
+
+def _section_type(tp: Any) -> type[BaseModel] | None:
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return tp
+    return None
+
+
+def suggest(key: str) -> str:
+    """' (did you mean 'train.lr'?)' for a mistyped dotted key, or ''."""
+    keys = _all_keys(Config)
+    leaf = key.rsplit(".", 1)[-1]
+    matches = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    if not matches:  # a right leaf under the wrong section: 'lr' -> 'train.lr'
+        matches = [k for k in keys if k.rsplit(".", 1)[-1] == leaf][:1]
+    if not matches:
+        matches = difflib.get_close_matches(leaf, keys, n=1, cutoff=0.6)
+    return f" (did you mean '{matches[0]}'?)" if matches else ""
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise KpipeError(f"{path}: config file not found. Check the path (configs live under configs/).")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise KpipeError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise KpipeError(f"{path}: expected a mapping of keys at the top, got {type(data).__name__}.")
+    return data
+
+
+def _merge(dst: dict[str, Any], src: dict[str, Any], source: str, prov: dict[str, str], prefix: str = "") -> None:
+    """Deep-merge src into dst, recording which file set each leaf key."""
+    for k, v in src.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v, source, prov, key + ".")
+        else:
+            dst[k] = _copy(v)
+            prov[key] = source
+            if isinstance(v, dict):
+                for sub in _flatten(v, key + "."):
+                    prov[sub] = source
+
+
+def _copy(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _copy(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_copy(x) for x in v]
+    return v
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        out.append(prefix + k)
+        if isinstance(v, dict):
+            out.extend(_flatten(v, prefix + k + "."))
+    return out
+
+
+def _load_experiment(path: Path, prov: dict[str, str], seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise KpipeError(f"{path}: inherits itself ({chain}). Remove the loop from the 'inherit' keys.")
+    raw = _read_yaml(path)
+    parents = raw.pop("inherit", [])
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise KpipeError(f"{path}: 'inherit' must be a file path or a list of them.")
+    merged: dict[str, Any] = {}
+    for parent in parents:
+        _merge(merged, _load_experiment(path.parent / parent, prov, (*seen, path)), "", {})
+    parent_prov = dict(prov)
+    _merge(merged, raw, _rel(path), prov)
+    for k, v in parent_prov.items():
+        prov.setdefault(k, v)
+    return merged
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.lr=3e-4' -> (['train', 'lr'], 3e-4). Values are parsed as YAML scalars."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise KpipeError(
+            f"{CMDLINE}: bad override '{text}': expected key=value, e.g. {key or 'train.lr'}=<value>."
+        )
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.split("."), parsed
+
+
+def load_config(
+    exp: str | Path | None = None,
+    comp: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> Config:
+    """Build the resolved Config from an experiment file, a competition file and overrides."""
+    prov: dict[str, str] = {}
+    data: dict[str, Any] = {}
+    if exp is not None:
+        data = _load_experiment(Path(exp), prov)
+        data.setdefault("name", Path(exp).stem)
+    if comp is not None:
+        comp_path = Path(comp)
+        comp_raw = _read_yaml(comp_path)
+        _merge(data, {"competition": comp_raw}, _rel(comp_path), prov)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise KpipeError(f"{CMDLINE}: bad override '{text}': '{k}' is not a section.")
+        node[keys[-1]] = value
+        prov[".".join(keys)] = CMDLINE
+    if "competition" not in data:
+        raise KpipeError(
+            "no competition given: pass --comp configs/competition/<name>.yaml "
+            "(or set COMP=<name> with make)."
+        )
+    return validate(data, prov)
+
+
+def validate(data: dict[str, Any], prov: dict[str, str] | None = None) -> Config:
+    """Validate a plain dict (e.g. a run's saved config.yaml) into a Config, with readable errors."""
+    prov = prov or {}
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise KpipeError(_format_errors(e, prov)) from None
+
+
+def _format_errors(err: ValidationError, prov: dict[str, str]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"] if not isinstance(p, int)]
+        key = ".".join(loc)
+        source = _source_of(key, prov)
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{key}'{suggest(key)}")
+        elif e["type"] == "missing":
+            lines.append(f"{source}: missing required key '{key}'")
+        else:
+            got = e.get("input")
+            lines.append(f"{source}: {key}: {e['msg']} (got {got!r})")
+    return "config error:\n  " + "\n  ".join(lines) if len(lines) > 1 else lines[0]
+
+
+def _source_of(key: str, prov: dict[str, str]) -> str:
+    parts = key.split(".")
+    for i in range(len(parts), 0, -1):
+        hit = prov.get(".".join(parts[:i]))
+        if hit:
+            return hit
+    return "config"
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    """The resolved config a training run saved; infer and relabel read runs through this."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise KpipeError(f"{run_dir}: no config.yaml here. Is this a run folder written by `kpipe train`?")
+    raw = _read_yaml(path)
+    return validate(raw, {k: _rel(path) for k in _flatten(raw)})
