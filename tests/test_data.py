@@ -7,10 +7,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from conftest import tiny_config, write_competition
 from kpipe import data
 from kpipe.errors import KpipeError
-
-from conftest import tiny_config, write_competition
 
 
 def _kinds(ing: data.Ingest) -> dict[str, set[str]]:

@@ -8,10 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import tiny_config, write_competition
 from kpipe import folds
 from kpipe.errors import KpipeError
-
-from conftest import tiny_config, write_competition
 
 
 def _labels(n: int = 300, k: int = 7, seed: int = 0) -> pd.DataFrame:

@@ -50,6 +50,13 @@ def _demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_report(args: argparse.Namespace) -> int:
+    from kpipe import demo
+
+    demo.report(args.data_root)
+    return 0
+
+
 def _audit(args: argparse.Namespace) -> int:
     from kpipe import audit
 
@@ -157,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo-data", _demo_data, "write the bundled demo competition (MNIST in Kaggle layout) to data/demo/")
     p.add_argument("--data-root", default="data", help="folder that receives demo/ and demo_truth.csv")
     p.add_argument("--force", action="store_true", help="rebuild even if the demo is already there")
+
+    p = add("demo-report", _demo_report, "score the demo: CV before/after cleaning, relabel precision/recall, "
+                                         "test accuracy (reads the demo's truth file)")
+    p.add_argument("--data-root", default="data", help="folder holding demo/ and demo_truth.csv")
 
     _config_args(add("audit", _audit, "find unreadable files, odd images, duplicates and train/test leakage"))
     _config_args(add("folds", _folds, "write stratified (duplicate-grouped) K folds to folds/<comp>.csv"))

@@ -39,8 +39,12 @@ class Section(BaseModel):
         out = dict(data)
         for key, value in data.items():
             field = cls.model_fields.get(key)
-            if field is not None and isinstance(value, str) and _is_list_type(field.annotation):
+            if field is None or not _is_list_type(field.annotation):
+                continue
+            if isinstance(value, str):
                 out[key] = [v.strip() for v in value.split(",") if v.strip()]
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[key] = [value]  # `train.folds=0` arrives as the number 0
         return out
 
 
@@ -129,6 +133,7 @@ class TrainConfig(Section):
 class FoldsConfig(Section):
     n_folds: int = 5
     seed: int = 42
+    clean_labels: bool = True  # apply `kpipe relabel --apply`'s labels_clean.csv when there is one
 
 
 class InferConfig(Section):

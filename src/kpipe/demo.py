@@ -91,3 +91,43 @@ def run(data_root: str | Path = "data", force: bool = False) -> Path:
         f"({n_bad} deliberately misfiled), {int(t['split'].eq('test').sum())} test images; truth in {truth}"
     )
     return out
+
+
+def report(data_root: str | Path = "data", runs_dir: str | Path = "runs",
+           submissions_dir: str | Path = "submissions", raw_run: str = "demo_raw", clean_run: str = "demo") -> dict:
+    """The demo's scorecard from files: CV before/after cleaning, relabel precision/recall, test accuracy.
+
+    The only reader of the truth file besides the tests.
+    """
+    import json
+
+    from rich.table import Table
+
+    truth = load_truth(data_root)
+    out: dict[str, float | int] = {}
+    table = Table(title="demo report (against data/demo_truth.csv)")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for label, run in (("CV accuracy before cleaning", raw_run), ("CV accuracy after cleaning", clean_run)):
+        cv = Path(runs_dir) / run / "cv.json"
+        if cv.is_file():
+            out[run] = json.loads(cv.read_text())["cv"]
+            table.add_row(f"{label} ({run})", f"{out[run]:.4f}")
+    relabels = Path(data_root) / "demo" / "relabels.csv"
+    if relabels.is_file():
+        from kpipe.relabel import relabel_precision_recall
+
+        pr = relabel_precision_recall(read_csv_ids(relabels), truth)
+        out.update({f"relabel_{k}": v for k, v in pr.items()})
+        table.add_row("accepted relabels", str(pr["n_accepted"]))
+        table.add_row(f"relabel precision / recall (of {pr['n_misfiled']} misfiled)",
+                      f"{pr['precision']:.3f} / {pr['recall']:.3f}")
+    sub = Path(submissions_dir) / f"{clean_run}.csv"
+    if sub.is_file():
+        s = read_csv_ids(sub)
+        test = truth[truth["split"] == "test"].set_index("id")["true_label"]
+        acc = float((s["label"].astype(str).to_numpy() == s["id"].map(test).astype(str).to_numpy()).mean())
+        out["test_accuracy"] = acc
+        table.add_row(f"test accuracy of {sub}", f"{acc:.4f}")
+    console.print(table)
+    return out

@@ -140,7 +140,7 @@ def build_folds(cfg: Config) -> tuple[pd.DataFrame, Ingest]:
     ing = load_train(cfg)
     group_cols = _apply_audit(ing, cfg)
     clean = clean_labels_path(cfg)
-    if clean.is_file():
+    if cfg.folds.clean_labels and clean.is_file():
         ing.df, summary = apply_label_changes(ing.df, read_csv_ids(clean))
         console.print(f"[bold]cleaned labels[/] from {clean}: {int(summary['relabelled_to'].sum())} relabelled, "
                       f"{int(summary['dropped'].sum())} dropped")
