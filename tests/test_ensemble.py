@@ -1,0 +1,149 @@
+"""Blend weights on synthetic OOF, and the ensemble stage on run folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kpipe import ensemble, metrics
+from kpipe.config import validate
+from kpipe.errors import KpipeError
+
+CLASSES = ["cat", "dog", "eel"]
+
+
+def _noisy(labels: np.ndarray, acc: float, rng: np.random.Generator, k: int = 3) -> np.ndarray:
+    """Probabilities whose argmax is right about `acc` of the time."""
+    p = rng.dirichlet(np.ones(k), size=len(labels))
+    right = rng.random(len(labels)) < acc
+    target = np.where(right, labels, (labels + 1) % k)
+    p[np.arange(len(labels)), target] += 1.0
+    return p / p.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("metric", metrics.METRICS)
+@pytest.mark.parametrize("how", ["mean", "geomean"])
+def test_perfect_member_gets_the_weight(metric: str, how: str) -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    perfect = np.full((300, 3), 0.05)
+    perfect[np.arange(300), y] = 0.9
+    members = [_noisy(y, 0.6, rng), perfect, _noisy(y, 0.5, rng)]
+    w = ensemble.fit_weights(members, y, metric, how)
+    assert w.min() >= 0 and w.sum() == pytest.approx(1.0)
+    assert w[1] > 0.95
+
+
+@pytest.mark.parametrize("metric", metrics.METRICS)
+def test_reported_cv_is_the_weighted_oof_and_beats_members(metric: str) -> None:
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 400)
+    members = [_noisy(y, a, rng) for a in (0.55, 0.6, 0.65)]
+    fit = ensemble.fit(members, y, metric)
+    assert fit.cv == metrics.score(metric, y, ensemble.blend(members, fit.weights))
+    sign = 1 if metrics.higher_is_better(metric) else -1
+    for cand in [*np.eye(3), np.full(3, 1 / 3)]:
+        assert sign * fit.cv >= sign * metrics.score(metric, y, ensemble.blend(members, cand)) - 1e-12
+
+
+def test_log_loss_fit_is_optimal_on_a_grid() -> None:
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 3, 300)
+    a, b = _noisy(y, 0.7, rng), _noisy(y, 0.6, rng)
+    w = ensemble.fit_log_loss(np.stack([a, b]), y)
+    best = min(
+        metrics.score("log_loss", y, ensemble.blend([a, b], [g, 1 - g])) for g in np.linspace(0, 1, 101)
+    )
+    assert metrics.score("log_loss", y, ensemble.blend([a, b], w)) <= best + 1e-9
+
+
+def _write_oof(
+    run: Path, ids: list[str], labels: list[str], probs: np.ndarray, classes: list[str], name: str = "oof.csv"
+) -> None:
+    df = pd.DataFrame({"id": ids, "fold": [i % 2 for i in range(len(ids))], "label": labels})
+    for k, c in enumerate(classes):
+        df[f"p_{c}"] = probs[:, k]
+    (run / name).parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(run / name, index=False)
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> tuple[Path, Path, list[str], np.ndarray]:
+    rng = np.random.default_rng(3)
+    ids = [f"{i:03d}" for i in range(60)] + ["café 1", " spaced "]
+    y = rng.integers(0, 3, len(ids))
+    labels = [CLASSES[k] for k in y]
+    a, b = tmp_path / "runs" / "a", tmp_path / "runs" / "b"
+    _write_oof(a, ids, labels, _noisy(y, 0.6, rng), CLASSES)
+    _write_oof(a, ids, labels, _noisy(y, 0.7, rng), CLASSES, "oof_tta/hflip.csv")
+    # run b: rows shuffled and class columns in another order; alignment must undo both
+    order = rng.permutation(len(ids))
+    pb = _noisy(y, 0.8, rng)
+    _write_oof(
+        b,
+        [ids[i] for i in order],
+        [labels[i] for i in order],
+        pb[order][:, [2, 0, 1]],
+        [CLASSES[i] for i in (2, 0, 1)],
+    )
+    return a, b, ids, pb
+
+
+def _cfg(tmp_path: Path, metric: str = "accuracy"):
+    return validate(
+        {
+            "name": "e",
+            "competition": {"name": "c", "metric": metric},
+            "paths": {"runs_dir": str(tmp_path / "runs")},
+        }
+    )
+
+
+def test_run_aligns_writes_json_and_recomputes_cv(tmp_path: Path, runs) -> None:
+    a, b, ids, pb = runs
+    out = tmp_path / "w.json"
+    report = ensemble.run(_cfg(tmp_path), [str(a), str(b)], out, include_tta=True)
+    saved = json.loads(out.read_text(encoding="utf-8"))
+    assert saved == json.loads(json.dumps(report))
+    assert [(m["run"], m["view"]) for m in saved["members"]] == [
+        (str(a), "identity"),
+        (str(a), "hflip"),
+        (str(b), "identity"),
+    ]
+    assert sum(m["weight"] for m in saved["members"]) == pytest.approx(1.0)
+    ref, members = ensemble.load_members([str(a), str(b)], include_tta=True)
+    np.testing.assert_allclose(members[2].probs, pb)  # b realigned to a's rows and class order
+    y = np.array([CLASSES.index(lbl) for lbl in ref.labels])
+    w = np.array([m["weight"] for m in saved["members"]])
+    assert saved["cv_blend"] == metrics.score("accuracy", y, ensemble.blend([m.probs for m in members], w))
+    assert saved["cv_blend"] >= max(m["cv"] for m in saved["members"])
+
+
+def test_run_without_tta_uses_oof_only(tmp_path: Path, runs) -> None:
+    a, b, _, _ = runs
+    report = ensemble.run(
+        _cfg(tmp_path, "log_loss"), [str(a), str(b)], tmp_path / "w.json", include_tta=False
+    )
+    assert [m["view"] for m in report["members"]] == ["identity", "identity"]
+
+
+def test_mismatched_ids_and_classes_fail_clearly(tmp_path: Path, runs) -> None:
+    a, _, ids, _ = runs
+    c, d = tmp_path / "runs" / "c", tmp_path / "runs" / "d"
+    y = np.zeros(len(ids) - 1, dtype=int)
+    _write_oof(c, ids[:-1], ["cat"] * (len(ids) - 1), np.eye(3)[y], CLASSES)
+    with pytest.raises(KpipeError, match=r"1 missing: ' spaced '"):
+        ensemble.load_members([str(a), str(c)], include_tta=False)
+    _write_oof(d, ids, ["cat"] * len(ids), np.eye(4)[np.zeros(len(ids), dtype=int)], [*CLASSES, "fox"])
+    with pytest.raises(KpipeError, match="classes differ.*'fox'"):
+        ensemble.load_members([str(a), str(d)], include_tta=False)
+    e = tmp_path / "runs" / "e"
+    _write_oof(e, ids, ["cat"] * len(ids), np.full((len(ids), 3), 1 / 3), CLASSES)
+    with pytest.raises(KpipeError, match="labels differ"):
+        ensemble.load_members([str(a), str(e)], include_tta=False)
+    with pytest.raises(KpipeError, match="not found"):
+        ensemble.load_members([str(tmp_path / "nope")], include_tta=False)
