@@ -1,0 +1,115 @@
+"""Distributed helpers: the few places a DDP run differs from one process.
+
+Under torchrun (WORLD_SIZE > 1) `setup()` joins the process group (NCCL on CUDA, gloo on CPU);
+everywhere else these are no-ops, so the training loop has a single code path. Only rank 0
+writes files and draws progress bars; per-sample results are gathered exactly once.
+`launch()` turns `kpipe train --gpus N` into the torchrun command, and `--fold-per-gpu` into one
+process per GPU, each pinned with CUDA_VISIBLE_DEVICES.
+
+Usage: ``torchrun --nproc-per-node 4 -m kpipe train -c configs/exp/resnet50.yaml --comp demo``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+
+from kpipe.errors import KpipeError
+
+
+def world() -> int:
+    return torch_dist.get_world_size() if torch_dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return torch_dist.get_rank() if torch_dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def setup(device_kind: str) -> torch.device:
+    """Join the process group when launched by torchrun; return this process's device."""
+    n = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_kind == "cuda" or (device_kind == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise KpipeError("train.device=cuda but no CUDA device is visible. Use train.device=auto or cpu.")
+    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if n > 1 and not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return device
+
+
+def teardown() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's object, in rank order, on every rank (small things: per-rank predictions)."""
+    if not torch_dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * world()
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's value on every rank (decisions like early stopping must agree)."""
+    if not torch_dist.is_initialized():
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce_mean(value: float, device: torch.device) -> float:
+    if not torch_dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch_dist.all_reduce(t)
+    return float(t.item()) / world()
+
+
+def _strip_launch_flags(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--gpus":
+            skip = True
+            continue
+        if a.startswith("--gpus=") or a == "--fold-per-gpu":
+            continue
+        out.append(a)
+    return out
+
+
+def launch(args: argparse.Namespace, argv: list[str]) -> int:
+    """`kpipe train --gpus N`: re-run the same command under torchrun; `--fold-per-gpu`: one fold per GPU."""
+    rest = _strip_launch_flags(argv)
+    if args.fold_per_gpu:
+        from kpipe import train
+
+        return train.run_fold_per_gpu(args, rest)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}",
+           "-m", "kpipe", *rest]
+    print("launching:", " ".join(cmd), flush=True)
+    return subprocess.call(cmd)

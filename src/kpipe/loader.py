@@ -1,0 +1,151 @@
+"""Datasets, samplers and DataLoaders for training and inference.
+
+One Dataset reads either the decode-once cache (uint8, memory-mapped) or the image files
+(OpenCV, see image.py), then applies an albumentations pipeline. The sampler owns the
+epoch's order, seeded by (seed, epoch), so a run resumed mid-epoch replays the same order
+and skips what was done, and a DDP rank takes its own shard (class-balanced sampling too).
+
+Usage: ``ds = ImageDataset(paths, labels, tf); dl = make_loader(ds, EpochSampler(train_rows, 42), 32, 2)``
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from kpipe.image import ImageReadError, read_rgb
+
+
+class ImageDataset(Dataset):
+    """(image tensor, label, index) from a cache array or from files.
+
+    `tolerant=True` (inference only) returns a blank image and ok=False for a file that can't be
+    read, so the caller can give that row the class prior instead of dropping it.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str],
+        labels: np.ndarray | None,
+        transform: Callable[..., dict[str, Any]],
+        cache: np.ndarray | None = None,
+        tolerant: bool = False,
+        blank_size: int = 32,
+    ) -> None:
+        self.paths = list(paths)
+        self.labels = labels
+        self.transform = transform
+        self.cache = cache
+        self.tolerant = tolerant
+        self.blank_size = blank_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _image(self, i: int) -> tuple[np.ndarray, bool]:
+        if self.cache is not None:
+            return np.asarray(self.cache[i]), True
+        try:
+            return read_rgb(self.paths[i]), True
+        except ImageReadError:
+            if not self.tolerant:
+                raise
+            return np.zeros((self.blank_size, self.blank_size, 3), np.uint8), False
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int, bool]:
+        img, ok = self._image(i)
+        x = self.transform(image=img)["image"]
+        y = int(self.labels[i]) if self.labels is not None else -1
+        return x, y, i, ok
+
+
+class EpochSampler(Sampler[int]):
+    """The epoch's order over `indices` (a fold's rows of the dataset): seeded by seed + epoch;
+    optionally class-balanced; sharded per rank.
+
+    Training (`pad=True`) pads the order so every rank gets the same count (DDP steps must match);
+    evaluation (`pad=False`) shards without padding so each sample is predicted exactly once.
+    `set_epoch(epoch, start)` skips the first `start` samples of this rank's shard (mid-epoch resume).
+    """
+
+    def __init__(
+        self,
+        indices: np.ndarray,
+        seed: int,
+        shuffle: bool = True,
+        weights: np.ndarray | None = None,
+        rank: int = 0,
+        world: int = 1,
+        pad: bool = True,
+    ) -> None:
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.n, self.seed, self.shuffle = len(self.indices), seed, shuffle
+        self.weights = torch.as_tensor(weights, dtype=torch.double) if weights is not None else None
+        self.rank, self.world, self.pad = rank, world, pad
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def order(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        if self.weights is not None:
+            idx = torch.multinomial(self.weights, self.n, replacement=True, generator=g)
+        elif self.shuffle:
+            idx = torch.randperm(self.n, generator=g)
+        else:
+            idx = torch.arange(self.n)
+        if self.world > 1 and self.pad and self.n % self.world:
+            idx = torch.cat([idx, idx[: self.world - self.n % self.world]])
+        return self.indices[idx[self.rank :: self.world].numpy()].tolist()
+
+    def __iter__(self):
+        return iter(self.order()[self.start :])
+
+    def __len__(self) -> int:
+        per_rank = -(-self.n // self.world) if self.pad else len(range(self.rank, self.n, self.world))
+        return max(per_rank - self.start, 0)
+
+
+def balanced_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Per-sample weights so every class is drawn equally often."""
+    counts = np.bincount(labels, minlength=n_classes).astype(float)
+    return 1.0 / counts[labels]
+
+
+def _seed_worker(worker_id: int) -> None:
+    # Each worker gets a distinct, reproducible seed derived from the loader's generator.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None) if info else None
+    if hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(seed)
+
+
+def make_loader(
+    dataset: Dataset,
+    sampler: Sampler[int],
+    batch_size: int,
+    num_workers: int,
+    seed: int = 0,
+    pin_memory: bool = False,
+    drop_last: bool = False,
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        # Workers stay alive across epochs: restarting them re-imports torch and re-opens the cache.
+        persistent_workers=num_workers > 0,
+        worker_init_fn=_seed_worker,
+        generator=torch.Generator().manual_seed(seed),
+    )

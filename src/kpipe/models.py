@@ -1,0 +1,407 @@
+"""Model construction: any timm model, plus torchvision's GoogLeNet, behind one interface.
+
+`create` builds the network with a fresh `num_classes` head, optionally a small stem for tiny
+inputs, another activation, pretrained weights (a timm/torchvision download, or a local file
+for machines without internet) and frozen stages. Stages are the model's top-level children
+with parameters (timm ResNets: conv1, bn1, layer1..layer4, fc; GoogLeNet: conv1, conv2,
+conv3, inception3, inception4, inception5, fc); `freeze_until="layer4"` freezes every stage
+before layer4. Frozen BatchNorm layers must also stop updating their running statistics:
+call `train_mode(model)` instead of `model.train()` at the start of every epoch.
+Usage: ``model = create("resnet50", 5, pretrained=True, freeze_until="layer4")``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torchvision
+from timm.data.constants import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+from timm.layers import get_act_layer
+from timm.models import get_pretrained_cfg
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from kpipe.config import DataConfig, ModelConfig
+from kpipe.errors import KpipeError, preview
+
+log = logging.getLogger(__name__)
+
+GOOGLENET = "googlenet"
+ACTS = ("default", "relu", "leaky_relu", "silu")
+# Keys other stacks add in front of parameter names: DDP/DataParallel, torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# torchvision's GoogLeNet weights carry auxiliary heads that kpipe does not build.
+_IGNORED_KEYS = ("aux1.", "aux2.")
+
+
+def create(
+    name: str,
+    num_classes: int,
+    pretrained: bool = False,
+    weights: str | os.PathLike[str] | None = None,
+    freeze_until: str | None = None,
+    act: str = "default",
+    small_stem: bool = False,
+    drop_rate: float = 0.0,
+) -> nn.Module:
+    """Build `name` with a `num_classes` head.
+
+    pretrained: download ImageNet weights (timm hub / torchvision) unless `weights` names a
+    local file, which is then used instead: a state dict, a kpipe checkpoint ({"model": ...})
+    or {"state_dict": ...}. Classifier weights whose shape differs are dropped (fresh head).
+    """
+    if num_classes < 1:
+        raise KpipeError(f"num_classes must be at least 1, got {num_classes}.")
+    if act not in ACTS:
+        raise KpipeError(f"model.act='{act}' is not one of {', '.join(ACTS)}.")
+    download = pretrained and weights is None
+    if name == GOOGLENET:
+        model = _googlenet(num_classes, download, act, drop_rate)
+    else:
+        model = _timm_model(name, num_classes, download, act, drop_rate)
+    reset_ok = _classifier_prefixes(model)
+    if small_stem:
+        reset_ok += (make_small_stem(model, name),)
+    if weights is not None:
+        load_weights(model, weights, reset_ok)
+    if freeze_until is not None:
+        set_frozen(model, freeze_until, True)
+    return model
+
+
+def create_from_config(mcfg: ModelConfig, num_classes: int) -> nn.Module:
+    """`create` with the model section of a config."""
+    return create(
+        mcfg.name,
+        num_classes,
+        pretrained=mcfg.pretrained,
+        weights=mcfg.weights,
+        freeze_until=mcfg.freeze_until,
+        act=mcfg.act,
+        small_stem=mcfg.small_stem,
+        drop_rate=mcfg.drop_rate,
+    )
+
+
+def _timm_model(name: str, num_classes: int, download: bool, act: str, drop_rate: float) -> nn.Module:
+    if not timm.is_model(name):
+        names = [*timm.list_models(), GOOGLENET]
+        close = difflib.get_close_matches(name.lower(), names, n=3, cutoff=0.6)
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise KpipeError(
+            f"model.name='{name}' is neither a timm model nor googlenet.{hint} "
+            "List timm models with: python -c \"import timm; print(timm.list_models('*resnet*'))\""
+        )
+    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    # Only pass options that differ from the model's own default, so models without them still build.
+    act_cls = get_act_layer(act) if act != "default" else None
+    if act_cls is not None:
+        kwargs["act_layer"] = act_cls  # a class, not a string: some models (vgg) call it directly
+    if drop_rate:
+        kwargs["drop_rate"] = drop_rate
+    try:
+        model = timm.create_model(name, pretrained=download, **kwargs)
+    except TypeError as e:
+        for key, setting in (
+            ("act_layer", f"model.act={act}"),
+            ("drop_rate", f"model.drop_rate={drop_rate}"),
+        ):
+            if key in str(e):
+                raise KpipeError(
+                    f"model '{name}' does not take {setting}: it has no '{key}' option."
+                ) from None
+        raise
+    except OSError as e:  # no network, hub unreachable, file not in the local cache
+        raise _download_error(name, e) from None
+    if act_cls is not None and not any(isinstance(m, act_cls) for m in model.modules()):
+        raise KpipeError(
+            f"model '{name}' ignored model.act={act} (no {act_cls.__name__} in it); use model.act=default."
+        )
+    return model
+
+
+def _download_error(name: str, err: BaseException) -> KpipeError:
+    return KpipeError(
+        f"could not download pretrained weights for '{name}' ({type(err).__name__}: {err}). "
+        "No internet? Put a weights file on this machine and set model.weights=<file> "
+        f"(or model.pretrained=false to train from scratch).{_weights_source(name)}"
+    )
+
+
+def _weights_source(name: str) -> str:
+    """Where the weights live, so they can be fetched on another machine."""
+    if name == GOOGLENET:
+        return f" The file: {torchvision.models.GoogLeNet_Weights.IMAGENET1K_V1.url}"
+    cfg = get_pretrained_cfg(name)
+    if cfg is None:
+        return ""
+    where = [
+        f"https://huggingface.co/{cfg.hf_hub_id} (model.safetensors)" if cfg.hf_hub_id else "",
+        cfg.url or "",
+    ]
+    return f" The file: {' or '.join(w for w in where if w)}" if any(where) else ""
+
+
+def _googlenet(num_classes: int, download: bool, act: str, drop_rate: float) -> nn.Module:
+    if act != "default":
+        raise KpipeError(
+            f"googlenet has its ReLU built in and takes no model.act={act}; use model.act=default."
+        )
+    tv = torchvision.models
+    # transform_input=False: normalisation happens once, in the data pipeline (see pretrained_cfg).
+    if download:
+        try:
+            model = tv.googlenet(
+                weights=tv.GoogLeNet_Weights.IMAGENET1K_V1, transform_input=False, dropout=drop_rate
+            )
+        except OSError as e:
+            raise _download_error(GOOGLENET, e) from None
+        model.fc = nn.Linear(model.fc.in_features, num_classes)
+    else:
+        model = tv.googlenet(
+            weights=None,
+            num_classes=num_classes,
+            aux_logits=False,
+            init_weights=True,
+            transform_input=False,
+            dropout=drop_rate,
+        )
+    # The torchvision weights expect (x - 0.5) / 0.5 inputs: with transform_input=True torchvision
+    # converts ImageNet-normalised inputs to exactly that inside forward(). Declaring the 0.5 stats
+    # here gives the same numbers with one normalisation step. Read by timm's resolve_model_data_config.
+    model.pretrained_cfg = {
+        "input_size": (3, 224, 224),
+        "interpolation": "bilinear",
+        "mean": IMAGENET_INCEPTION_MEAN,
+        "std": IMAGENET_INCEPTION_STD,
+        "crop_pct": 0.875,
+        "classifier": "fc",
+        "first_conv": "conv1.conv",
+    }
+    return model
+
+
+def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    cls = getattr(model, "pretrained_cfg", {}).get("classifier") or "fc"
+    names = [cls] if isinstance(cls, str) else list(cls)
+    return tuple(f"{n}." for n in names)
+
+
+def make_small_stem(model: nn.Module, name: str) -> str:
+    """Swap the stem for a 3x3 stride-1 conv (same channels) and drop its max-pool, in place.
+
+    For 32-64 px inputs, where a stride-4 stem throws away most of the image. The new conv is
+    freshly initialised. Returns the new conv's module name.
+    """
+    if isinstance(model, torchvision.models.GoogLeNet):
+        model.conv1.conv = _conv3x3_like(model.conv1.conv)
+        model.maxpool1 = nn.Identity()
+        return "conv1.conv"
+    conv1, maxpool = getattr(model, "conv1", None), getattr(model, "maxpool", None)
+    if maxpool is not None and isinstance(conv1, nn.Conv2d):
+        model.conv1 = _conv3x3_like(conv1)
+        key = "conv1"
+    elif maxpool is not None and isinstance(conv1, nn.Sequential) and isinstance(conv1[0], nn.Conv2d):
+        conv1[0] = _conv3x3_like(conv1[0])  # deep stem (resnet10t, *d, *t): only its first conv strides
+        key = "conv1.0"
+    else:
+        raise KpipeError(
+            f"model.small_stem: '{name}' has no ResNet-style stem (conv1 + maxpool) to shrink; it works "
+            "for timm ResNet/ResNeXt models and googlenet. Set model.small_stem=false."
+        )
+    model.maxpool = nn.Identity()
+    return key
+
+
+def _conv3x3_like(conv: nn.Conv2d) -> nn.Conv2d:
+    return nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride=1, padding=1, bias=conv.bias is not None)
+
+
+# ---------------------------------------------------------------- weights files
+
+
+def load_weights(
+    model: nn.Module, path: str | os.PathLike[str], reset_ok: tuple[str, ...] | None = None
+) -> None:
+    """Load a weights file into `model`, strictly except for keys under `reset_ok` prefixes.
+
+    Keys under `reset_ok` (default: the classifier) that are missing from the file or have another
+    shape keep their fresh initialisation, e.g. an ImageNet head when training 5 classes.
+    """
+    reset_ok = _classifier_prefixes(model) if reset_ok is None else reset_ok
+    path = Path(path)
+    if not path.is_file():
+        raise KpipeError(
+            f"model.weights: {path}: file not found. Copy the weights file there or fix the path."
+        )
+    state = _read_state_dict(path)
+    own = model.state_dict()
+    resettable = [k for k in own if k.startswith(reset_ok)]
+    wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    fatal = [k for k in wrong if k not in resettable]
+    if fatal:
+        shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in fatal]
+        raise KpipeError(f"model.weights: {path} does not fit this model; shapes differ: {preview(shapes)}")
+    state = {k: v for k, v in state.items() if k not in wrong}
+    missing = [k for k in own if k not in state and k not in resettable]
+    unexpected = [k for k in state if k not in own and not k.startswith(_IGNORED_KEYS)]
+    if missing or unexpected:
+        raise KpipeError(
+            f"model.weights: {path} does not match the model (is it for another architecture, "
+            f"or saved with small_stem different?). Missing keys: {preview(missing) or 'none'}. "
+            f"Unexpected keys: {preview(unexpected) or 'none'}."
+        )
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    fresh = sorted({k.split(".")[0] for k in resettable if k not in state})
+    log.info("loaded %s%s", path, f" (fresh: {', '.join(fresh)})" if fresh else "")
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":  # what the timm hub serves
+        from safetensors.torch import load_file
+
+        obj: Any = load_file(str(path))
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        # torch.load fails on a foreign or damaged file with many exception types (KeyError,
+        # UnpicklingError, RuntimeError, ...); all mean the same to the user, and the cause is chained.
+        except Exception as e:
+            raise KpipeError(
+                f"model.weights: {path}: not a PyTorch weights file that torch.load(weights_only=True) can read "
+                f"({type(e).__name__}: {e})"
+            ) from e
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "model_state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise KpipeError(
+            f"model.weights: {path}: no state dict found (expected a dict of tensors, or one under 'model' or 'state_dict')."
+        )
+    return {_strip_wrappers(k): v for k, v in obj.items()}
+
+
+def _strip_wrappers(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix) :], True
+    return key
+
+
+# ---------------------------------------------------------------- stages and freezing
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside DDP/DataParallel and torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _stages(model: nn.Module) -> dict[str, list[str]]:
+    """Ordered stage name -> top-level child names. Children without parameters are not stages."""
+    model = unwrap(model)
+    grouped = isinstance(model, torchvision.models.GoogLeNet)
+    stages: dict[str, list[str]] = {}
+    for child_name, child in model.named_children():
+        if next(child.parameters(), None) is None:
+            continue
+        m = re.fullmatch(r"(inception\d)[a-z]", child_name) if grouped else None
+        stages.setdefault(m.group(1) if m else child_name, []).append(child_name)
+    return stages
+
+
+def stage_names(model: nn.Module) -> list[str]:
+    """Names `freeze_until` accepts, input to output."""
+    return list(_stages(model))
+
+
+def set_frozen(model: nn.Module, freeze_until: str | None, frozen: bool) -> None:
+    """Freeze (or unfreeze) every stage before `freeze_until`; None touches nothing.
+
+    Parameters registered directly on the model (e.g. a ViT's pos_embed) go with the first stage.
+    Build the optimizer over all parameters: frozen ones get no gradient and are skipped, so
+    unfreezing later needs no new optimizer.
+    """
+    if freeze_until is None:
+        return
+    stages = _stages(model)
+    if freeze_until not in stages:
+        close = difflib.get_close_matches(freeze_until, list(stages), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise KpipeError(
+            f"model.freeze_until='{freeze_until}' is not a stage of this model{hint}; "
+            f"stages: {', '.join(stages)}."
+        )
+    base = unwrap(model)
+    before = list(stages)[: list(stages).index(freeze_until)]
+    params = [p for s in before for child in stages[s] for p in getattr(base, child).parameters()]
+    if before:
+        params += list(base.parameters(recurse=False))
+    for p in params:
+        p.requires_grad_(not frozen)
+
+
+def train_mode(model: nn.Module) -> nn.Module:
+    """model.train(), but BatchNorm layers whose parameters are all frozen stay in eval mode.
+
+    Without this a frozen stage still changes: its BN running statistics follow every batch.
+    Call it at the start of every training epoch (after unfreezing too).
+    """
+    model.train()
+    for m in model.modules():
+        if isinstance(m, _BatchNorm):
+            params = list(m.parameters())
+            if params and not any(p.requires_grad for p in params):
+                m.eval()
+    return model
+
+
+def param_counts(model: nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+# ---------------------------------------------------------------- preprocessing
+
+
+def resolve_data_config(model: nn.Module, dcfg: DataConfig) -> dict[str, Any]:
+    """Input size, mean, std and interpolation for `model`; values set in the config win.
+
+    Model defaults come from timm's resolve_model_data_config (GoogLeNet carries its own).
+    """
+    base = timm.data.resolve_model_data_config(unwrap(model))
+    img_size = dcfg.img_size if dcfg.img_size is not None else int(base["input_size"][-1])
+    mean = tuple(float(x) for x in (dcfg.mean if dcfg.mean is not None else base["mean"]))
+    std = tuple(float(x) for x in (dcfg.std if dcfg.std is not None else base["std"]))
+    if len(mean) != 3 or len(std) != 3:
+        raise KpipeError(
+            f"data.mean and data.std need 3 values (R, G, B), got mean={list(mean)}, std={list(std)}."
+        )
+    if any(s <= 0 for s in std):
+        raise KpipeError(f"data.std values must be positive, got {list(std)}.")
+    if img_size < 8:
+        raise KpipeError(f"data.img_size={img_size} is too small (at least 8 px).")
+    return {
+        "img_size": img_size,
+        "mean": mean,
+        "std": std,
+        "interpolation": str(base.get("interpolation", "bilinear")),
+    }

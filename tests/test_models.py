@@ -1,0 +1,249 @@
+"""models.create and friends on tiny models: forward shapes, freezing, weights files, errors."""
+
+from __future__ import annotations
+
+import urllib.error
+from pathlib import Path
+from typing import Any
+
+import pytest
+import timm
+import torch
+import torchvision
+from safetensors.torch import save_file
+from torch import nn
+
+from kpipe import models
+from kpipe.config import DataConfig, ModelConfig
+from kpipe.errors import KpipeError
+
+TIMM_TINY = ("test_resnet", "resnet10t")
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def _forward(model: nn.Module, size: int = 32, batch: int = 2) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(torch.randn(batch, 3, size, size))
+
+
+@pytest.mark.parametrize("name", [*TIMM_TINY, "googlenet"])
+@pytest.mark.parametrize("small_stem", [False, True])
+def test_forward_shape(name: str, small_stem: bool) -> None:
+    model = models.create(name, 5, small_stem=small_stem)
+    assert _forward(model).shape == (2, 5)
+
+
+def test_small_stem_keeps_resolution() -> None:
+    feats = {}
+    for small in (False, True):
+        model = models.create("test_resnet", 3, small_stem=small).eval()
+        with torch.no_grad():
+            feats[small] = model.forward_features(torch.zeros(1, 3, 32, 32)).shape[-1]
+    assert feats[True] == 4 * feats[False]  # stride 4 stem -> stride 1
+    plain = models.create("resnet18", 3, small_stem=True)
+    assert plain.conv1.kernel_size == (3, 3) and plain.conv1.stride == (1, 1)
+    assert plain.conv1.out_channels == 64 and isinstance(plain.maxpool, nn.Identity)
+    g = models.create("googlenet", 3, small_stem=True)
+    assert g.conv1.conv.stride == (1, 1) and isinstance(g.maxpool1, nn.Identity)
+    with pytest.raises(KpipeError, match="small_stem"):
+        models.create("test_vit", 3, small_stem=True)
+
+
+def test_stage_names() -> None:
+    assert models.stage_names(models.create("resnet10t", 3)) == [
+        "conv1",
+        "bn1",
+        "layer1",
+        "layer2",
+        "layer3",
+        "layer4",
+        "fc",
+    ]
+    assert models.stage_names(models.create("googlenet", 3)) == [
+        "conv1",
+        "conv2",
+        "conv3",
+        "inception3",
+        "inception4",
+        "inception5",
+        "fc",
+    ]
+
+
+def _one_step(model: nn.Module) -> dict[str, torch.Tensor]:
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    models.train_mode(model)
+    loss = nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 0]))
+    loss.backward()
+    opt.step()
+    return before
+
+
+@pytest.mark.parametrize(
+    ("name", "stage", "frozen_prefixes"),
+    [
+        ("test_resnet", "layer4", ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.")),
+        ("googlenet", "inception5", ("conv1.", "conv2.", "conv3.", "inception3", "inception4")),
+    ],
+)
+def test_freeze_until(name: str, stage: str, frozen_prefixes: tuple[str, ...]) -> None:
+    model = models.create(name, 3, freeze_until=stage, small_stem=True)
+    total, trainable = models.param_counts(model)
+    assert 0 < trainable < total
+    before = _one_step(model)
+    after = model.state_dict()
+    changed = {k for k, old in before.items() if not torch.equal(after[k], old)}
+    frozen = {k for k in before if k.startswith(frozen_prefixes)}
+    assert frozen and not frozen & changed  # weights and BN running stats bit-identical
+    # (some trainable weights may legitimately stay: timm zero-inits each block's last BN)
+    assert {f"{stage}.", "fc."} <= {k.split(".")[0].rstrip("ab") + "." for k in changed}
+    bns = [m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert any(not m.training for m in bns) and any(m.training for m in bns)
+    models.set_frozen(model, stage, False)
+    assert models.param_counts(model)[1] == total
+    models.train_mode(model)
+    assert all(m.training for m in bns)
+
+
+def test_freeze_errors() -> None:
+    model = models.create("test_resnet", 3)
+    with pytest.raises(KpipeError, match="did you mean 'layer4'"):
+        models.set_frozen(model, "layer 4", True)
+    models.set_frozen(model, None, True)
+    assert models.param_counts(model)[0] == models.param_counts(model)[1]
+
+
+def test_act_choice() -> None:
+    model = models.create("resnet10t", 3, act="silu")
+    assert any(isinstance(m, nn.SiLU) for m in model.modules())
+    assert not any(isinstance(m, nn.ReLU) for m in model.modules())
+    assert any(
+        isinstance(m, nn.LeakyReLU) for m in models.create("test_resnet", 3, act="leaky_relu").modules()
+    )
+    with pytest.raises(KpipeError, match="googlenet.*model.act=silu"):
+        models.create("googlenet", 3, act="silu")
+    with pytest.raises(KpipeError, match="does not take model.act=silu"):
+        models.create("dla34", 3, act="silu")
+
+
+def test_unknown_name_suggests() -> None:
+    with pytest.raises(KpipeError, match="'resnet18'"):
+        models.create("resnt18", 3)
+    with pytest.raises(KpipeError, match="googlenet"):
+        models.create("googlnet", 3)
+
+
+def _checkpoint(model: nn.Module, **extra: Any) -> dict[str, Any]:
+    return {
+        "model": model.state_dict(),
+        "classes": ["a", "b", "c"],
+        "config": {"model": {"name": "x"}},
+        "epoch": 3,
+        "score": 0.5,
+        **extra,
+    }
+
+
+@pytest.mark.parametrize("form", ["checkpoint", "state_dict", "wrapped", "ddp_prefix"])
+def test_weights_file_round_trip(tmp_path: Path, form: str) -> None:
+    src = models.create("test_resnet", 3, small_stem=True)
+    sd = src.state_dict()
+    obj: Any = {
+        "checkpoint": _checkpoint(src),
+        "state_dict": sd,
+        "wrapped": {"state_dict": sd, "optimizer": {}},
+        "ddp_prefix": {"model": {f"module.{k}": v for k, v in sd.items()}},
+    }[form]
+    torch.save(obj, tmp_path / "w.pt")
+    dst = models.create("test_resnet", 3, small_stem=True, weights=tmp_path / "w.pt", pretrained=True)
+    for k, v in dst.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+
+
+def test_weights_file_new_head_and_stem(tmp_path: Path) -> None:
+    src = models.create("resnet18", 1000)
+    torch.save(src.state_dict(), tmp_path / "imagenet.pth")
+    dst = models.create("resnet18", 4, weights=tmp_path / "imagenet.pth", small_stem=True)
+    assert dst.fc.out_features == 4 and dst.conv1.kernel_size == (3, 3)  # both kept fresh
+    assert torch.equal(dst.layer3[0].conv1.weight, src.layer3[0].conv1.weight)
+
+
+def test_weights_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(KpipeError, match="file not found"):
+        models.create("test_resnet", 3, weights=tmp_path / "nope.pt")
+    torch.save(models.create("resnet10t", 3).state_dict(), tmp_path / "other.pt")
+    with pytest.raises(KpipeError, match="shapes differ|Missing keys"):
+        models.create("test_resnet", 3, weights=tmp_path / "other.pt")
+    sd = models.create("test_resnet", 3).state_dict()
+    sd["extra.weight"] = torch.zeros(1)
+    del sd["layer1.0.conv1.weight"]
+    torch.save(sd, tmp_path / "partial.pt")
+    with pytest.raises(
+        KpipeError, match=r"Missing keys: 'layer1.0.conv1.weight'.*Unexpected keys: 'extra.weight'"
+    ):
+        models.create("test_resnet", 3, weights=tmp_path / "partial.pt")
+    (tmp_path / "junk.pt").write_text("hello", encoding="utf-8")
+    with pytest.raises(KpipeError, match="junk.pt"):
+        models.create("test_resnet", 3, weights=tmp_path / "junk.pt")
+
+
+def test_download_failure_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(*args: Any, **kwargs: Any) -> None:
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", offline)
+    with pytest.raises(KpipeError, match=r"No internet\? .*model.weights=<file>"):
+        models.create("googlenet", 3, pretrained=True)
+
+    real = timm.create_model
+
+    def timm_offline(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        if pretrained:
+            raise OSError("We couldn't connect to 'https://huggingface.co'")
+        return real(name, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", timm_offline)
+    with pytest.raises(KpipeError, match=r"'test_resnet'.*model.weights=<file>"):
+        models.create("test_resnet", 3, pretrained=True)
+
+
+def test_resolve_data_config_config_wins() -> None:
+    model = models.create("test_resnet", 3)
+    d = models.resolve_data_config(model, DataConfig())
+    assert d["img_size"] == 160 and d["mean"] == (0.5, 0.5, 0.5) and d["interpolation"] == "bilinear"
+    d = models.resolve_data_config(model, DataConfig(img_size=32, mean=[0.1, 0.2, 0.3], std=[1, 1, 1]))
+    assert d == {"img_size": 32, "mean": (0.1, 0.2, 0.3), "std": (1.0, 1.0, 1.0), "interpolation": "bilinear"}
+    g = models.resolve_data_config(nn.DataParallel(models.create("googlenet", 3)), DataConfig())
+    assert g["img_size"] == 224 and g["mean"] == (0.5, 0.5, 0.5)
+    with pytest.raises(KpipeError, match="3 values"):
+        models.resolve_data_config(model, DataConfig(mean=[0.5]))
+
+
+def test_create_from_config() -> None:
+    mcfg = ModelConfig(
+        name="test_resnet", pretrained=False, freeze_until="layer3", small_stem=True, drop_rate=0.1
+    )
+    model = models.create_from_config(mcfg, 7)
+    assert _forward(model).shape == (2, 7)
+    assert not model.layer2[0].conv1.weight.requires_grad and model.layer3[0].conv1.weight.requires_grad
+
+
+def test_weights_in_hub_formats(tmp_path: Path) -> None:
+    # torchvision's googlenet-1378be20.pth: 1000 classes plus aux heads kpipe does not build.
+    tv = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False, num_classes=1000)
+    torch.save(tv.state_dict(), tmp_path / "googlenet.pth")
+    g = models.create("googlenet", 5, weights=tmp_path / "googlenet.pth")
+    assert g.fc.out_features == 5 and torch.equal(
+        g.inception4a.branch1.conv.weight, tv.inception4a.branch1.conv.weight
+    )
+    # The timm hub serves model.safetensors.
+    src = models.create("test_resnet", 1000)
+    save_file(src.state_dict(), str(tmp_path / "model.safetensors"))
+    dst = models.create("test_resnet", 3, weights=tmp_path / "model.safetensors")
+    assert torch.equal(dst.layer2[0].conv1.weight, src.layer2[0].conv1.weight)

@@ -1,0 +1,104 @@
+"""Training end to end on a tiny competition: artefacts, resume, determinism, GoogLeNet path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import tiny_config, write_competition
+from kpipe import engine, folds, train
+from kpipe.errors import KpipeError
+
+pytestmark = pytest.mark.slow
+
+
+def _setup(tmp_path: Path, overrides: list[str] = ()) -> object:
+    comp = write_competition(tmp_path, n_per_class=6)
+    cfg = tiny_config(tmp_path, comp, ["train.epochs=2", *overrides])
+    folds.run(cfg)
+    return cfg
+
+
+def test_run_writes_every_artefact(tmp_path: Path) -> None:
+    cfg = _setup(tmp_path)
+    result = train.run(cfg)
+    run = cfg.run_dir
+    for name in ["config.yaml", "oof.csv", "cv.json", "curves.png", "confusion.png", "per_class.csv", "per_class.png"]:
+        assert (run / name).is_file(), name
+    oof = pd.read_csv(run / "oof.csv", dtype={"id": str})
+    assert len(oof) == 18 and oof["id"].is_unique
+    pcols = [c for c in oof.columns if c.startswith("p_")]
+    assert pcols == ["p_cat", "p_dog", "p_fox"]
+    assert np.allclose(oof[pcols].sum(axis=1), 1.0, atol=1e-5)
+    for k in (0, 1):
+        fdir = run / f"fold{k}"
+        m = pd.read_csv(fdir / "metrics.csv")
+        assert len(m) == 2 and {"train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr", "seconds",
+                                "images_per_s"} <= set(m.columns)
+        best = torch.load(fdir / "best.pt", weights_only=False)
+        assert best["classes"] == ["cat", "dog", "fox"] and "model" in best
+        assert set(oof.loc[oof["fold"] == k, "id"]) == set(pd.read_csv(cfg.folds_csv, dtype=str).query(f"fold == '{k}'")["id"])
+    assert 0.0 <= result["cv"] <= 1.0 and result["complete"]
+
+
+def test_refuses_to_overwrite_without_resume(tmp_path: Path) -> None:
+    cfg = _setup(tmp_path, ["train.epochs=1", "train.folds=0"])
+    train.run(cfg)
+    with pytest.raises(KpipeError, match="--resume"):
+        train.run(cfg)
+    train.run(cfg, resume=True)  # finished folds are skipped
+
+
+def test_resume_after_interrupt_finishes_all_epochs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _setup(tmp_path, ["train.folds=0", "data.batch_size=2"])
+    real_step = engine._optimizer_step
+    calls = {"n": 0}
+
+    def step_then_stop(st, t):  # Ctrl-C during the 5th optimiser step: 4 steps per epoch, so epoch 2, step 1
+        real_step(st, t)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            engine.StopRequested.signum = 2
+
+    monkeypatch.setattr(engine, "_optimizer_step", step_then_stop)
+    with pytest.raises(SystemExit) as e:
+        train.run(cfg)
+    assert e.value.code == 130
+    last = torch.load(cfg.run_dir / "fold0" / "last.pt", weights_only=False)
+    assert last["epoch"] == 1 and last["step_in_epoch"] == 1 and not last["finished"]
+    monkeypatch.setattr(engine, "_optimizer_step", real_step)
+    train.run(cfg, resume=True)
+    m = pd.read_csv(cfg.run_dir / "fold0" / "metrics.csv")
+    assert m["epoch"].tolist() == [1, 2]
+    assert torch.load(cfg.run_dir / "fold0" / "last.pt", weights_only=False)["finished"]
+
+
+def test_same_seed_same_cv(tmp_path: Path) -> None:
+    cfg = _setup(tmp_path, ["train.folds=0"])
+    a = train.run(cfg)
+    cfg_b = cfg.model_copy(update={"name": "again"})
+    b = train.run(cfg_b)
+    oof_a = pd.read_csv(cfg.run_dir / "oof.csv")
+    oof_b = pd.read_csv(cfg_b.run_dir / "oof.csv")
+    assert a["cv"] == b["cv"]
+    pd.testing.assert_frame_equal(oof_a, oof_b)
+
+
+def test_googlenet_goes_through_the_same_loop(tmp_path: Path) -> None:
+    cfg = _setup(tmp_path, ["model.name=googlenet", "model.small_stem=true", "train.epochs=1", "train.folds=0"])
+    result = train.run(cfg)
+    assert result["n_oof"] == 9
+
+
+def test_schedules_optimisers_and_extras_run(tmp_path: Path) -> None:
+    cfg = _setup(tmp_path, ["train.folds=0", "train.optimizer=nadam", "train.scheduler=plateau", "train.ema=true",
+                            "train.mixup_alpha=0.2", "train.label_smoothing=0.1", "train.accum_steps=2",
+                            "train.clip_grad=1.0", "data.balanced_sampling=true", "data.aug=heavy",
+                            "model.freeze_until=layer2", "model.unfreeze_epoch=1", "model.act=silu"])
+    train.run(cfg)
+    m = pd.read_csv(cfg.run_dir / "fold0" / "metrics.csv")
+    assert len(m) == 2

@@ -1,0 +1,113 @@
+"""Per-image albumentations presets and whole-batch torch augmentation/normalisation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from kpipe import transforms as T
+from kpipe.errors import KpipeError
+from kpipe.image import resize_square
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _img(h: int = 50, w: int = 70, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("preset", T.PRESETS)
+def test_presets_shape_and_range(preset: str) -> None:
+    tf = T.build_train(preset, 32, MEAN, STD)
+    for seed in range(5):
+        x = tf(image=_img(seed=seed))["image"]
+        assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+        lo = min((0 - m) / s for m, s in zip(MEAN, STD, strict=True))
+        hi = max((1 - m) / s for m, s in zip(MEAN, STD, strict=True))
+        assert lo - 1e-4 <= x.min() and x.max() <= hi + 1e-4
+
+
+def test_eval_matches_cache_resize() -> None:
+    img = _img()
+    for size in (32, 100):  # down and up
+        x = T.build_eval(size, (0, 0, 0), (1 / 255,) * 3)(image=img)["image"]  # identity normalise
+        np.testing.assert_array_equal(
+            x.permute(1, 2, 0).round().numpy().astype(np.uint8), resize_square(img, size)
+        )
+    x = T.build_eval(32, MEAN, STD)(image=img)["image"]
+    ref = (resize_square(img, 32) / 255.0 - np.array(MEAN)) / np.array(STD)
+    np.testing.assert_allclose(x.permute(1, 2, 0).numpy(), ref, atol=1e-5)
+
+
+def test_unknown_preset() -> None:
+    with pytest.raises(KpipeError, match="light"):
+        T.build_train("extreme", 32, MEAN, STD)
+
+
+class _Aug(Dataset):
+    def __init__(self) -> None:
+        self.transform = T.build_train("heavy", 16, MEAN, STD)
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.transform(image=_img(24, 24))["image"]
+
+
+def _epoch(seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    loader = DataLoader(_Aug(), batch_size=4, num_workers=2, worker_init_fn=T.seed_worker)
+    return torch.cat(list(loader))
+
+
+def test_seed_worker_gives_workers_own_streams() -> None:
+    # Same image 8 times; worker 0 serves samples 0-3, worker 1 samples 4-7.
+    a = _epoch(0)
+    assert not torch.equal(a[:4], a[4:])  # without seed_worker both workers draw the same
+    assert torch.equal(a, _epoch(0))  # and still reproducible from torch.manual_seed
+
+
+def test_batch_augment_identity_and_flips() -> None:
+    x = torch.from_numpy(np.stack([_img(32, 32, s) for s in range(4)]))  # NHWC uint8
+    nchw = x.permute(0, 3, 1, 2)
+    same = T.batch_augment(x, scale=(1, 1), ratio=(1, 1), hflip=0.0)
+    assert same.dtype == torch.uint8 and torch.equal(same, nchw)
+    assert torch.equal(T.batch_augment(nchw, scale=(1, 1), ratio=(1, 1), hflip=1.0), nchw.flip(-1))
+    assert torch.equal(T.batch_augment(nchw, scale=(1, 1), ratio=(1, 1), hflip=0.0, vflip=1.0), nchw.flip(-2))
+
+
+def test_batch_augment_random_crops() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.from_numpy(np.stack([_img(40, 40, s) for s in range(8)]))
+    y = T.batch_augment(x, size=24, scale=(0.2, 0.5), generator=g)
+    assert y.shape == (8, 3, 24, 24) and y.dtype == torch.uint8
+    # Crops differ per sample: the same image repeated gives different outputs.
+    same = T.batch_augment(x[:1].repeat(8, 1, 1, 1), size=24, scale=(0.2, 0.5), generator=g)
+    assert len({bytes(s.numpy()) for s in same}) == 8
+    f = T.batch_augment(x.float(), size=24, generator=g)
+    assert f.dtype == torch.float32 and 0 <= f.min() and f.max() <= 255
+
+
+def test_normalize_batch() -> None:
+    x = torch.from_numpy(np.stack([_img(8, 8, s) for s in range(2)]))
+    y = T.normalize_batch(x, MEAN, STD)
+    assert y.shape == (2, 3, 8, 8) and y.dtype == torch.float32
+    ref = (x.permute(0, 3, 1, 2).double() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(
+        STD
+    ).view(1, 3, 1, 1)
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="4-D"):
+        T.normalize_batch(x[0], MEAN, STD)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batch_ops_on_cuda() -> None:
+    x = torch.from_numpy(np.stack([_img(32, 32, s) for s in range(4)])).cuda()
+    y = T.normalize_batch(T.batch_augment(x, size=24), MEAN, STD)
+    assert y.is_cuda and y.shape == (4, 3, 24, 24)
+    same = T.batch_augment(x, scale=(1, 1), ratio=(1, 1), hflip=1.0)
+    assert torch.equal(same.cpu(), x.permute(0, 3, 1, 2).flip(-1).cpu())
