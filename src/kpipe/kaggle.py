@@ -1,0 +1,580 @@
+"""Kaggle I/O: download a competition's files, submit with a ledger row, sync the leaderboard.
+
+Everything goes through the kaggle package's Python API (`KaggleApi` and the kagglesdk
+client it builds), so credentials, proxies and endpoints are the kaggle client's own.
+Credentials are looked for where that client looks *before* it is called (its
+`authenticate()` prints help and calls `exit(1)` when it finds none); they are never
+printed, logged or written. 401/403/404 become KpipeErrors that say what to do; 429, 5xx
+and dropped connections are retried with bounded exponential backoff. The first retry delay
+comes from $KPIPE_KAGGLE_BACKOFF (default 2 s), the first poll of `--wait` from
+$KPIPE_KAGGLE_POLL (default 10 s), the longest wait from $KPIPE_KAGGLE_WAIT_TIMEOUT (1800 s).
+Usage: ``download(cfg); submit(cfg, Path("submissions/r50.csv"), "r50 5 folds", wait=True, force=False); lb(cfg)``
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pandas as pd
+import requests
+from kagglesdk.competitions.types.competition_api_service import (
+    ApiGetCompetitionRequest,
+    ApiGetLeaderboardRequest,
+    ApiGetSubmissionRequest,
+)
+from rich.console import Console
+from rich.markup import escape
+
+from kpipe import ledger
+from kpipe.config import Config
+from kpipe.errors import KpipeError
+from kpipe.io import write_json
+from kpipe.metrics import higher_is_better
+from kpipe.submission import validate_file
+
+T = TypeVar("T")
+ENV_BACKOFF = "KPIPE_KAGGLE_BACKOFF"
+ENV_POLL = "KPIPE_KAGGLE_POLL"
+ENV_WAIT_TIMEOUT = "KPIPE_KAGGLE_WAIT_TIMEOUT"
+RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+MARKER = ".kpipe-download.json"  # written last: its presence means the download completed
+TOKEN_PAGE = "https://www.kaggle.com/settings/api"
+
+
+class KaggleError(KpipeError):
+    """A Kaggle API failure explained for the user; `status` is the HTTP status, if any."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _UploadFailed(Exception):
+    """The client's file upload failed before any submission was created: safe to retry."""
+
+
+def kaggle_slug(cfg: Config) -> str:
+    return cfg.competition.kaggle_slug or cfg.competition.name
+
+
+# ------------------------------------------------------------------ credentials
+
+
+def _kaggle_config_dir() -> Path:
+    # The kaggle client's rule (KaggleApi.config_dir): $KAGGLE_CONFIG_DIR, else ~/.kaggle if it
+    # exists, else (Linux) the XDG config folder.
+    if os.environ.get("KAGGLE_CONFIG_DIR"):
+        return Path(os.environ["KAGGLE_CONFIG_DIR"])
+    home = Path(os.path.expanduser("~/.kaggle"))
+    if home.exists() or not sys.platform.startswith("linux"):
+        return home
+    return Path(os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")) / "kaggle"
+
+
+def _read_kaggle_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8") or "{}")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}  # the client ignores a malformed file too; the help message names it
+    return data if isinstance(data, dict) else {}
+
+
+def credential_source() -> str | None:
+    """Where the kaggle client will find credentials (names and paths only, never a secret), or None.
+
+    Same places, same order as kaggle 2.2's authenticate(): an API token (KAGGLE_API_TOKEN or
+    ~/.kaggle/access_token), a legacy key (kaggle.json, overridden by KAGGLE_USERNAME/KAGGLE_KEY),
+    OAuth credentials from `kaggle auth login`.
+    """
+    if os.environ.get("KAGGLE_API_TOKEN"):
+        return "the KAGGLE_API_TOKEN environment variable"
+    for name in ("access_token", "access_token.txt"):
+        token_file = Path(os.path.expanduser("~/.kaggle")) / name
+        if token_file.is_file() and token_file.read_text(encoding="utf-8", errors="replace").strip():
+            return str(token_file)
+    json_path = _kaggle_config_dir() / "kaggle.json"
+    from_file = _read_kaggle_json(json_path)
+    where = []
+    for env, key in (("KAGGLE_USERNAME", "username"), ("KAGGLE_KEY", "key")):
+        if os.environ.get(env):
+            where.append(f"${env}")
+        elif from_file.get(key):
+            where.append(str(json_path))
+    if len(where) == 2:
+        return " and ".join(dict.fromkeys(where))
+    oauth = Path(os.path.expanduser("~/.kaggle/credentials.json"))
+    if oauth.is_file():
+        return f"{oauth} (from `kaggle auth login`)"
+    return None
+
+
+def credentials_help() -> str:
+    json_path = _kaggle_config_dir() / "kaggle.json"
+    found = f" ({json_path} exists but has no 'username' and 'key')" if json_path.is_file() else ""
+    return (
+        "no Kaggle credentials found. Put them where the kaggle client looks, one of:\n"
+        f"  - {json_path}{found}: {{\"username\": \"...\", \"key\": \"...\"}} from {TOKEN_PAGE} "
+        "(\"Create Legacy API Key\"); then chmod 600 it. $KAGGLE_CONFIG_DIR moves this folder.\n"
+        "  - environment variables KAGGLE_USERNAME and KAGGLE_KEY\n"
+        f"  - an API token from {TOKEN_PAGE} in $KAGGLE_API_TOKEN or in ~/.kaggle/access_token\n"
+        "  - `kaggle auth login` (OAuth; stored in ~/.kaggle/credentials.json)"
+    )
+
+
+def connect() -> Any:
+    """An authenticated KaggleApi, or a KpipeError that says where credentials go."""
+    source = credential_source()
+    if source is None:
+        raise KpipeError(credentials_help())
+    said = io.StringIO()
+    # Importing kaggle authenticates at once and may print its own help; keep that off the
+    # screen and show it only when the sign-in worked (e.g. its "key readable by others" warning).
+    with contextlib.redirect_stdout(said):
+        from kaggle.api.kaggle_api_extended import KaggleApi
+
+        api = KaggleApi()
+        # The client reads KAGGLE_API_ENVIRONMENT once, at import; honour its value now.
+        local = os.environ.get("KAGGLE_API_ENVIRONMENT") == "LOCALHOST"
+        api.args = [a for a in KaggleApi.args if a != "--local"] + (["--local"] if local else [])
+        try:
+            api.authenticate()
+        except SystemExit:
+            raise KpipeError(
+                f"the kaggle client could not sign in with the credentials in {source} "
+                f"(expired or revoked?). Create a new token at {TOKEN_PAGE} and put it there."
+            ) from None
+        except requests.RequestException as e:
+            raise _explain(e, "signing in", "") from None
+    if said.getvalue().strip():
+        print(said.getvalue().strip(), file=sys.stderr)
+    return api
+
+
+# ------------------------------------------------------------------ errors and retries
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential delays between attempts: first, first*factor, ... capped; `tries` attempts in all."""
+
+    first: float
+    factor: float = 2.0
+    cap: float = 60.0
+    tries: int = 6
+
+    def delays(self) -> list[float]:
+        return [min(self.cap, self.first * self.factor**i) for i in range(self.tries - 1)]
+
+
+def _env_seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise KpipeError(f"${name}={raw!r}: expected a number of seconds.") from None
+    if value < 0:
+        raise KpipeError(f"${name}={raw!r}: expected a number of seconds >= 0.")
+    return value
+
+
+def retry_policy() -> Backoff:
+    return Backoff(first=_env_seconds(ENV_BACKOFF, 2.0))
+
+
+def _status(e: BaseException) -> int | None:
+    response = getattr(e, "response", None)
+    return None if response is None else int(response.status_code)
+
+
+def _explain(e: BaseException, what: str, slug: str) -> KaggleError:
+    status, detail = _status(e), str(e)
+    if status == 401:
+        msg = (f"Kaggle rejected the credentials while {what} (401 Unauthorized). They come from "
+               f"{credential_source() or 'nowhere'}; create a new token at {TOKEN_PAGE} and put it there.")
+    elif status == 403:
+        msg = (f"Kaggle refused {what} (403 Forbidden: {detail}). Most often the competition's rules "
+               f"are not accepted yet: accept them on https://www.kaggle.com/competitions/{slug}/rules "
+               "first, then run this again.")
+    elif status == 404:
+        msg = (f"Kaggle found nothing while {what} (404: {detail}). Is '{slug}' the competition's slug "
+               "(the last part of its URL)? Set competition.kaggle_slug in the competition YAML.")
+    elif status is None:
+        msg = f"could not reach Kaggle while {what}: {detail}. Check the network and any proxy settings."
+    else:
+        msg = f"Kaggle answered {status} while {what}: {detail}"
+    return KaggleError(msg, status)
+
+
+def _transient(e: BaseException) -> bool:
+    if isinstance(e, requests.HTTPError):
+        return _status(e) in RETRY_STATUS
+    return isinstance(e, (requests.ConnectionError, requests.Timeout,
+                          requests.exceptions.ChunkedEncodingError, _UploadFailed))
+
+
+def _retry_after(e: BaseException) -> float | None:
+    response = getattr(e, "response", None)
+    value = None if response is None else response.headers.get("Retry-After")
+    try:
+        return None if value is None else max(0.0, float(value))
+    except ValueError:
+        return None  # an HTTP-date: fall back to our own delay
+
+
+def call(fn: Callable[..., T], *args: Any, what: str, slug: str, backoff: Backoff,
+         recover: Callable[[], T | None] | None = None, **kwargs: Any) -> T:
+    """fn(*args, **kwargs), retrying transient failures; other failures become a KaggleError.
+
+    `recover` runs before each retry after a 5xx or a dropped connection, which may come after
+    the server did the work (e.g. created the submission): a non-None answer is returned instead.
+    """
+    delays = backoff.delays()
+    for attempt in range(len(delays) + 1):
+        try:
+            return fn(*args, **kwargs)
+        except (requests.RequestException, _UploadFailed) as e:
+            if not _transient(e) or attempt == len(delays):
+                raise _explain(e, what, slug) from None
+            delay = delays[attempt]
+            hint = _retry_after(e)
+            if hint is not None:  # the server's Retry-After, within our cap
+                delay = min(backoff.cap, max(delay, hint))
+            print(f"kaggle: {what} failed ({_status(e) or type(e).__name__}); "
+                  f"retry {attempt + 1}/{len(delays)} in {delay:.1f} s", file=sys.stderr)
+            time.sleep(delay)
+            if recover is not None and _status(e) != 429:
+                found = recover()
+                if found is not None:
+                    return found
+    raise AssertionError("unreachable")
+
+
+# ------------------------------------------------------------------ download
+
+
+def is_complete(dest: Path, slug: str) -> bool:
+    """True when `dest` holds every file the last finished download of `slug` wrote, at its size."""
+    try:
+        marker = json.loads((dest / MARKER).read_text(encoding="utf-8"))
+        files = marker["files"]
+        if marker["slug"] != slug:
+            return False
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return all((dest / rel).is_file() and (dest / rel).stat().st_size == size for rel, size in files.items())
+
+
+def download(cfg: Config, force: bool = False, *, file: str | None = None) -> Path:
+    """Fetch the competition's files (or one `file`) into cfg.data_dir, unzipped; skip what is there."""
+    slug, dest = kaggle_slug(cfg), cfg.data_dir
+    target = dest if file is None else dest / file
+    if not force and (is_complete(dest, slug) if file is None else target.exists()):
+        print(f"{target}: already downloaded from '{slug}'; pass --force to download again.")
+        return target
+    api, backoff = connect(), retry_policy()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # Staging next to the target keeps every final move a same-filesystem rename.
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.download-", dir=dest.parent))
+    try:
+        fetched, unpacked = staging / "fetched", staging / "unpacked"
+        if file is None:
+            call(api.competition_download_files, slug, path=str(fetched), force=True, quiet=True,
+                 what=f"downloading the files of '{slug}'", slug=slug, backoff=backoff)
+        else:
+            call(api.competition_download_file, slug, file, path=str(fetched), force=True, quiet=True,
+                 what=f"downloading '{file}' of '{slug}'", slug=slug, backoff=backoff)
+        _unpack(fetched, unpacked, keep=Path(file).name if file else None)
+        inventory = _inventory(unpacked)
+        _install(unpacked, target.parent if file else dest, staging / "replaced", reset_marker=file is None)
+        if file is None:
+            write_json(dest / MARKER, {"slug": slug, "downloaded_utc": ledger.now_utc(), "files": inventory})
+    finally:
+        shutil.rmtree(staging)
+    print(f"{target}: downloaded {len(inventory)} files from Kaggle competition '{slug}'.")
+    return target
+
+
+def _unpack(fetched: Path, out: Path, keep: str | None) -> None:
+    """Extract each downloaded archive into `out` (a file asked for by name is kept as is)."""
+    out.mkdir(parents=True)
+    for item in sorted(fetched.iterdir()):
+        if item.name.endswith(".kaggle-partial"):  # the client's resume bookkeeping
+            continue
+        if item.name != keep and zipfile.is_zipfile(item):
+            with zipfile.ZipFile(item) as zf:
+                zf.extractall(out)  # zipfile drops absolute paths and '..' parts of member names
+            item.unlink()  # free the space before the next one
+        else:
+            os.replace(item, out / item.name)
+    for inner in sorted(out.glob("*.zip")):  # old competitions zip train/ and test/ inside the zip
+        with zipfile.ZipFile(inner) as zf:
+            # One top-level folder or file names its own place; loose files get a folder named after the zip.
+            tops = {n.split("/", 1)[0] for n in zf.namelist()}
+            zf.extractall(out if len(tops) == 1 else out / inner.stem)
+        inner.unlink()
+
+
+def _inventory(root: Path) -> dict[str, int]:
+    return {p.relative_to(root).as_posix(): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _install(unpacked: Path, target: Path, trash: Path, reset_marker: bool) -> None:
+    """Move each unpacked entry into `target`, replacing same-named ones; keep everything else
+    (kpipe's own audit/ and relabels.csv live in the data folder too)."""
+    target.mkdir(parents=True, exist_ok=True)
+    if reset_marker:  # incomplete until the new marker is written
+        (target / MARKER).unlink(missing_ok=True)
+    for entry in sorted(unpacked.iterdir()):
+        final = target / entry.name
+        if final.exists() or final.is_symlink():
+            trash.mkdir(parents=True, exist_ok=True)
+            os.replace(final, trash / entry.name)
+        os.replace(entry, final)
+
+
+# ------------------------------------------------------------------ submit
+
+
+def _check_submission(path: Path, cfg: Config) -> None:
+    if not path.is_file():
+        raise KpipeError(f"{path}: no such file. Give the CSV `kpipe infer` wrote (submissions/<name>.csv).")
+    problems = validate_file(path, cfg)
+    for p in problems:
+        if p.severity != "error":
+            print(p.render(), file=sys.stderr)
+    errors = [p.render() for p in problems if p.severity == "error"]
+    if errors:
+        raise KpipeError(f"{path}: not a valid submission for '{cfg.competition.name}', so nothing was "
+                         "uploaded:\n  " + "\n  ".join(errors))
+
+
+def submit(cfg: Config, path: Path, message: str | None, wait: bool = False, force: bool = False) -> dict[str, Any]:
+    """Validate `path`, upload it, record it in the ledger; with `wait`, poll until it is scored.
+
+    No message (None or blank) means one made from the sidecar: '<name>: runs a+b, CV 0.9123 accuracy'.
+
+    Returns the ledger row plus "remaining" (submissions left today, None when unknown).
+    A submission Kaggle could not score is recorded (status=error), then raised as a KpipeError.
+    """
+    slug, path = kaggle_slug(cfg), Path(path)
+    _check_submission(path, cfg)
+    message = message.strip() if message and message.strip() else ledger.default_message(path)
+    prov, book = ledger.provenance(path), ledger.ledger_path(cfg)
+    same = ledger.find_sha(ledger.read(book), slug, prov["sha256"])
+    if len(same) and not force:
+        r = same.iloc[-1]
+        raise KpipeError(f"{path}: byte-identical to {r['file']} submitted {r['time_utc']} "
+                         f"(ref {r['kaggle_ref'] or '?'}, '{r['message']}'); not submitted again. "
+                         "Pass --force to submit it anyway.")
+    api, backoff = connect(), retry_policy()
+    left = remaining(api, slug, backoff)
+    if left == 0:
+        raise KpipeError(f"no submissions left today for '{slug}' (Kaggle's daily limit; it resets at "
+                         f"00:00 UTC). {path} was not uploaded.")
+    commit, dirty = ledger.git_state()
+    started = datetime.now(timezone.utc)
+    ref = _upload(api, path, message, slug, backoff, started)
+    row = ledger.make_row({
+        **prov, "time_utc": _iso(started), "competition": slug, "file": str(path), "message": message,
+        "git_commit": commit, "git_dirty": dirty, "source": "kpipe", "kaggle_ref": ref, "status": "pending",
+    })
+    ledger.append(book, [row])
+    left = remaining(api, slug, backoff)
+    print(f"submitted {path} to '{slug}' (ref {ref or 'unknown'}); submissions left today: "
+          f"{'unknown' if left is None else left}.")
+    result: dict[str, Any] = {**row, "remaining": left}
+    if wait and not ref:
+        print("Kaggle did not say which submission this is, so there is nothing to wait on; "
+              "`kpipe lb` matches it by file name and time and fills in its score.")
+    if wait and ref:
+        final = wait_for(api, slug, ref, backoff)
+        scored = {k: final[k] for k in ("status", "public_score", "private_score", "error")}
+        ledger.update_ref(book, slug, ref, scored)
+        result.update(scored)
+        _report(result)
+    return result
+
+
+def _report(row: dict[str, Any]) -> None:
+    name = Path(row["file"]).name
+    if row["status"] == "error":
+        raise KpipeError(f"Kaggle could not score {name} (ref {row['kaggle_ref']}): "
+                         f"{row['error'] or 'no reason given'}. The ledger row says status=error.")
+    if row["status"] == "complete":
+        named = (("public", "public_score"), ("private", "private_score"), ("CV", "cv"))
+        scores = [f"{k} {row[c]}" for k, c in named if row[c]]
+        print(f"{name}: " + ", ".join(scores or ["scored"]))
+
+
+def remaining(api: Any, slug: str, backoff: Backoff) -> int | None:
+    """Submissions left today: Kaggle's own count; else its daily maximum minus today's; else None."""
+    try:
+        limits = call(api.competition_get_submission_limits, slug, what="reading the submission limits",
+                      slug=slug, backoff=backoff)
+        return int(limits.num_allowed_now)
+    except KaggleError as e:
+        if e.status in (401, 403):
+            raise
+    try:  # a server without the limits endpoint: derive it
+        with api.build_kaggle_client() as client:
+            comp = call(client.competitions.competition_api_client.get_competition,
+                        _request(ApiGetCompetitionRequest, competition_name=slug),
+                        what="reading the competition", slug=slug, backoff=backoff)
+        if not comp.max_daily_submissions:
+            return None
+        today = datetime.now(timezone.utc).date().isoformat()
+        used = sum(s["time_utc"].startswith(today) for s in list_submissions(api, slug, backoff))
+        return max(0, comp.max_daily_submissions - used)
+    except KaggleError as e:
+        if e.status in (401, 403):
+            raise
+        return None
+
+
+def _upload(api: Any, path: Path, message: str, slug: str, backoff: Backoff, started: datetime) -> str:
+    """competition_submit with retries that never submit twice; returns Kaggle's ref ('' if unknown)."""
+    def once() -> str:
+        response = api.competition_submit(str(path), message, slug, quiet=True)
+        if response.message == api.COMPETITION_SUBMIT_UPLOAD_FAILED_MESSAGE:
+            raise _UploadFailed(f"uploading {path.name} failed")
+        return str(response.ref) if response.ref else ""
+
+    def recover() -> str | None:
+        return _find_remote(api, slug, path.name, message, started)
+
+    ref = call(once, what=f"submitting {path.name}", slug=slug, backoff=backoff, recover=recover)
+    return ref or recover() or ""  # an answer without the id: look it up in the list
+
+
+def _find_remote(api: Any, slug: str, name: str, message: str, since: datetime) -> str | None:
+    """The ref of a submission of `name` with `message` made since `since`, if Kaggle lists one."""
+    try:
+        subs = [_remote_row(s) for s in api.competition_submissions(slug, page_number=1, page_size=20) or []]
+    except requests.RequestException:
+        return None  # the caller retries or records the row without a ref; `kpipe lb` matches it later
+    for s in subs:
+        t = ledger.parse_time(s["time_utc"])
+        if s["file"] == name and s["message"] == message and t is not None and t >= since - timedelta(minutes=2):
+            return s["kaggle_ref"]
+    return None
+
+
+def _request(cls: type[T], **fields: Any) -> T:
+    """A kagglesdk request object (their constructors take no arguments)."""
+    request = cls()
+    for name, value in fields.items():
+        setattr(request, name, value)
+    return request
+
+
+def _iso(t: datetime) -> str:
+    t = t if t.tzinfo else t.replace(tzinfo=timezone.utc)  # Kaggle's times are naive UTC
+    return t.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _remote_row(sub: Any) -> dict[str, str]:
+    """An ApiSubmission as ledger cells, plus team_name and total_bytes for lb."""
+    status = sub.status.name.lower() if sub.status is not None else ""
+    return {
+        "kaggle_ref": str(sub.ref), "time_utc": _iso(sub.date) if sub.date else "", "file": sub.file_name or "",
+        "message": sub.description or "", "status": status, "public_score": sub.public_score or "",
+        "private_score": sub.private_score or "", "error": (sub.error_description or "") if status == "error" else "",
+        "team_name": sub.team_name or "", "total_bytes": str(sub.total_bytes or ""),
+    }
+
+
+def wait_for(api: Any, slug: str, ref: str, backoff: Backoff) -> dict[str, str]:
+    """Poll submission `ref` with growing pauses until COMPLETE or ERROR (or the wait timeout)."""
+    delay, timeout = _env_seconds(ENV_POLL, 10.0), _env_seconds(ENV_WAIT_TIMEOUT, 1800.0)
+    deadline = time.monotonic() + timeout
+    with api.build_kaggle_client() as client:
+        while True:
+            request = _request(ApiGetSubmissionRequest, ref=int(ref))
+            sub = call(client.competitions.competition_api_client.get_submission, request,
+                       what=f"checking submission {ref}", slug=slug, backoff=backoff)
+            row = _remote_row(sub)
+            if row["status"] != "pending":
+                return row
+            if time.monotonic() + delay > deadline:
+                print(f"submission {ref} is still being scored after {timeout:.0f} s; "
+                      "`kpipe lb` picks up its score later.")
+                return row
+            time.sleep(delay)
+            delay = min(60.0, delay * 1.5)
+
+
+# ------------------------------------------------------------------ leaderboard
+
+
+def list_submissions(api: Any, slug: str, backoff: Backoff, page_size: int = 50,
+                     max_pages: int = 40) -> list[dict[str, str]]:
+    """Every submission of ours Kaggle lists for `slug` (kpipe's and the kaggle CLI's), newest first."""
+    out: list[dict[str, str]] = []
+    for page in range(1, max_pages + 1):
+        subs = call(api.competition_submissions, slug, page_number=page, page_size=page_size,
+                    what="listing submissions", slug=slug, backoff=backoff) or []
+        out.extend(_remote_row(s) for s in subs if s is not None)
+        if len(subs) < page_size:
+            break
+    return out
+
+
+def team_rank(api: Any, slug: str, team: str, backoff: Backoff, page_size: int = 100,
+              max_pages: int = 20) -> tuple[int | None, int]:
+    """(the team's 1-based place on the public leaderboard or None, how many teams were read)."""
+    seen, token = 0, ""
+    with api.build_kaggle_client() as client:
+        for _ in range(max_pages):
+            request = _request(ApiGetLeaderboardRequest, competition_name=slug, page_size=page_size,
+                               page_token=token or None)
+            response = call(client.competitions.competition_api_client.get_leaderboard, request,
+                            what="reading the leaderboard", slug=slug, backoff=backoff)
+            for entry in response.submissions:
+                seen += 1
+                if entry.team_name == team:
+                    return seen, seen
+            token = response.next_page_token
+            if not token:
+                break
+    return None, seen
+
+
+def lb(cfg: Config) -> pd.DataFrame:
+    """Sync the ledger with Kaggle, print CV vs public vs private and the team's rank, plot CV vs LB."""
+    slug, sub_dir = kaggle_slug(cfg), Path(cfg.paths.submissions_dir)
+    api, backoff = connect(), retry_policy()
+    subs = list_submissions(api, slug, backoff)
+    team = next((s["team_name"] for s in subs if s["team_name"]), "")
+    rank, seen = team_rank(api, slug, team, backoff) if team else (None, 0)
+    book = ledger.transact(ledger.ledger_path(cfg), lambda df: ledger.merge_remote(
+        df, subs, slug, enrich=lambda s: ledger.local_provenance(s, sub_dir)))
+    view = book[book["competition"] == slug]
+    metric = cfg.competition.metric
+    console = Console(highlight=False)
+    console.print(ledger.render_table(view, higher_is_better(metric), f"{slug}: CV vs public vs private ({metric})"))
+    if rank is not None:
+        standing = f"'{team}' is #{rank}"
+    else:
+        standing = f"'{team}' is not in the top {seen}" if team else "no submissions yet"
+    console.print(escape(f"public leaderboard: {standing}"))
+    png = sub_dir / "cv_vs_lb.png"
+    if ledger.plot_cv_vs_lb(view, png, f"{slug}: CV vs leaderboard ({metric})", higher_is_better(metric)):
+        console.print(escape(f"wrote {png}"))
+    return view
