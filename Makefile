@@ -15,11 +15,12 @@ ARGS ?=
 GPUS ?= 0
 FILE ?=
 MSG  ?=
+RUNS ?= runs/$(notdir $(basename $(EXP)))
 
 RUN := $(KPIPE)
 CFG := -c $(EXP) --comp $(COMP)
 
-.PHONY: help setup demo test test-fast lint audit folds train relabel infer ensemble submit lb bench clean
+.PHONY: help setup demo test test-fast lint audit folds train relabel infer oof-tta ensemble submit lb bench clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -35,11 +36,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	@touch $@
 
+DEMO := -c configs/exp/demo.yaml --comp demo
+DEMO_ACCEPT ?= 0.5
+
 demo: setup ## build the demo competition and run the whole pipeline on it, end to end
 	$(RUN) demo-data
+	$(RUN) audit --comp demo
+	$(RUN) folds --comp demo folds.clean_labels=false
+	$(RUN) train $(DEMO) name=demo_raw --resume
+	$(RUN) relabel $(DEMO) name=demo_raw --accept-above $(DEMO_ACCEPT)
+	$(RUN) relabel $(DEMO) name=demo_raw --apply
 	$(RUN) folds --comp demo
-	$(RUN) train -c configs/exp/demo.yaml --comp demo
-	$(RUN) infer -c configs/exp/demo.yaml --comp demo
+	$(RUN) train $(DEMO) --resume
+	$(RUN) infer $(DEMO)
 	$(RUN) demo-report
 
 test: setup ## run the test suite (CPU, a few minutes)
@@ -66,9 +75,15 @@ relabel: setup ## suggest relabels from EXP's out-of-fold predictions (data/<COM
 infer: setup ## predict the test set with EXP's folds and write a validated submission
 	$(RUN) infer $(CFG) $(ARGS)
 
-submit: setup ## submit FILE (default: the newest submission) to Kaggle with MSG
-	$(RUN) submit $(if $(FILE),$(FILE),$$(ls -t submissions/*.csv | grep -v ledger | head -n 1)) \
-		-m "$(if $(MSG),$(MSG),$$(.venv/bin/python -m kpipe.ledger describe-newest))" $(CFG) --wait
+oof-tta: setup ## score every TTA view on each fold's own validation images (runs/<exp>/oof_tta/)
+	$(RUN) oof-tta $(CFG) $(ARGS)
+
+ensemble: setup ## fit blend weights over RUNS='runs/a runs/b' (and TTA views) on OOF
+	$(RUN) ensemble $(CFG) --runs $(RUNS) $(ARGS)
+
+submit: setup ## submit FILE (default: the newest submission CSV) to Kaggle, MSG optional, and wait for the score
+	$(RUN) submit $(if $(FILE),$(FILE),$$(ls -t submissions/*.csv | grep -v ledger.csv | head -n 1)) \
+		$(if $(MSG),-m "$(MSG)") $(CFG) --wait
 
 lb: setup ## sync the ledger with Kaggle and show CV vs leaderboard
 	$(RUN) lb $(CFG)

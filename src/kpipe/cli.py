@@ -60,7 +60,8 @@ def _demo_report(args: argparse.Namespace) -> int:
 def _audit(args: argparse.Namespace) -> int:
     from kpipe import audit
 
-    audit.run(config_from(args))
+    audit.run(config_from(args), threshold=args.threshold, min_similarity=args.min_similarity,
+              workers=args.workers, max_pairs=args.max_pairs)
     return 0
 
 
@@ -120,7 +121,7 @@ def _validate(args: argparse.Namespace) -> int:
 def _kaggle_download(args: argparse.Namespace) -> int:
     from kpipe import kaggle
 
-    kaggle.download(config_from(args), force=args.force)
+    kaggle.download(config_from(args), force=args.force, file=args.file)
     return 0
 
 
@@ -169,7 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
                                          "test accuracy (reads the demo's truth file)")
     p.add_argument("--data-root", default="data", help="folder holding demo/ and demo_truth.csv")
 
-    _config_args(add("audit", _audit, "find unreadable files, odd images, duplicates and train/test leakage"))
+    p = add("audit", _audit, "find unreadable files, odd images, duplicates and train/test leakage")
+    _config_args(p)
+    p.add_argument("--threshold", type=int, default=6, help="perceptual-hash distance (of 64 bits) for near duplicates")
+    p.add_argument("--min-similarity", type=float, default=0.97,
+                   help="thumbnail correlation a near duplicate must also reach")
+    p.add_argument("--workers", type=int, default=2, help="processes decoding images")
+    p.add_argument("--max-pairs", type=int, default=2_000_000, help="cap on listed pairs (groups stay complete)")
     _config_args(add("folds", _folds, "write stratified (duplicate-grouped) K folds to folds/<comp>.csv"))
 
     p = add("train", _train, "train the experiment's folds; writes runs/<exp>/")
@@ -207,11 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("kaggle", _kaggle_download, "talk to Kaggle: `kpipe kaggle download --comp NAME`")
     p.add_argument("action", choices=["download"], help="download: the competition files into data/<comp>/")
     p.add_argument("--force", action="store_true", help="download again even if the files are there")
+    p.add_argument("--file", default=None, help="download this one file only")
     _config_args(p)
 
     p = add("submit", _submit, "validate, then submit a CSV to Kaggle and record it in submissions/ledger.csv")
     p.add_argument("file", help="submission CSV")
-    p.add_argument("-m", "--message", required=True, help="submission description")
+    p.add_argument("-m", "--message", default=None,
+                   help="submission description (default: built from the runs and CV in the sidecar JSON)")
     p.add_argument("--wait", action="store_true", help="poll until the score (or the error) arrives")
     p.add_argument("--force", action="store_true", help="submit even a byte-identical file again")
     _config_args(p)
@@ -226,8 +235,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse, letting key=value overrides stand anywhere (argparse alone wants them before options)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        if not hasattr(args, "overrides"):
+            parser.error(f"'{args.command}' takes no key=value overrides: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         return int(args.fn(args) or 0)
     except KpipeError as e:

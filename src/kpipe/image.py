@@ -150,7 +150,7 @@ def _orientation(buf: bytes) -> int:
     try:
         with Image.open(io.BytesIO(buf)) as im:
             value = im.getexif().get(EXIF_ORIENTATION, 1)
-    except (OSError, ValueError, SyntaxError):
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return 1
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
@@ -199,6 +199,8 @@ def probe(path: str | os.PathLike[str]) -> dict[str, Any]:
             orientation = im.getexif().get(EXIF_ORIENTATION, 1)
     except UnidentifiedImageError:
         raise ImageReadError(path, "not an image (or a format PIL does not know)") from None
+    except Image.DecompressionBombError as e:  # PIL refuses even to read the header of > 179 Mpx images
+        raise ImageReadError(path, f"too large to probe safely ({e})") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageReadError(path, f"corrupt image header ({e})") from None
     if orientation in (5, 6, 7, 8):
