@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,6 +24,7 @@ import yaml
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success fsync it and rename it into place."""
     path = Path(path)
+    _check_writer(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -36,6 +38,13 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _check_writer(path: Path) -> None:
+    """Under DDP only rank 0 writes: a write from another rank is a bug, so fail loudly."""
+    tdist = sys.modules.get("torch.distributed")  # no torch import for processes that never use it
+    if tdist is not None and tdist.is_available() and tdist.is_initialized() and tdist.get_rank() != 0:
+        raise RuntimeError(f"rank {tdist.get_rank()} tried to write {path}; only rank 0 writes files")
 
 
 def _fsync_dir(folder: Path) -> None:

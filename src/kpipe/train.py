@@ -148,6 +148,8 @@ def _model(cfg: Config, n_classes: int, device: torch.device) -> tuple[torch.nn.
     model = models.create_from_config(cfg.model, n_classes)
     data_cfg = models.resolve_data_config(model, cfg.data)
     if cfg.train.sync_bn and dist.world() > 1:
+        if device.type != "cuda":
+            raise KpipeError("train.sync_bn=true needs CUDA: PyTorch's SyncBatchNorm has no CPU kernel.")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     if device.type == "cuda" and cfg.train.channels_last:

@@ -1,0 +1,64 @@
+"""DDP under torchrun on CPU (gloo, 2 processes): every train id once in OOF, the same CV as one
+process, only rank 0 writes, and the checkpoint loads in single-process inference.
+
+The model is test_convnext (LayerNorm, no BatchNorm): with BatchNorm each rank normalises its own
+half-batch, and PyTorch's SyncBatchNorm has no CPU kernel, so results would differ by design.
+Same seed and same effective batch (2 ranks x 2 = 1 process x 4) give the same samples per step.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from kpipe import folds, infer, train
+
+from conftest import TINY_EXP, tiny_config, write_competition
+
+pytestmark = pytest.mark.slow
+
+EXP = {**TINY_EXP, "model": {"name": "test_convnext", "pretrained": False},
+       "data": {**TINY_EXP["data"], "aug": "none"}, "train": {**TINY_EXP["train"], "epochs": 2}}
+
+
+def test_two_process_ddp_matches_single_process(tmp_path: Path) -> None:
+    comp = write_competition(tmp_path, n_per_class=6)
+    single = tiny_config(tmp_path, comp, ["name=single", "data.batch_size=4"], exp=EXP)
+    folds.run(single)
+    ref = train.run(single)
+
+    exp_path = tmp_path / "ddp.yaml"
+    exp_path.write_text(yaml.safe_dump(EXP))
+    overrides = [f"paths.data_root={tmp_path / 'data'}", f"paths.folds_dir={tmp_path / 'folds'}",
+                 f"paths.runs_dir={tmp_path / 'runs'}", f"paths.predictions_dir={tmp_path / 'predictions'}",
+                 f"paths.submissions_dir={tmp_path / 'submissions'}", f"data.cache_dir={tmp_path / 'cache'}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "kpipe",
+           "train", "-c", str(exp_path), "--comp", str(comp), "name=ddp", "data.batch_size=2", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # Only rank 0 prints (io.atomic_path would have raised on any other rank's write).
+    assert proc.stdout.count("fold 0 epoch 2/2") == 1
+
+    run_dir = tmp_path / "runs" / "ddp"
+    oof = pd.read_csv(run_dir / "oof.csv", dtype={"id": str})
+    train_ids = pd.read_csv(single.folds_csv, dtype=str)["id"]
+    assert oof["id"].is_unique and set(oof["id"]) == set(train_ids)
+    ref_oof = pd.read_csv(single.run_dir / "oof.csv", dtype={"id": str})
+    pcols = [c for c in oof.columns if c.startswith("p_")]
+    # Tolerance: float reduction order differs (gradients all-reduced over 2 ranks), nothing else.
+    np.testing.assert_allclose(oof[pcols].to_numpy(), ref_oof[pcols].to_numpy(), atol=1e-4)
+    cv = yaml.safe_load((run_dir / "cv.json").read_text())["cv"]
+    assert abs(cv - ref["cv"]) < 1e-9
+
+    ddp_cfg = tiny_config(tmp_path, comp, ["name=ddp", "data.batch_size=2"], exp=EXP)
+    result = infer.run(ddp_cfg)  # checkpoints written under DDP load in one process
+    sub = pd.read_csv(Path(ddp_cfg.paths.submissions_dir) / "ddp.csv", dtype=str)
+    assert len(sub) == 6 and result is not None
