@@ -94,6 +94,7 @@ class DataConfig(Section):
     mean: list[float] | None = None  # default: the model's normalisation
     std: list[float] | None = None
     aug: Literal["none", "light", "medium", "heavy"] = "light"
+    hflip: bool = True  # false where a mirror changes the class (digits, text, left/right anatomy)
     batch_aug: bool = False  # flips + resized crop on whole uint8 batches (needs cache); see README
     cache: bool = False  # decode once: images resized to img_size, uint8, memory-mapped
     cache_dir: str = "cache"

@@ -176,7 +176,7 @@ def train_fold(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device
         console.print(f"[bold]fold {k}[/]: {len(train_rows)} train / {len(val_rows)} val images, {cfg.model.name} "
                       f"at {data_cfg['img_size']} px, {total:,} parameters ({trainable:,} trainable), device {device}")
     size, mean, std = data_cfg["img_size"], data_cfg["mean"], data_cfg["std"]
-    tf_train = transforms.build_train(cfg.data.aug, size, mean, std)
+    tf_train = transforms.build_train(cfg.data.aug, size, mean, std, hflip=cfg.data.hflip)
     tf_train.set_random_seed(t.seed + k)
     tf_eval = transforms.build_eval(size, mean, std)
     y = df["y"].to_numpy()

@@ -33,8 +33,13 @@ from kpipe.errors import KpipeError
 PRESETS = ("none", "light", "medium", "heavy")
 
 
-def build_train(preset: str, img_size: int, mean: Sequence[float], std: Sequence[float]) -> A.Compose:
-    """Training pipeline for `preset` (none < light < medium < heavy), ending in a float CHW tensor."""
+def build_train(
+    preset: str, img_size: int, mean: Sequence[float], std: Sequence[float], hflip: bool = True
+) -> A.Compose:
+    """Training pipeline for `preset` (none < light < medium < heavy), ending in a float CHW tensor.
+
+    hflip=False for classes a mirror changes (digits, text, left/right anatomy).
+    """
     if preset not in PRESETS:
         raise KpipeError(f"data.aug='{preset}' is not one of {', '.join(PRESETS)}.")
     if preset == "none":
@@ -44,7 +49,7 @@ def build_train(preset: str, img_size: int, mean: Sequence[float], std: Sequence
     min_scale = {"light": 0.7, "medium": 0.5, "heavy": 0.3}[preset]
     ops: list[Any] = [
         A.RandomResizedCrop(size=size, scale=(min_scale, 1.0), area_for_downscale="image"),
-        A.HorizontalFlip(p=0.5),
+        A.HorizontalFlip(p=0.5 if hflip else 0.0),
     ]
     if preset == "medium":
         ops += [
