@@ -51,6 +51,11 @@ def test_refuses_to_overwrite_without_resume(tmp_path: Path) -> None:
     with pytest.raises(KpipeError, match="--resume"):
         train.run(cfg)
     train.run(cfg, resume=True)  # finished folds are skipped
+    labels = pd.read_csv(cfg.folds_csv, dtype=str)
+    labels.loc[0, "label"] = "fox" if labels.loc[0, "label"] != "fox" else "cat"
+    labels.to_csv(cfg.folds_csv, index=False)
+    with pytest.raises(KpipeError, match="changed since"):
+        train.run(cfg, resume=True)
 
 
 def test_resume_after_interrupt_finishes_all_epochs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -98,7 +103,8 @@ def test_schedules_optimisers_and_extras_run(tmp_path: Path) -> None:
     cfg = _setup(tmp_path, ["train.folds=0", "train.optimizer=nadam", "train.scheduler=plateau", "train.ema=true",
                             "train.mixup_alpha=0.2", "train.label_smoothing=0.1", "train.accum_steps=2",
                             "train.clip_grad=1.0", "data.balanced_sampling=true", "data.aug=heavy",
-                            "model.freeze_until=layer2", "model.unfreeze_epoch=1", "model.act=silu"])
+                            "model.freeze_until=layer2", "model.unfreeze_epoch=1", "model.act=silu",
+                            "data.cache=true", "data.hflip=false"])
     train.run(cfg)
     m = pd.read_csv(cfg.run_dir / "fold0" / "metrics.csv")
     assert len(m) == 2

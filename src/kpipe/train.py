@@ -11,6 +11,7 @@ Usage: ``kpipe train -c configs/exp/resnet50.yaml --comp demo train.folds=0,2``
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import random
 import subprocess
@@ -30,7 +31,7 @@ from kpipe.data import load_classes, load_train
 from kpipe.engine import (FoldState, Interrupted, StopRequested, Throughput, amp_settings, build_optimizer,
                           build_scheduler, load_checkpoint, predict, save_checkpoint, train_epoch, unwrap)
 from kpipe.errors import KpipeError
-from kpipe.io import read_csv_ids, write_csv, write_json, write_yaml
+from kpipe.io import read_csv_ids, write_csv, write_json, write_text, write_yaml
 from kpipe.loader import EpochSampler, ImageDataset, balanced_weights, make_loader
 from kpipe.metrics import higher_is_better, score
 
@@ -107,8 +108,14 @@ def _run(cfg: Config, resume: bool, device: torch.device) -> dict[str, Any]:
         raise KpipeError(f"{cfg.run_dir} already has checkpoints. Add --resume to continue it, "
                          "or name=<new> to start another run, or delete the folder.")
     check_resumable(cfg)
+    folds_hash = hashlib.sha256(cfg.folds_csv.read_bytes()).hexdigest()
+    saved_hash = cfg.run_dir / "folds.sha256"
+    if saved_hash.is_file() and saved_hash.read_text().strip() != folds_hash:
+        raise KpipeError(f"{cfg.folds_csv} changed since {cfg.run_dir} was trained (relabelled or re-split?): "
+                         "its folds would mix two label sets. Train under a new name (name=<new>) or delete the run.")
     if dist.is_main():
         write_yaml(cfg.run_dir / "config.yaml", cfg.to_dict())
+        write_text(saved_hash, folds_hash + "\n")
     cache = _cache(cfg, df, device)
     stop_restore = StopRequested.install()
     try:
