@@ -15,7 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from kpipe import audit
+from kpipe import audit, dedup
 from kpipe.config import load_config
 from kpipe.io import read_csv_ids
 
@@ -181,7 +181,7 @@ def test_hash_pairs_match_brute_force() -> None:
     want = {(i, j, bin(int(h[i]) ^ int(h[j])).count("1")) for i, j in itertools.combinations(range(len(h)), 2)
             if bin(int(h[i]) ^ int(h[j])).count("1") <= 6}
     for block_elems in (1, 97, 1 << 22):  # one row per block, ragged blocks, everything at once
-        i, j, d = audit.hash_pairs(h, 6, block_elems)
+        i, j, d = dedup.hash_pairs(h, 6, block_elems)
         assert set(zip(i.tolist(), j.tolist(), d.tolist(), strict=True)) == want
         assert len(i) == len(want)
 
@@ -191,12 +191,12 @@ def test_expand_pairs_lists_every_item_pair_and_caps() -> None:
     t0, t4 = rng.integers(0, 256, (2, 1024))
     thumbs = np.stack([t0, t0, t0, np.clip(t0 + rng.integers(-3, 4, 1024), 0, 255), t4]).astype(np.uint8)
     h = np.array([5, 5, 5, 7, 5], dtype=np.uint64)  # 5 and 7: one bit apart; item 4 shares the hash, not the look
-    a, b, d, s, cut = audit.expand_pairs(audit.dup_graph(h, thumbs, 6, 0.97))
+    a, b, d, s, cut = dedup.expand_pairs(dedup.dup_graph(h, thumbs, 6, 0.97))
     assert not cut
     assert sorted(zip(a.tolist(), b.tolist(), d.tolist(), strict=True)) == [
         (0, 1, 0), (0, 2, 0), (0, 3, 1), (1, 2, 0), (1, 3, 1), (2, 3, 1)]
     assert s.min() > 0.99
-    a, _, _, _, cut = audit.expand_pairs(audit.dup_graph(h, thumbs, 6, 0.97), max_pairs=4)
+    a, _, _, _, cut = dedup.expand_pairs(dedup.dup_graph(h, thumbs, 6, 0.97), max_pairs=4)
     assert cut and len(a) == 4
 
 
@@ -204,14 +204,14 @@ def test_similarity_is_pearson_and_flat_is_zero() -> None:
     rng = np.random.default_rng(7)
     t = rng.integers(0, 256, (3, 1024)).astype(np.uint8)
     t[2] = 40  # flat
-    got = audit.similarity(t, np.array([0, 0, 0, 1]), np.array([0, 1, 2, 2]), chunk=3)
+    got = dedup.similarity(t, np.array([0, 0, 0, 1]), np.array([0, 1, 2, 2]), chunk=3)
     assert got[0] == pytest.approx(1.0) and got[1] == pytest.approx(np.corrcoef(t[0], t[1])[0, 1], abs=1e-5)
     assert got[2] == got[3] == 0.0
 
 
 def test_connected_groups_smallest_name() -> None:
     names = ["d", "b", "c", "a", "e"]
-    groups = audit.connected_groups(names, np.array([0, 1]), np.array([1, 3]))  # d-b-a chain; c, e alone
+    groups = dedup.connected_groups(names, np.array([0, 1]), np.array([1, 3]))  # d-b-a chain; c, e alone
     assert groups == ["a", "a", "c", "a", "e"]
 
 
@@ -224,11 +224,11 @@ def test_group_edges_give_the_components_of_all_pairs() -> None:
     thumbs = np.clip(centre_thumb[pick] + variant[:, None], 0, 255).astype(np.uint8)
     is_train = rng.random(300) < 0.7
     names = [f"i{k:03d}" for k in range(300)]
-    g = audit.dup_graph(h, thumbs, 3, 0.97)
-    a, b, _, _, _ = audit.expand_pairs(g)
+    g = dedup.dup_graph(h, thumbs, 3, 0.97)
+    a, b, _, _, _ = dedup.expand_pairs(g)
     both = is_train[a] & is_train[b]
-    want = audit.connected_groups(names, a[both], b[both])
-    got = audit.connected_groups(names, *audit.train_group_edges(g, is_train))
+    want = dedup.connected_groups(names, a[both], b[both])
+    got = dedup.connected_groups(names, *dedup.train_group_edges(g, is_train))
     assert [w for w, t in zip(want, is_train, strict=True) if t] == [x for x, t in zip(got, is_train, strict=True) if t]
     assert len(set(got)) > 30  # the far variants stay apart
 
@@ -244,8 +244,8 @@ def test_look_alike_digits_do_not_chain_into_one_group() -> None:
     names = [f"{k:04d}" for k in range(len(digits))]
 
     def largest_group(min_similarity: float) -> int:
-        g = audit.dup_graph(hashes, thumbs.reshape(len(thumbs), -1), audit.NEAR_THRESHOLD, min_similarity)
-        groups = audit.connected_groups(names, *audit.train_group_edges(g, np.ones(len(names), bool)))
+        g = dedup.dup_graph(hashes, thumbs.reshape(len(thumbs), -1), audit.NEAR_THRESHOLD, min_similarity)
+        groups = dedup.connected_groups(names, *dedup.train_group_edges(g, np.ones(len(names), bool)))
         return max(groups.count(x) for x in set(groups))
 
     assert largest_group(-1.0) > 200
