@@ -8,9 +8,10 @@ Usage: ``kpipe train -c configs/exp/resnet50.yaml --comp demo train.lr=3e-4``
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from rich.console import Console
 from rich.markup import escape
@@ -259,6 +260,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print(f"[yellow]kpipe {args.command}: interrupted[/]")
         return 130
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" while writing {e.filename}" if e.filename else ""
+        err_console.print(f"[bold red]kpipe {args.command}:[/] the disk is full{escape(where)}. Free some space, or "
+                          "point paths.* / data.cache_dir at another disk, then run the command again.", highlight=False)
+        return 1
 
 
 if __name__ == "__main__":

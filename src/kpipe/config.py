@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kpipe.errors import KpipeError
 
@@ -98,16 +98,16 @@ class DataConfig(Section):
     batch_aug: bool = False  # flips + resized crop on whole uint8 batches (needs cache); see README
     cache: bool = False  # decode once: images resized to img_size, uint8, memory-mapped
     cache_dir: str = "cache"
-    batch_size: int = 32
-    num_workers: int = 2
+    batch_size: int = Field(32, ge=1)
+    num_workers: int = Field(2, ge=0)
     balanced_sampling: bool = False
 
 
 class TrainConfig(Section):
-    epochs: int = 10
+    epochs: int = Field(10, ge=1)
     folds: list[int] | None = None  # default: every fold in the folds file
     optimizer: Literal["sgd", "adam", "adamw", "nadam"] = "adamw"
-    lr: float = 1e-3
+    lr: float = Field(1e-3, gt=0)
     weight_decay: float = 1e-4
     momentum: float = 0.9
     scheduler: Literal["cosine", "step", "plateau", "none"] = "cosine"

@@ -155,6 +155,10 @@ def load_train(cfg: Config) -> Ingest:
     ing = _ingest_csv(cfg, train_dir) if comp.layout == "csv" else _ingest_folders(train_dir)
     ing.classes = sort_classes(set(ing.df["label"]) | set(_labels_of_excluded(ing)))
     ing = _drop_unusable_files(ing)
+    if ing.df.empty:
+        reasons = ing.excluded["reason"].value_counts().to_dict() if len(ing.excluded) else {}
+        raise KpipeError(f"{train_dir}: no usable training image ({len(ing.excluded)} rows left out: {reasons or 'none listed'}). "
+                         "Check competition.train_dir, train_csv and image_ext (e.g. '.jpg').")
     _check_empty_classes(ing)
     return ing
 
@@ -168,7 +172,7 @@ def _ingest_csv(cfg: Config, train_dir: Path) -> Ingest:
     csv_path = cfg.data_dir / comp.train_csv
     if not csv_path.is_file():
         raise KpipeError(f"{csv_path}: train CSV not found. Set competition.train_csv (or layout: folders).")
-    raw = read_csv_ids(csv_path)
+    raw = _read_table(csv_path, "train CSV")
     wanted = [comp.id_col, comp.label_col] + ([comp.group_col] if comp.group_col else [])
     missing = [c for c in wanted if c not in raw.columns]
     if missing:
@@ -206,6 +210,19 @@ def _ingest_csv(cfg: Config, train_dir: Path) -> Ingest:
         )
         excluded.append(df.loc[lost, ["id", "label"]].assign(reason="file not found"))
     return Ingest(df[~lost].reset_index(drop=True), problems, _concat(excluded))
+
+
+def _read_table(path: Path, what: str) -> pd.DataFrame:
+    """A competition CSV as text columns, or a KpipeError saying why it cannot be read."""
+    try:
+        return read_csv_ids(path)
+    except pd.errors.EmptyDataError:
+        raise KpipeError(f"{path}: the {what} is empty (not even a header row).") from None
+    except UnicodeDecodeError as e:
+        raise KpipeError(f"{path}: the {what} is not UTF-8 text ({e.reason} at byte {e.start}). "
+                         "Re-save it as UTF-8.") from None
+    except pd.errors.ParserError as e:
+        raise KpipeError(f"{path}: the {what} is not a well-formed CSV ({e}).") from None
 
 
 def _ingest_folders(train_dir: Path) -> Ingest:
@@ -275,7 +292,7 @@ def read_sample_submission(cfg: Config) -> pd.DataFrame:
     path = cfg.data_dir / cfg.competition.sample_submission
     if not path.is_file():
         raise KpipeError(f"{path}: sample submission not found. Set competition.sample_submission.")
-    df = read_csv_ids(path)
+    df = _read_table(path, "sample submission")
     if df.shape[1] < 2:
         raise KpipeError(f"{path}: expected an id column and at least one target column, got {list(df.columns)}.")
     return df
@@ -302,7 +319,7 @@ def load_test(cfg: Config) -> pd.DataFrame:
     by_name, by_stem = index_folder(test_dir)
     paths = [resolve_file(i, test_dir, by_name, by_stem, cfg.competition.image_ext) for i in ids]
     found = [p is not None for p in paths]
-    paths = [p if p is not None else str(test_dir / i) for p, i in zip(paths, ids)]
+    paths = [p if p is not None else str(test_dir / i) for p, i in zip(paths, ids, strict=True)]
     return pd.DataFrame({"id": ids.tolist(), "path": paths, "found": found})
 
 

@@ -35,7 +35,10 @@ _PNG_SIG = b"\x89PNG\r\n\x1a\n"
 class ImageReadError(KpipeError):
     """A file that cannot be turned into pixels; the message names the file and the reason."""
 
-    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+    def __init__(self, path: str | os.PathLike[str], reason: str | None = None) -> None:
+        if reason is None:  # torch's DataLoader rebuilds a worker's error from its traceback text alone
+            last = str(path).rstrip().splitlines()[-1]  # "kpipe.image.ImageReadError: <file>: cannot read image: <why>"
+            path, _, reason = last.split(": ", 1)[-1].partition(": cannot read image: ")
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{path}: cannot read image: {reason}")

@@ -11,7 +11,8 @@ Usage: ``ds = ImageDataset(paths, labels, tf); dl = make_loader(ds, EpochSampler
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,9 +52,10 @@ class ImageDataset(Dataset):
             return np.asarray(self.cache[i]), True
         try:
             return read_rgb(self.paths[i]), True
-        except ImageReadError:
+        except ImageReadError as e:
             if not self.tolerant:
-                raise
+                raise ImageReadError(e.path, f"{e.reason}; run `kpipe audit`, then `kpipe folds`, "
+                                             "to leave unreadable images out of training") from None
             return np.zeros((self.blank_size, self.blank_size, 3), np.uint8), False
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int, bool]:

@@ -76,7 +76,7 @@ def plot_per_class(report: pd.DataFrame, path: Path) -> None:
     n = len(report)
     fig, ax = plt.subplots(figsize=(max(6, n * 0.3), 4))
     x = np.arange(n)
-    for off, col in zip((-0.27, 0, 0.27), ("precision", "recall", "f1")):
+    for off, col in zip((-0.27, 0, 0.27), ("precision", "recall", "f1"), strict=True):
         ax.bar(x + off, report[col], width=0.27, label=col)
     ax.set_xticks(x)
     ax.set_xticklabels(report["class"], rotation=90, fontsize=7)

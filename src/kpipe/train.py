@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import os
 import random
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -23,13 +24,26 @@ import numpy as np
 import pandas as pd
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from kpipe import dist, models, reports, transforms
 from kpipe.config import Config, load_run_config
 from kpipe.data import load_classes, load_train
-from kpipe.engine import (FoldState, Interrupted, StopRequested, Throughput, amp_settings, build_optimizer,
-                          build_scheduler, load_checkpoint, predict, save_checkpoint, train_epoch, unwrap)
+from kpipe.engine import (
+    FoldState,
+    Interrupted,
+    StopRequested,
+    Throughput,
+    amp_settings,
+    build_optimizer,
+    build_scheduler,
+    load_checkpoint,
+    predict,
+    save_checkpoint,
+    train_epoch,
+    unwrap,
+)
 from kpipe.errors import KpipeError
 from kpipe.io import read_csv_ids, write_csv, write_json, write_text, write_yaml
 from kpipe.loader import EpochSampler, ImageDataset, balanced_weights, make_loader
@@ -123,7 +137,8 @@ def _run(cfg: Config, resume: bool, device: torch.device) -> dict[str, Any]:
             train_fold(cfg, k, df, classes, device, cache)
     except Interrupted:
         if dist.is_main():
-            console.print(f"[yellow]stopped: last.pt saved. Resume with:[/] kpipe train {_cmdline()} --resume")
+            console.print("[yellow]stopped: last.pt saved. Resume with:[/] " + escape(f"kpipe train {_cmdline()} --resume"),
+                          soft_wrap=True)
         raise SystemExit(130 if StopRequested.signum == 2 else 143) from None
     finally:
         stop_restore()
@@ -133,7 +148,7 @@ def _run(cfg: Config, resume: bool, device: torch.device) -> dict[str, Any]:
 
 
 def _cmdline() -> str:
-    return " ".join(a for a in sys.argv[2:] if a != "--resume")
+    return shlex.join(a for a in sys.argv[2:] if a != "--resume")
 
 
 def _cache(cfg: Config, df: pd.DataFrame, device: torch.device) -> np.ndarray | None:
@@ -167,6 +182,9 @@ def _model(cfg: Config, n_classes: int, device: torch.device) -> tuple[torch.nn.
 def train_fold(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device: torch.device,
                cache: np.ndarray | None) -> None:
     fdir = cfg.run_dir / f"fold{k}"
+    if dist.is_main():  # temporaries of a write that a SIGKILL cut short; the real files are intact
+        for stale in fdir.glob(".*.tmp"):
+            stale.unlink()
     last = fdir / "last.pt"
     ck = load_checkpoint(last) if last.is_file() else None
     if ck is not None and ck["finished"] and (fdir / "oof.csv").is_file():
@@ -239,7 +257,6 @@ def _criterion_and_mixup(cfg: Config, n_classes: int) -> tuple[torch.nn.Module, 
 def _fit(cfg: Config, k: int, st: FoldState, loader: Any, sampler: EpochSampler, val_loader: Any, y: np.ndarray,
          classes: list[str], device: torch.device, amp_dtype: Any, data_cfg: dict[str, Any]) -> None:
     t, metric = cfg.train, cfg.competition.metric
-    fdir = cfg.run_dir / f"fold{k}"
     criterion, mixup = _criterion_and_mixup(cfg, len(classes))
     model = unwrap(st.model)
     if cfg.model.freeze_until and cfg.model.unfreeze_epoch is not None and st.epoch >= cfg.model.unfreeze_epoch:
@@ -255,7 +272,7 @@ def _fit(cfg: Config, k: int, st: FoldState, loader: Any, sampler: EpochSampler,
             meter = Throughput()
             task = progress.add_task(f"fold {k} epoch {epoch + 1}/{t.epochs}", total=len(loader), loss=float("nan"))
 
-            def on_step(n: int, loss: float) -> None:
+            def on_step(n: int, loss: float, meter: Throughput = meter, task: Any = task) -> None:
                 meter.add(n * dist.world())
                 progress.update(task, advance=t.accum_steps, loss=loss)
 
