@@ -79,7 +79,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.gpus or args.fold_per_gpu:
         from kpipe import dist
 
-        return dist.launch(args, sys.argv[1:])
+        return dist.launch(args, args.argv)
     train.run(config_from(args), resume=args.resume)
     return 0
 
@@ -251,7 +251,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(argv)
+    args.argv = argv  # launchers (--gpus, --fold-per-gpu) re-run this same command line
     try:
         return int(args.fn(args) or 0)
     except KpipeError as e:

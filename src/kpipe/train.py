@@ -17,6 +17,7 @@ import random
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -400,24 +401,43 @@ def finish_run(cfg: Config, df: pd.DataFrame, classes: list[str]) -> dict[str, A
 
 
 def run_fold_per_gpu(args: argparse.Namespace, argv: list[str]) -> int:
-    """One process per visible GPU, one fold each (CUDA_VISIBLE_DEVICES), then the usual oof.csv."""
+    """One process per visible GPU, one fold each (CUDA_VISIBLE_DEVICES), then the usual oof.csv.
+
+    A GPU takes the next fold as soon as its last one ends; each fold logs to fold<k>/train.log.
+    A failed fold is reported with the command that re-runs it alone.
+    """
     from kpipe.cli import config_from
 
     cfg = config_from(args)
     df, classes = load_fold_table(cfg)
     fold_ids = cfg.train.folds if cfg.train.folds is not None else sorted(df["fold"].unique().tolist())
-    n_gpu = torch.cuda.device_count() or 1
+    base = [a for a in argv if a != "--resume"]  # "train", then the user's options and overrides
+    queue, free = list(fold_ids), list(range(max(torch.cuda.device_count(), 1)))
+    running: dict[int, tuple[int, subprocess.Popen, Any]] = {}
     failed: list[int] = []
-    for start in range(0, len(fold_ids), n_gpu):
-        procs = []
-        for gpu, k in enumerate(fold_ids[start:start + n_gpu]):
-            env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
-            cmd = [sys.executable, "-m", "kpipe", *[a for a in argv if a != "--resume"], "--resume", f"train.folds={k}"]
-            procs.append((k, subprocess.Popen(cmd, env=env)))
-        failed += [k for k, p in procs if p.wait() != 0]
+    while queue or running:
+        while queue and free:
+            gpu, k = free.pop(0), queue.pop(0)
+            log_path = cfg.run_dir / f"fold{k}" / "train.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 (closed when the fold ends)
+            cmd = [sys.executable, "-m", "kpipe", *base, "--resume", f"train.folds={k}"]
+            running[gpu] = (k, subprocess.Popen(cmd, env={**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)},
+                                                stdout=log, stderr=subprocess.STDOUT), log)
+            console.print(f"fold {k} started on GPU {gpu} (log: {log_path})")
+        for gpu, (k, proc, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[gpu]
+            free.append(gpu)
+            if proc.returncode:
+                failed.append(k)
+            console.print(f"fold {k} {'failed' if proc.returncode else 'finished'} (exit {proc.returncode})")
+        time.sleep(0.5)
     if failed:
-        console.print(f"[red]folds {failed} failed; re-run one alone with: kpipe train {' '.join(argv)} "
-                      f"--resume train.folds={failed[0]}")
+        console.print(f"[red]folds {sorted(failed)} failed; see fold<k>/train.log. Re-run one alone with:[/] "
+                      + escape(f"kpipe {shlex.join(base)} --resume train.folds={sorted(failed)[0]}"), soft_wrap=True)
         return 1
     finish_run(cfg, df, classes)
     return 0
