@@ -7,9 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kpipe import cli, folds
-
 from conftest import tiny_config, write_competition
+from kpipe import cli, folds
 
 COMMANDS = ["demo-data", "demo-report", "audit", "folds", "train", "relabel", "infer", "oof-tta", "ensemble",
             "validate-submission", "kaggle", "submit", "lb", "bench"]

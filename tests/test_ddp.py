@@ -18,9 +18,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from kpipe import folds, infer, train
-
 from conftest import TINY_EXP, tiny_config, write_competition
+from kpipe import folds, infer, train
 
 pytestmark = pytest.mark.slow
 

@@ -15,10 +15,11 @@ import math
 import random
 import signal
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,8 +28,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from kpipe.config import TrainConfig
-from kpipe.models import train_mode
 from kpipe.io import atomic_path
+from kpipe.models import train_mode
 
 
 class StopRequested:

@@ -21,8 +21,8 @@ from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from kpipe.config import Config
-from kpipe.data import Ingest, load_train, save_classes
-from kpipe.errors import KpipeError, Problem
+from kpipe.data import Ingest, load_classes, load_train, save_classes
+from kpipe.errors import KpipeError, Problem, preview
 from kpipe.io import read_csv_ids, write_csv
 
 console = Console()
@@ -93,6 +93,28 @@ def apply_label_changes(df: pd.DataFrame, changes: pd.DataFrame) -> tuple[pd.Dat
         "dropped": df[df["id"].isin(drop_ids)].groupby("label").size(),
     }).fillna(0).astype(int)
     return out.reset_index(drop=True), summary
+
+
+def load_fold_table(cfg: Config) -> tuple[pd.DataFrame, list[str]]:
+    """folds/<comp>.csv with each id's image path and class index (`y`), and the class list.
+
+    What train, oof-tta and relabel read: it fails clearly when the folds are missing or stale.
+    """
+    if not cfg.folds_csv.is_file():
+        raise KpipeError(f"{cfg.folds_csv}: no folds yet. Run `kpipe folds --comp {cfg.competition.name}` first.")
+    df = read_csv_ids(cfg.folds_csv)
+    classes = load_classes(cfg)
+    paths = load_train(cfg).df.set_index("id")["path"]
+    missing = df.loc[~df["id"].isin(paths.index), "id"].tolist()
+    if missing:
+        raise KpipeError(f"{cfg.folds_csv}: {len(missing)} ids have no usable train image now ({preview(missing)}). "
+                         "Re-run `kpipe folds` (and re-train).")
+    unknown = sorted(set(df["label"]) - set(classes))
+    if unknown:
+        raise KpipeError(f"{cfg.folds_csv}: labels {preview(unknown)} are not in the class list. Re-run `kpipe folds`.")
+    df = df.assign(path=df["id"].map(paths), fold=df["fold"].astype(int),
+                   y=df["label"].map({c: i for i, c in enumerate(classes)}).astype(int))
+    return df, classes
 
 
 # ------------------------------------------------------------------ stage

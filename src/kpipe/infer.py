@@ -34,7 +34,7 @@ from rich.table import Table
 from torch import nn
 from torch.utils.data import DataLoader
 
-from kpipe import data, dist, ensemble, metrics, models, submission, transforms, tta
+from kpipe import data, dist, ensemble, folds, metrics, models, submission, transforms, tta
 from kpipe.config import Config, load_run_config
 from kpipe.engine import amp_settings, autocast, load_checkpoint
 from kpipe.errors import KpipeError, preview
@@ -343,29 +343,12 @@ def _cv(cfg: Config, plan: Plan) -> float | None:
 # ------------------------------------------------------------------ kpipe oof-tta
 
 
-def fold_table(cfg: Config, classes: list[str]) -> pd.DataFrame:
-    """folds/<comp>.csv with each id's image path and class index."""
-    if not cfg.folds_csv.is_file():
-        raise KpipeError(f"{cfg.folds_csv}: no folds yet. Run `kpipe folds --comp {cfg.competition.name}` first.")
-    df = read_csv_ids(cfg.folds_csv)
-    paths = data.load_train(cfg).df.set_index("id")["path"]
-    missing = df.loc[~df["id"].isin(paths.index), "id"].tolist()
-    if missing:
-        raise KpipeError(f"{cfg.folds_csv}: {len(missing)} ids have no usable train image now ({preview(missing)}). "
-                         "Re-run `kpipe folds` (and re-train).")
-    unknown = sorted(set(df["label"]) - set(classes))
-    if unknown:
-        raise KpipeError(f"{cfg.folds_csv}: labels {preview(unknown)} are not in the class list. Re-run `kpipe folds`.")
-    return df.assign(path=df["id"].map(paths), fold=df["fold"].astype(int),
-                     y=df["label"].map({c: i for i, c in enumerate(classes)}).astype(int))
-
-
 def run_oof_tta(cfg: Config, runs: list[str] | None = None) -> dict[str, dict[str, float]]:
     """Each fold's best.pt on its own validation images, once per TTA view -> runs/<exp>/oof_tta/<view>.csv."""
     device = dist.setup(cfg.train.device)
     classes = data.load_classes(cfg)
     views = tta.parse_views(cfg.infer.tta)
-    table = fold_table(cfg, classes)
+    table, _ = folds.load_fold_table(cfg)
     results: dict[str, dict[str, float]] = {}
     for r in resolve_runs(cfg, runs):
         rm = load_run(r, classes, device)

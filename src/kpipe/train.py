@@ -28,9 +28,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from kpipe import dist, models, reports, transforms
+from kpipe import dist, folds, models, reports, transforms
 from kpipe.config import Config, load_run_config
-from kpipe.data import load_classes, load_train
 from kpipe.engine import (
     FoldState,
     Interrupted,
@@ -59,26 +58,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def load_fold_table(cfg: Config) -> tuple[pd.DataFrame, list[str]]:
-    """folds/<comp>.csv joined with each id's file, and the class list."""
-    if not cfg.folds_csv.is_file():
-        raise KpipeError(f"{cfg.folds_csv}: no folds yet. Run `kpipe folds --comp {cfg.competition.name}` first.")
-    df = read_csv_ids(cfg.folds_csv)
-    classes = load_classes(cfg)
-    paths = load_train(cfg).df.set_index("id")["path"]
-    missing = df.loc[~df["id"].isin(paths.index), "id"].tolist()
-    if missing:
-        raise KpipeError(f"{cfg.folds_csv}: {len(missing)} ids no longer have a usable image (e.g. {missing[:3]}). "
-                         "Re-run `kpipe folds`.")
-    unknown = sorted(set(df["label"]) - set(classes))
-    if unknown:
-        raise KpipeError(f"{cfg.folds_csv}: labels {unknown[:5]} are not in the class list. Re-run `kpipe folds`.")
-    df["path"] = df["id"].map(paths)
-    df["y"] = df["label"].map({c: i for i, c in enumerate(classes)}).astype(int)
-    df["fold"] = df["fold"].astype(int)
-    return df, classes
 
 
 def check_resumable(cfg: Config) -> None:
@@ -113,7 +92,7 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
 
 def _run(cfg: Config, resume: bool, device: torch.device) -> dict[str, Any]:
-    df, classes = load_fold_table(cfg)
+    df, classes = folds.load_fold_table(cfg)
     n_folds = int(df["fold"].max()) + 1
     fold_ids = cfg.train.folds if cfg.train.folds is not None else list(range(n_folds))
     bad = [k for k in fold_ids if k not in range(n_folds)]
@@ -409,7 +388,7 @@ def run_fold_per_gpu(args: argparse.Namespace, argv: list[str]) -> int:
     from kpipe.cli import config_from
 
     cfg = config_from(args)
-    df, classes = load_fold_table(cfg)
+    df, classes = folds.load_fold_table(cfg)
     fold_ids = cfg.train.folds if cfg.train.folds is not None else sorted(df["fold"].unique().tolist())
     base = [a for a in argv if a != "--resume"]  # "train", then the user's options and overrides
     queue, free = list(fold_ids), list(range(max(torch.cuda.device_count(), 1)))
