@@ -44,12 +44,13 @@ def test_rot90_is_counter_clockwise() -> None:
     assert tta.apply_view(X, "rot90")[0, 0, 0, 0] == X[0, 0, 0, 3]
 
 
-def test_scale_down_pads_with_zeros() -> None:
+def test_scale_down_pads_by_repeating_the_edge() -> None:
     x = torch.full((2, 3, 8, 8), 5.0)
+    x[..., 0, :] = -1.0  # a dark top row: the padding above must continue it, not draw a frame
     out = tta.apply_view(x, "scale0.5")
     assert out.shape == x.shape
-    assert torch.all(out[..., 2:6, 2:6] == 5.0)
-    assert out.sum() == 5.0 * 16 * 6
+    assert torch.all(out[..., 6:, :] == 5.0)
+    assert torch.all(out[..., 0, :] == out[..., 2, :])  # rows above the shrunk image repeat its top edge
 
 
 def test_scale_one_is_identity_and_keeps_non_square_shape() -> None:

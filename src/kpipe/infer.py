@@ -259,14 +259,16 @@ def run(cfg: Config, runs: list[str] | None = None) -> dict[str, Any]:
     write_predictions(out_dir, ids, classes, final, members, test.loc[bad, ["id", "found"]])
     sub_path = Path(cfg.paths.submissions_dir) / f"{name}.csv"
     write_submission(cfg, final, ids, classes, sub_path)
-    sidecar = {"runs": plan.runs, "cv": _cv(cfg, plan), "metric": cfg.competition.metric, "folds": folds,
+    cv_value, cv_source = _cv(cfg, plan)
+    sidecar = {"runs": plan.runs, "cv": cv_value, "cv_source": cv_source, "metric": cfg.competition.metric,
+               "folds": folds,
                "tta": list(dict.fromkeys(v for r in plan.runs for v in plan.views[r])), "agg": plan.how,
                "weights": None if plan.weights is None else
                [{"run": r, "view": v, "weight": w} for (r, v), w in plan.weights.items()],
                "ensemble_weights": cfg.infer.ensemble_weights, "n_test": len(ids), "n_unreadable": int(bad.sum()),
                "predictions": str(out_dir)}
     write_json(sub_path.with_suffix(".json"), sidecar)
-    cv = f"CV {sidecar['metric']} {sidecar['cv']:.4f}" if sidecar["cv"] is not None else "no CV"
+    cv = f"CV {sidecar['metric']} {cv_value:.4f}, {cv_source}" if cv_value is not None else "no CV"
     console.print(f"[bold green]wrote {sub_path}[/] ({len(ids)} rows, {cv}); probabilities in {out_dir}")
     return {**sidecar, "submission": str(sub_path), "unreadable": test.loc[bad, "id"].tolist()}
 
@@ -320,24 +322,31 @@ def write_submission(cfg: Config, probs: np.ndarray, ids: list[str], classes: li
     return sub
 
 
-def _cv(cfg: Config, plan: Plan) -> float | None:
-    """The ensemble's OOF CV; else the single run's cv.json; else the equal-weight blend of the runs' oof.csv."""
+def _cv(cfg: Config, plan: Plan) -> tuple[float | None, str]:
+    """(CV, what it measures) for the sidecar: never a TTA submission labelled with a no-TTA CV unawares.
+
+    The ensemble JSON's blend CV; else the runs' OOF under the same views and aggregation as the test
+    predictions when `kpipe oof-tta` wrote them all; else the plain OOF (views not scored).
+    """
     metric = cfg.competition.metric
     if plan.weights is not None:
-        return plan.cv
-    cv_json = Path(plan.runs[0]) / "cv.json"
-    if len(plan.runs) == 1 and cv_json.is_file():
-        saved = json.loads(cv_json.read_text(encoding="utf-8"))
-        if saved.get("metric") == metric:
-            return float(saved["cv"])
+        return plan.cv, "OOF of the fitted blend (weights chosen on that OOF)"
     try:
-        ref, oofs = ensemble.load_members(plan.runs, include_tta=False)
+        ref, members = ensemble.load_members(plan.runs, include_tta=True)
     except KpipeError as e:
         console.print(f"[yellow]no CV for the sidecar: {e}", soft_wrap=True)
-        return None
+        return None, "none"
     labels = np.array([ref.classes.index(label) for label in ref.labels])
-    blended = ensemble.blend([m.probs for m in oofs], np.ones(len(oofs)), plan.how)
-    return metrics.score(metric, labels, blended)
+    have = {(m.run, m.view): m.probs for m in members}
+    wanted = [[(r, v) for v in plan.views[r]] for r in plan.runs]
+    if all(k in have for keys in wanted for k in keys):
+        per_run = [tta.aggregate(np.stack([have[k] for k in keys]), plan.how) for keys in wanted]
+        source = "OOF with the same TTA views" if any(len(k) > 1 or k[0][1] != "identity" for k in wanted) else "OOF"
+    else:
+        per_run = [have[(r, "identity")] for r in plan.runs]
+        source = "OOF without TTA (run `kpipe oof-tta` to score the views)"
+    blended = ensemble.blend(per_run, np.ones(len(per_run)), plan.how)
+    return metrics.score(metric, labels, blended), source
 
 
 # ------------------------------------------------------------------ kpipe oof-tta

@@ -6,8 +6,8 @@ so all views stack into one (V*B, C, H, W) tensor, view-major (rows [v*B:(v+1)*B
 - ``identity``, ``hflip`` (left-right), ``vflip`` (top-bottom);
 - ``rot90``, ``rot180``, ``rot270``: counter-clockwise quarter turns (``torch.rot90``); square inputs only;
 - ``scale<F>`` (e.g. ``scale1.15``, ``scale0.9``): resize by F (bilinear; anti-aliased when shrinking),
-  then centre-crop (F > 1) or zero-pad (F < 1) back to H x W. Inputs are already normalised, so the
-  zero padding is the dataset's mean colour;
+  then centre-crop (F > 1) or pad (F < 1) back to H x W by repeating the edge pixels, so the border
+  continues the background (a constant fill draws a frame the model never saw in training);
 - ``fivecrop`` / ``fivecrop<F>`` (default F = 0.875): the four corner crops and the centre crop of
   side F*H x F*W, each resized back to H x W; it expands to five views named ``<name>_tl``, ``_tr``,
   ``_bl``, ``_br``, ``_c``, and each of those names may also be listed alone.
@@ -96,10 +96,16 @@ def _need_square(x: Tensor, view: str) -> None:
 
 
 def _fit_center(x: Tensor, h: int, w: int) -> Tensor:
-    """Centre-crop or zero-pad the last two dims of x to h x w."""
+    """Centre-crop or edge-pad the last two dims of x to h x w."""
     dh, dw = x.shape[-2] - h, x.shape[-1] - w
-    # F.pad with negative amounts crops; positive amounts pad with zeros.
-    return F.pad(x, (-(dw // 2), -(dw - dw // 2), -(dh // 2), -(dh - dh // 2)))
+    if dh > 0 or dw > 0:  # crop (a view never grows one side and shrinks the other)
+        top, left = max(dh, 0) // 2, max(dw, 0) // 2
+        x = x[..., top : top + min(h, x.shape[-2]), left : left + min(w, x.shape[-1])]
+        dh, dw = x.shape[-2] - h, x.shape[-1] - w
+    if dh < 0 or dw < 0:
+        ph, pw = -dh, -dw
+        x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), mode="replicate")
+    return x
 
 
 def _scale(x: Tensor, factor: float) -> Tensor:
