@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import tiny_config, write_competition
-from kpipe import data, ensemble, folds, infer, models, submission
+from kpipe import data, ensemble, folds, infer, metrics, models, submission
 from kpipe.config import Config
 from kpipe.errors import KpipeError
 from kpipe.io import read_csv_ids, write_json, write_yaml
@@ -139,8 +139,13 @@ def test_oof_tta_writes_one_file_per_view(tmp_path: Path) -> None:
         assert list(df.columns) == oof_cols
         assert sorted(df["id"]) == train_ids and df["id"].is_unique
     # The files are members `kpipe ensemble` can use.
-    _, members = ensemble.load_members([str(run)], include_tta=True)
+    ref, members = ensemble.load_members([str(run)], include_tta=True)
     assert {m.view for m in members} == {"identity", "hflip"}
+    # Now that both views are scored, a TTA submission's sidecar carries their OOF CV, and says so.
+    side = infer.run(cfg)
+    labels = np.array([ref.classes.index(x) for x in ref.labels])
+    expected = metrics.score(cfg.competition.metric, labels, np.mean([m.probs for m in members], axis=0))
+    assert side["cv"] == pytest.approx(expected) and side["cv_source"] == "OOF with the same TTA views"
 
 
 def test_ensemble_weights_are_honoured(tmp_path: Path) -> None:

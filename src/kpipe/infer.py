@@ -343,8 +343,13 @@ def _cv(cfg: Config, plan: Plan) -> tuple[float | None, str]:
         per_run = [tta.aggregate(np.stack([have[k] for k in keys]), plan.how) for keys in wanted]
         source = "OOF with the same TTA views" if any(len(k) > 1 or k[0][1] != "identity" for k in wanted) else "OOF"
     else:
-        per_run = [have[(r, "identity")] for r in plan.runs]
         source = "OOF without TTA (run `kpipe oof-tta` to score the views)"
+        cv_json = Path(plan.runs[0]) / "cv.json"
+        if len(plan.runs) == 1 and cv_json.is_file():  # the run's own figure, as `kpipe train` printed it
+            saved = json.loads(cv_json.read_text(encoding="utf-8"))
+            if saved.get("metric") == metric:
+                return float(saved["cv"]), source
+        per_run = [have[(r, "identity")] for r in plan.runs]
     blended = ensemble.blend(per_run, np.ones(len(per_run)), plan.how)
     return metrics.score(metric, labels, blended), source
 
