@@ -108,3 +108,12 @@ def test_schedules_optimisers_and_extras_run(tmp_path: Path) -> None:
     train.run(cfg)
     m = pd.read_csv(cfg.run_dir / "fold0" / "metrics.csv")
     assert len(m) == 2
+
+
+def test_batch_augmentation_trains_from_the_cache(tmp_path: Path) -> None:
+    cfg = _setup(tmp_path, ["train.folds=0", "train.epochs=1", "data.cache=true", "data.batch_aug=true",
+                            "data.aug=medium"])
+    assert train.run(cfg)["n_oof"] == 9
+    with pytest.raises(KpipeError, match="batch_aug=true needs data.cache=true"):
+        train.run(cfg.model_copy(update={"name": "nocache",
+                                         "data": cfg.data.model_copy(update={"cache": False})}))

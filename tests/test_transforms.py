@@ -111,3 +111,15 @@ def test_batch_ops_on_cuda() -> None:
     assert y.is_cuda and y.shape == (4, 3, 24, 24)
     same = T.batch_augment(x, scale=(1, 1), ratio=(1, 1), hflip=1.0)
     assert torch.equal(same.cpu(), x.permute(0, 3, 1, 2).flip(-1).cpu())
+
+
+def test_batch_augment_class_gives_normalised_float_batches() -> None:
+    x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    out = T.BatchAugment("medium", 16, MEAN, STD, hflip=True)(x)
+    assert out.dtype == torch.float32 and out.shape == (4, 3, 16, 16)
+    lo = min((0 - m) / s for m, s in zip(MEAN, STD, strict=True))
+    hi = max((1 - m) / s for m, s in zip(MEAN, STD, strict=True))
+    assert out.min() >= lo - 1e-5 and out.max() <= hi + 1e-5
+    # "none": no crop, no flip, exactly the normalised input
+    plain = T.BatchAugment("none", 16, MEAN, STD)(x)
+    assert torch.allclose(plain, T.normalize_batch(x, MEAN, STD))

@@ -173,6 +173,7 @@ def train_epoch(
     criterion: nn.Module,
     mixup: Callable[..., Any] | None,
     on_step: Callable[[int, float], None],
+    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[float, int]:
     """One pass over `loader` (which already skips what a resumed epoch did). Returns (mean loss, images)."""
     train_mode(st.model)  # frozen BatchNorm layers keep their running statistics
@@ -182,6 +183,8 @@ def train_epoch(
     for x, y, _, _ in loader:
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
+        if prepare is not None:  # batch augmentation + normalisation of uint8 batches, on the device
+            x = prepare(x)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         target = y

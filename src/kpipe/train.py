@@ -181,7 +181,14 @@ def train_fold(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device
         console.print(f"[bold]fold {k}[/]: {len(train_rows)} train / {len(val_rows)} val images, {cfg.model.name} "
                       f"at {data_cfg['img_size']} px, {total:,} parameters ({trainable:,} trainable), device {device}")
     size, mean, std = data_cfg["img_size"], data_cfg["mean"], data_cfg["std"]
-    tf_train = transforms.build_train(cfg.data.aug, size, mean, std, hflip=cfg.data.hflip)
+    prepare = None
+    if cfg.data.batch_aug:
+        if cache is None:
+            raise KpipeError("data.batch_aug=true needs data.cache=true: it augments whole batches of cached images.")
+        tf_train = transforms.build_uint8()
+        prepare = transforms.BatchAugment(cfg.data.aug, size, mean, std, hflip=cfg.data.hflip)
+    else:
+        tf_train = transforms.build_train(cfg.data.aug, size, mean, std, hflip=cfg.data.hflip)
     tf_train.set_random_seed(t.seed + k)
     tf_eval = transforms.build_eval(size, mean, std)
     y = df["y"].to_numpy()
@@ -210,7 +217,7 @@ def train_fold(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device
         st.load_state_dict(ck)
         if dist.is_main():
             console.print(f"fold {k}: resumed at epoch {st.epoch + 1}, step {st.step_in_epoch}")
-    _fit(cfg, k, st, loader, sampler, val_loader, y, classes, device, amp_dtype, data_cfg)
+    _fit(cfg, k, st, loader, sampler, val_loader, y, classes, device, amp_dtype, data_cfg, prepare)
     _write_fold_oof(cfg, k, df, classes, device, amp_dtype, data_cfg, val_loader)
 
 
@@ -235,7 +242,8 @@ def _criterion_and_mixup(cfg: Config, n_classes: int) -> tuple[torch.nn.Module, 
 
 
 def _fit(cfg: Config, k: int, st: FoldState, loader: Any, sampler: EpochSampler, val_loader: Any, y: np.ndarray,
-         classes: list[str], device: torch.device, amp_dtype: Any, data_cfg: dict[str, Any]) -> None:
+         classes: list[str], device: torch.device, amp_dtype: Any, data_cfg: dict[str, Any],
+         prepare: Any = None) -> None:
     t, metric = cfg.train, cfg.competition.metric
     criterion, mixup = _criterion_and_mixup(cfg, len(classes))
     model = unwrap(st.model)
@@ -257,7 +265,7 @@ def _fit(cfg: Config, k: int, st: FoldState, loader: Any, sampler: EpochSampler,
                 progress.update(task, advance=t.accum_steps, loss=loss)
 
             try:
-                train_loss, _ = train_epoch(st, loader, device, t, amp_dtype, criterion, mixup, on_step)
+                train_loss, _ = train_epoch(st, loader, device, t, amp_dtype, criterion, mixup, on_step, prepare)
             except Interrupted:
                 _save_last(cfg, k, st, classes, data_cfg)
                 raise

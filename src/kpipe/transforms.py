@@ -33,6 +33,9 @@ from kpipe.errors import KpipeError
 PRESETS = ("none", "light", "medium", "heavy")
 
 
+MIN_SCALE = {"light": 0.7, "medium": 0.5, "heavy": 0.3}  # smallest crop share of the image per preset
+
+
 def build_train(
     preset: str, img_size: int, mean: Sequence[float], std: Sequence[float], hflip: bool = True
 ) -> A.Compose:
@@ -46,7 +49,7 @@ def build_train(
         return build_eval(img_size, mean, std)
     size = (img_size, img_size)
     # area_for_downscale: antialiased (INTER_AREA) when the crop shrinks, bilinear when it grows.
-    min_scale = {"light": 0.7, "medium": 0.5, "heavy": 0.3}[preset]
+    min_scale = MIN_SCALE[preset]
     ops: list[Any] = [
         A.RandomResizedCrop(size=size, scale=(min_scale, 1.0), area_for_downscale="image"),
         A.HorizontalFlip(p=0.5 if hflip else 0.0),
@@ -151,6 +154,34 @@ def batch_augment(
     if x.dtype == torch.uint8:
         return y.round_().clamp_(0, 255).to(torch.uint8)
     return y.to(x.dtype)
+
+
+class BatchAugment:
+    """data.batch_aug: the dataset ships uint8 CHW tensors (`build_uint8()`), and this runs on whole
+    batches on the consumer's device: the preset's random resized crop and flips, then normalisation.
+
+    Colour jitter, rotation and the other per-image ops of the presets are not applied in this mode;
+    it is for when the loader, not the model, is the bottleneck (see README, Speed).
+    """
+
+    def __init__(self, preset: str, img_size: int, mean: Sequence[float], std: Sequence[float],
+                 hflip: bool = True) -> None:
+        if preset not in PRESETS:
+            raise KpipeError(f"data.aug='{preset}' is not one of {', '.join(PRESETS)}.")
+        self.crop = preset != "none"
+        self.scale = (MIN_SCALE.get(preset, 1.0), 1.0)
+        self.hflip = 0.5 if hflip and preset != "none" else 0.0
+        self.size, self.mean, self.std = img_size, tuple(mean), tuple(std)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.crop or self.hflip:
+            x = batch_augment(x, self.size, scale=self.scale, hflip=self.hflip)
+        return normalize_batch(x, self.mean, self.std)
+
+
+def build_uint8() -> A.Compose:
+    """Per-image pipeline for batch augmentation: HWC uint8 -> CHW uint8 tensor, nothing else."""
+    return A.Compose([ToTensorV2()])
 
 
 def normalize_batch(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
