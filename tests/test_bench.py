@@ -1,0 +1,139 @@
+"""`kpipe bench`: correctness of what it measures (never its speed).
+
+The cache's content against a fresh decode is tests/test_cache.py's; here: the synthetic photos,
+the image set's reuse, the batch-augmentation path's shapes and ranges, the code of the GPU
+section (run on CPU), the target check, and one --quick run end to end.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import default_collate
+
+from kpipe import bench, cache
+from kpipe.errors import KpipeError
+from kpipe.loader import EpochSampler, ImageDataset, make_loader
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _plan(n: int = 32) -> bench.Plan:
+    return replace(bench.make_plan(64, 1, True), n_images=n, photo_hw=(48, 64), img_size=24, batch=8)
+
+
+def test_photo_is_deterministic_and_codes_like_a_photo() -> None:
+    a = bench.photo(np.random.default_rng([0, 1]), 120, 160)
+    assert a.shape == (120, 160, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, bench.photo(np.random.default_rng([0, 1]), 120, 160))
+    ok, buf = cv2.imencode(".jpg", a, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    # Texture and grain: far more bytes per pixel than a flat drawing (~0.05), like a q90 photo.
+    assert ok and len(buf) / (120 * 160) > 0.25
+    assert a.std() > 20
+
+
+def test_image_set_is_written_once_in_class_folders(tmp_path: Path) -> None:
+    plan = _plan()
+    root, paths, labels = bench.image_set(tmp_path, plan)
+    assert len(paths) == plan.n_images and all(Path(p).is_file() for p in paths)
+    assert sorted(d.name for d in root.iterdir() if d.is_dir()) == [f"c{i}" for i in range(bench.N_CLASSES)]
+    assert [Path(p).parent.name for p in paths] == [f"c{y}" for y in labels]
+    before = {p: Path(p).stat().st_mtime_ns for p in paths}
+    assert bench.image_set(tmp_path, plan)[1] == paths
+    assert {p: Path(p).stat().st_mtime_ns for p in paths} == before  # reused, not rewritten
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_cached_uint8_batches_are_the_cache_rows(tmp_path: Path) -> None:
+    plan = _plan(16)
+    _, paths, labels = bench.image_set(tmp_path, plan)
+    arr = cache.build_cache(paths, plan.img_size, tmp_path / "c.npy")
+    ds = ImageDataset(paths, labels, bench.uint8_tensor, arr)
+    x, y, idx, _ = next(iter(make_loader(ds, EpochSampler(np.arange(16), 0), 8, 0)))
+    assert x.dtype == torch.uint8 and x.shape == (8, plan.img_size, plan.img_size, 3)
+    np.testing.assert_array_equal(x.numpy(), arr[idx.numpy()])
+    assert y.tolist() == labels[idx.numpy()].tolist()
+
+
+def test_cached_batches_follow_the_sampler(tmp_path: Path) -> None:
+    arr = np.random.default_rng(0).integers(0, 256, (10, 4, 4, 3), dtype=np.uint8)
+    labels = np.arange(10) % 3
+    sampler = EpochSampler(np.arange(10), 7)
+    sampler.set_epoch(2)
+    batches = list(bench.CachedBatches(arr, labels, sampler, 4))
+    assert [len(b[0]) for b in batches] == [4, 4, 2] and len(bench.CachedBatches(arr, labels, sampler, 4)) == 3
+    idx = torch.cat([b[2] for b in batches]).numpy()
+    assert idx.tolist() == sampler.order()
+    np.testing.assert_array_equal(torch.cat([b[0] for b in batches]).numpy(), arr[idx])
+    assert torch.cat([b[1] for b in batches]).tolist() == labels[idx].tolist()
+    assert all(b[0].dtype == torch.uint8 and bool(b[3].all()) for b in batches)
+
+
+def test_consumer_batch_aug_shapes_and_range() -> None:
+    x = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8)
+    x[0] = 0
+    x[1] = 255
+    out = bench.consumer_batch_aug(24, MEAN, STD)(x)
+    assert out.shape == (6, 3, 24, 24) and out.dtype == torch.float32
+    m, s = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+    lo, hi = -m / s, (1 - m) / s
+    assert bool((out >= lo - 1e-5).all() and (out <= hi + 1e-5).all())
+    torch.testing.assert_close(out[0], lo.expand(3, 24, 24))  # a black image stays black
+    torch.testing.assert_close(out[1], hi.expand(3, 24, 24))
+
+
+def test_tutorial_transform_gives_normalised_tensors(tmp_path: Path) -> None:
+    from PIL import Image
+
+    _, paths, _ = bench.image_set(tmp_path, _plan())
+    tf = bench.tutorial_transform(24, MEAN, STD)
+    batch = default_collate([tf(Image.open(p).convert("RGB")) for p in paths[:4]])
+    assert batch.shape == (4, 3, 24, 24) and batch.dtype == torch.float32
+    assert -3 < float(batch.min()) < 0 < float(batch.max()) < 3
+
+
+def test_gpu_section_code_runs_on_cpu() -> None:
+    plan = replace(_plan(), gpu_model="test_resnet", gpu_size=32, gpu_batch=4, gpu_steps=2, gpu_compile=False)
+    out = bench.gpu_section(plan, torch.device("cpu"))
+    assert {"kpipe", "bare", "kpipe_fp32"} <= out["training"].keys()
+    assert set(out["training"]["ratios"]) == {"amp_bf16_channels_last_vs_fp32", "kpipe_vs_bare"}
+    assert {"fp32", "fp32_hflip"} <= out["inference"].keys()
+    assert all(v["median"] > 0 for k, v in out["training"].items() if k != "ratios")
+
+
+def test_make_plan_and_targets() -> None:
+    with pytest.raises(KpipeError, match="--repeats"):
+        bench.make_plan(1000, 0, False)
+    with pytest.raises(KpipeError, match="--images"):
+        bench.make_plan(10, 3, False)
+    res = {"data": {"ratios": {"kpipe_files": 2.0, "kpipe_cache": 2.0, "kpipe_cache_batch_aug": 5.0}},
+           "inference": {"ratios": {"hflip_cost": 2.1}}, "training": {"ratios": {"kpipe_vs_bare": 0.99}}}
+    met = {t["key"]: t["met"] for t in bench.check_targets(res)}
+    assert met == {"data.ratios.kpipe_files": True, "data.ratios.kpipe_cache": False,
+                   "data.ratios.kpipe_cache_batch_aug": True, "inference.ratios.hflip_cost": False,
+                   "training.ratios.kpipe_vs_bare": True}
+
+
+def test_quick_bench_end_to_end(tmp_path: Path) -> None:
+    res = bench.run(tmp_path, n_images=64, repeats=1, quick=True)
+    saved = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    assert {"command", "machine", "plan", "data", "inference", "training", "gpu", "targets", "seconds"} <= saved.keys()
+    assert {"cpu", "cores", "torch", "timm", "albumentations", "cv2"} <= saved["machine"].keys()
+    cases = {"tutorial", "kpipe_files", "kpipe_cache", "kpipe_cache_batch_aug", "kpipe_cache_batch_aug_workers",
+             "ceiling_decode", "ceiling_cache_to_float"}
+    assert cases <= saved["data"].keys() and set(saved["data"]["ratios"]) == cases - {"tutorial"}
+    assert all(saved["data"][c]["median"] > 0 and len(saved["data"][c]["runs"]) == 1 for c in cases)
+    assert {"fp32", "fp32_hflip"} <= saved["inference"].keys() and "hflip_cost" in saved["inference"]["ratios"]
+    assert "kpipe_vs_bare" in saved["training"]["ratios"]
+    assert len(saved["targets"]) == len(bench.TARGETS) and all(isinstance(t["met"], bool) for t in saved["targets"])
+    if not torch.cuda.is_available():
+        assert "skipped" in saved["gpu"]
+    md = (tmp_path / "results.md").read_text(encoding="utf-8")
+    assert "kpipe bench --out" in md and "## Targets" in md
+    assert res["targets"] == saved["targets"]
