@@ -49,7 +49,8 @@ class ImageDataset(Dataset):
 
     def _image(self, i: int) -> tuple[np.ndarray, bool]:
         if self.cache is not None:
-            return np.asarray(self.cache[i]), True
+            # A copy: the memmap is read-only, and a tensor over it (batch_aug ships it as is) must not be.
+            return np.array(self.cache[i]), True
         try:
             return read_rgb(self.paths[i]), True
         except ImageReadError as e:
