@@ -10,7 +10,6 @@ Usage: ``ds = ImageDataset(paths, labels, tf); dl = make_loader(ds, EpochSampler
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kpipe.image import ImageReadError, read_rgb
+from kpipe.transforms import seed_worker
 
 
 class ImageDataset(Dataset):
@@ -120,17 +120,6 @@ def balanced_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
     return 1.0 / counts[labels]
 
 
-def _seed_worker(worker_id: int) -> None:
-    # Each worker gets a distinct, reproducible seed derived from the loader's generator.
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-    info = torch.utils.data.get_worker_info()
-    transform = getattr(info.dataset, "transform", None) if info else None
-    if hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(seed)
-
-
 def make_loader(
     dataset: Dataset,
     sampler: Sampler[int],
@@ -149,6 +138,6 @@ def make_loader(
         drop_last=drop_last,
         # Workers stay alive across epochs: restarting them re-imports torch and re-opens the cache.
         persistent_workers=num_workers > 0,
-        worker_init_fn=_seed_worker,
+        worker_init_fn=seed_worker,  # each worker its own, reproducible augmentation stream
         generator=torch.Generator().manual_seed(seed),
     )

@@ -18,6 +18,7 @@ Usage: ``tf = build_train("medium", 224, mean, std); x = tf(image=rgb)["image"]`
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -93,6 +94,7 @@ def seed_worker(worker_id: int) -> None:
         return
     seed = info.seed % 2**32
     np.random.seed(seed)
+    random.seed(seed)
     dataset = info.dataset
     while dataset is not None:
         transform = getattr(dataset, "transform", None)
