@@ -1,7 +1,7 @@
 """`kpipe bench`: correctness of what it measures (never its speed).
 
 The cache's content against a fresh decode is tests/test_cache.py's; here: the synthetic photos,
-the image set's reuse, the in-process cached batches, the batch-augmentation step's shapes and
+the image set's reuse, the batch-augmentation step's shapes and
 ranges, the tutorial pipeline, the code of the GPU section (run on CPU), the target check, and one
 --quick run end to end.
 """
@@ -20,7 +20,6 @@ from torch.utils.data import default_collate
 
 from kpipe import bench
 from kpipe.errors import KpipeError
-from kpipe.loader import EpochSampler
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -51,22 +50,8 @@ def test_image_set_is_written_once_in_class_folders(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*.partial"))
 
 
-def test_cached_batches_follow_the_sampler(tmp_path: Path) -> None:
-    arr = np.random.default_rng(0).integers(0, 256, (10, 4, 4, 3), dtype=np.uint8)
-    labels = np.arange(10) % 3
-    sampler = EpochSampler(np.arange(10), 7)
-    sampler.set_epoch(2)
-    batches = list(bench.CachedBatches(arr, labels, sampler, 4))
-    assert [len(b[0]) for b in batches] == [4, 4, 2] and len(bench.CachedBatches(arr, labels, sampler, 4)) == 3
-    idx = torch.cat([b[2] for b in batches]).numpy()
-    assert idx.tolist() == sampler.order()
-    np.testing.assert_array_equal(torch.cat([b[0] for b in batches]).numpy(), arr[idx])
-    assert torch.cat([b[1] for b in batches]).tolist() == labels[idx].tolist()
-    assert all(b[0].dtype == torch.uint8 and bool(b[3].all()) for b in batches)
-
-
 def test_consumer_batch_aug_shapes_and_range() -> None:
-    x = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8)  # NHWC, as CachedBatches yields
+    x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)  # NCHW, as loader.CachedBatches yields
     x[0] = 0
     x[1] = 255
     out = bench.consumer_batch_aug(24, MEAN, STD)(x)
@@ -115,7 +100,7 @@ def test_quick_bench_end_to_end(tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
     assert {"command", "machine", "plan", "data", "inference", "training", "gpu", "targets", "seconds"} <= saved.keys()
     assert {"cpu", "cores", "torch", "timm", "albumentations", "cv2"} <= saved["machine"].keys()
-    cases = {"tutorial", "kpipe_files", "kpipe_cache", "kpipe_cache_batch_aug", "cache_batch_aug_in_process",
+    cases = {"tutorial", "kpipe_files", "kpipe_cache", "kpipe_cache_batch_aug",
              "ceiling_decode", "ceiling_cache_to_float"}
     assert cases <= saved["data"].keys() and set(saved["data"]["ratios"]) == cases - {"tutorial"}
     assert all(saved["data"][c]["median"] > 0 and len(saved["data"][c]["runs"]) == 1 for c in cases)

@@ -19,36 +19,29 @@ def _img(h: int = 50, w: int = 70, seed: int = 0) -> np.ndarray:
 
 
 @pytest.mark.parametrize("preset", T.PRESETS)
-def test_presets_shape_and_range(preset: str) -> None:
-    tf = T.build_train(preset, 32, MEAN, STD)
+def test_presets_ship_uint8_chw(preset: str) -> None:
+    tf = T.build_train(preset, 32)
     for seed in range(5):
         x = tf(image=_img(seed=seed))["image"]
-        assert x.shape == (3, 32, 32) and x.dtype == torch.float32
-        lo = min((0 - m) / s for m, s in zip(MEAN, STD, strict=True))
-        hi = max((1 - m) / s for m, s in zip(MEAN, STD, strict=True))
-        assert lo - 1e-4 <= x.min() and x.max() <= hi + 1e-4
+        assert x.shape == (3, 32, 32) and x.dtype == torch.uint8
 
 
 def test_eval_matches_cache_resize() -> None:
     img = _img()
     for size in (32, 100):  # down and up
-        x = T.build_eval(size, (0, 0, 0), (1 / 255,) * 3)(image=img)["image"]  # identity normalise
-        np.testing.assert_array_equal(
-            x.permute(1, 2, 0).round().numpy().astype(np.uint8), resize_square(img, size)
-        )
-    x = T.build_eval(32, MEAN, STD)(image=img)["image"]
-    ref = (resize_square(img, 32) / 255.0 - np.array(MEAN)) / np.array(STD)
-    np.testing.assert_allclose(x.permute(1, 2, 0).numpy(), ref, atol=1e-5)
+        x = T.build_eval(size)(image=img)["image"]
+        assert x.dtype == torch.uint8
+        np.testing.assert_array_equal(x.permute(1, 2, 0).numpy(), resize_square(img, size))
 
 
 def test_unknown_preset() -> None:
     with pytest.raises(KpipeError, match="light"):
-        T.build_train("extreme", 32, MEAN, STD)
+        T.build_train("extreme", 32)
 
 
 class _Aug(Dataset):
     def __init__(self) -> None:
-        self.transform = T.build_train("heavy", 16, MEAN, STD)
+        self.transform = T.build_train("heavy", 16)
 
     def __len__(self) -> int:
         return 8
@@ -93,14 +86,37 @@ def test_batch_augment_random_crops() -> None:
 
 def test_normalize_batch() -> None:
     x = torch.from_numpy(np.stack([_img(8, 8, s) for s in range(2)]))
-    y = T.normalize_batch(x, MEAN, STD)
-    assert y.shape == (2, 3, 8, 8) and y.dtype == torch.float32
     ref = (x.permute(0, 3, 1, 2).double() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(
         STD
     ).view(1, 3, 1, 1)
-    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=0)
+    for batch in (x, x.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2).contiguous()):  # NHWC, its NCHW view, NCHW
+        y = T.normalize_batch(batch, MEAN, STD)
+        assert y.shape == (2, 3, 8, 8) and y.dtype == torch.float32 and y.is_contiguous()
+        torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=0)
+    f = x.float()
+    T.Normalize(MEAN, STD)(f)
+    assert torch.equal(f, x.float())  # a float input is copied, never normalised in place
     with pytest.raises(ValueError, match="4-D"):
         T.normalize_batch(x[0], MEAN, STD)
+    with pytest.raises(KpipeError, match="std"):
+        T.Normalize(MEAN, (0.2, 0.0, 0.2))
+
+
+def test_crop_grid_matches_affine_grid() -> None:
+    # Reference: the same draws through F.affine_grid with theta [[sx, 0, tx], [0, sy, ty]].
+    b, h, w, out, scale, ratio = 6, 40, 30, 24, (0.2, 1.0), (0.75, 1.33)
+    grid = T._crop_flip_grid(b, h, w, out, scale, ratio, 0.5, 0.5, torch.Generator().manual_seed(3))
+    u = torch.rand(b, 6, generator=torch.Generator().manual_seed(3))
+    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
+    r = torch.exp(np.log(ratio[0]) + (np.log(ratio[1]) - np.log(ratio[0])) * u[:, 1])
+    fw, fh = torch.sqrt(area * r * h / w).clamp(max=1.0), torch.sqrt(area / r * w / h).clamp(max=1.0)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = torch.where(u[:, 4] < 0.5, -fw, fw)
+    theta[:, 1, 1] = torch.where(u[:, 5] < 0.5, -fh, fh)
+    theta[:, 0, 2], theta[:, 1, 2] = (1 - fw) * (2 * u[:, 2] - 1), (1 - fh) * (2 * u[:, 3] - 1)
+    ref = torch.nn.functional.affine_grid(theta, [b, 3, out, out], align_corners=False)
+    torch.testing.assert_close(grid, ref, atol=1e-5, rtol=0)
+    assert grid.abs().max() <= 1 + 1e-6  # crops stay inside the image
 
 
 @pytest.mark.gpu

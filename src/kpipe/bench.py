@@ -7,9 +7,9 @@ every case, in a rotated order) so a slow minute on a shared machine hits all ca
 
 - data: ready training batches per second (batch 32, 224 px, 2 workers) for the tutorial loader
   (ImageFolder + PIL + torchvision transforms), kpipe's loader from files and from its cache, and
-  kpipe's data.batch_aug path (batch augmentation on the consumer side; also with the batches read
-  in-process instead of through DataLoader workers); plus the ceilings (decoding alone; cache to normalised float batches without
-  augmentation) and a one-core breakdown of where the time goes;
+  kpipe's data.batch_aug path (cached batches, augmented whole on the consumer side); plus the
+  ceilings (decoding alone; cache to normalised float batches without augmentation) and a one-core
+  breakdown of where the time goes;
 - inference: tta.predict_batched images/s without TTA and with hflip, fp32 / bf16 / channels_last;
 - training: engine.train_epoch against a bare hand-written loop over the same in-memory batches;
 - GPU (CUDA only): resnet50 training fp32 vs bf16 + channels_last, kpipe vs bare, inference eager
@@ -28,7 +28,7 @@ import platform
 import shutil
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,7 +49,7 @@ from kpipe.config import DataConfig, TrainConfig
 from kpipe.errors import KpipeError
 from kpipe.image import read_rgb
 from kpipe.io import write_json, write_text
-from kpipe.loader import EpochSampler, ImageDataset, make_loader
+from kpipe.loader import CachedBatches, EpochSampler, ImageDataset, make_loader
 
 console = Console()
 IMAGES_VERSION = 1  # bump when the generator changes, so old image sets are rebuilt
@@ -235,11 +235,12 @@ Prep = Callable[[torch.Tensor], torch.Tensor]
 
 
 def ready(mean: tuple[float, ...], std: tuple[float, ...]) -> Prep:
-    """A batch is ready for the model as normalised float: a loader that ships uint8 is normalised
-    on the consumer (the training loop's side, the GPU when there is one), and that counts."""
+    """A batch is ready for the model as normalised float: kpipe's loaders ship uint8 and the consumer
+    (the training loop's side, the GPU when there is one) normalises, and that time counts."""
+    normalize = transforms.Normalize(mean, std)
 
     def apply(x: torch.Tensor) -> torch.Tensor:
-        return transforms.normalize_batch(x, mean, std) if x.dtype == torch.uint8 else x
+        return normalize(x) if x.dtype == torch.uint8 else x
 
     return apply
 
@@ -248,26 +249,6 @@ def consumer_batch_aug(size: int, mean: tuple[float, ...], std: tuple[float, ...
     """kpipe's data.batch_aug consumer step (train.py): the 'medium' preset's resized crop + flips on the
     whole uint8 batch, then normalisation (transforms.BatchAugment)."""
     return transforms.BatchAugment("medium", size, mean, std)
-
-
-class CachedBatches:
-    """Whole uint8 batches straight from the cache, read in the training process: one memmap copy per
-    batch, in the sampler's order. Cached rows leave no per-image work for DataLoader workers to
-    spread, so workers would only add their transfer (shared memory, pickling, page faults) per batch.
-    Yields what kpipe's loaders yield: (x uint8 NHWC, y, dataset index, ok)."""
-
-    def __init__(self, arr: np.ndarray, labels: np.ndarray, sampler: EpochSampler, batch_size: int) -> None:
-        self.arr, self.labels, self.sampler, self.batch_size = arr, labels, sampler, batch_size
-
-    def __len__(self) -> int:
-        return -(-len(self.sampler) // self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        order = np.fromiter(iter(self.sampler), dtype=np.int64)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            yield (torch.from_numpy(self.arr[idx]), torch.from_numpy(self.labels[idx]), torch.from_numpy(idx),
-                   torch.ones(len(idx), dtype=torch.bool))
 
 
 def _epoch_case(loader: DataLoader | CachedBatches, consume: Prep | None, min_seconds: float) -> Case:
@@ -299,13 +280,10 @@ def data_cases(plan: Plan, root: Path, paths: list[str], labels: np.ndarray, arr
     tut = DataLoader(ImageFolder(str(root), transform=tutorial_transform(size, mean, std)), batch_size=b,
                      shuffle=True, num_workers=nw, persistent_workers=True)
     rows = np.arange(len(paths))
-    tf = transforms.build_train("medium", size, mean, std)
-    files = make_loader(ImageDataset(paths, labels, tf), EpochSampler(rows, 0), b, nw)
-    cached = make_loader(ImageDataset(paths, labels, transforms.build_train("medium", size, mean, std), arr),
+    files = make_loader(ImageDataset(paths, labels, transforms.build_train("medium", size)), EpochSampler(rows, 0), b, nw)
+    cached = make_loader(ImageDataset(paths, labels, transforms.build_train("medium", size), arr),
                          EpochSampler(rows, 1), b, nw)
-    # data.batch_aug as train.py builds it: uint8 CHW rows from the cache through the workers.
-    raw = make_loader(ImageDataset(paths, labels, transforms.build_uint8(), arr), EpochSampler(rows, 2), b, nw)
-    loaders = [tut, files, cached, raw]
+    loaders = [tut, files, cached]
     for dl in loaders:  # start every worker before the main process runs any parallel torch op
         next(iter(dl))
     prep, t, aug = ready(mean, std), plan.min_seconds, consumer_batch_aug(size, mean, std)
@@ -313,9 +291,9 @@ def data_cases(plan: Plan, root: Path, paths: list[str], labels: np.ndarray, arr
         "tutorial": _epoch_case(tut, None, t),
         "kpipe_files": _epoch_case(files, prep, t),
         "kpipe_cache": _epoch_case(cached, prep, t),
-        "kpipe_cache_batch_aug": _epoch_case(raw, aug, t),
-        "cache_batch_aug_in_process": _epoch_case(CachedBatches(arr, labels, EpochSampler(rows, 3), b), aug, t),
-        "ceiling_cache_to_float": _epoch_case(CachedBatches(arr, labels, EpochSampler(rows, 4), b), prep, t),
+        # data.batch_aug as train.py builds it: whole uint8 batches from the cache, BatchAugment on the consumer.
+        "kpipe_cache_batch_aug": _epoch_case(CachedBatches(arr, labels, EpochSampler(rows, 2), b), aug, t),
+        "ceiling_cache_to_float": _epoch_case(CachedBatches(arr, labels, EpochSampler(rows, 3), b), prep, t),
         "ceiling_decode": _decode_case(paths, nw, t),
     }
     return cases, loaders
@@ -353,20 +331,17 @@ def breakdown(plan: Plan, paths: list[str], mean: tuple[float, ...], std: tuple[
         tut = tutorial_transform(size, mean, std)
         timed("tutorial: torchvision transforms", lambda: [tut(im) for im in pil])
         rgb = timed("kpipe: image.read_rgb (cv2 decode)", lambda: [read_rgb(p) for p in sample])
-        ops = list(transforms.build_train("medium", size, mean, std).transforms)
-        last = (A.Normalize, ToTensorV2)
-        aug = A.Compose([o for o in ops if not isinstance(o, last)])
-        to_t = A.Compose([o for o in ops if isinstance(o, last)] or [ToTensorV2()])
+        ops = list(transforms.build_train("medium", size).transforms)
+        aug = A.Compose([o for o in ops if not isinstance(o, ToTensorV2)])
+        to_t = ToTensorV2()
         augd = timed("kpipe: albumentations 'medium' augment", lambda: [aug(image=im)["image"] for im in rgb])
-        xs = timed("kpipe: Normalize + ToTensorV2", lambda: [to_t(image=im)["image"] for im in augd])
-        timed("collate float32 batch (in-process)", lambda: [default_collate(xs[i:i + plan.batch])
-                                                             for i in range(0, n, plan.batch)])
-        u8 = [torch.tensor(im) for im in augd]
+        u8 = timed("kpipe: ToTensorV2 (uint8 CHW)", lambda: [to_t(image=im)["image"] for im in augd])
         batches = timed("collate uint8 batch (in-process)", lambda: [default_collate(u8[i:i + plan.batch])
                                                                      for i in range(0, n, plan.batch)])
+        norm = transforms.Normalize(mean, std)
+        timed("consumer: transforms.Normalize", lambda: [norm(x) for x in batches])
         g = consumer_batch_aug(size, mean, std)
         timed("consumer: transforms.BatchAugment (crop + flip, normalise)", lambda: [g(x) for x in batches])
-        timed("consumer: normalize_batch only", lambda: [transforms.normalize_batch(x, mean, std) for x in batches])
     finally:
         torch.set_num_threads(threads)
     return ms
@@ -612,8 +587,7 @@ LABELS = {
     "tutorial": "(a) tutorial: ImageFolder + PIL + torchvision",
     "kpipe_files": "(b) kpipe loader, from files (albumentations 'medium')",
     "kpipe_cache": "(c) kpipe loader, from the cache",
-    "kpipe_cache_batch_aug": "(d) kpipe data.batch_aug: cache -> workers -> BatchAugment on the consumer",
-    "cache_batch_aug_in_process": "(d') the same, batches read from the cache in-process (no workers)",
+    "kpipe_cache_batch_aug": "(d) kpipe data.batch_aug: cached batches -> BatchAugment on the consumer",
     "ceiling_cache_to_float": "ceiling: cache -> normalised float batch (in-process), no augmentation",
     "ceiling_decode": "ceiling: decode only (image.read_rgb, one thread per core)",
     "fp32": "fp32, no TTA",
@@ -728,13 +702,12 @@ NOTES = """
   flip, rotation ±15° and ColorJitter(0.2, 0.2, 0.2, 0.02) each with p=0.5 (as kpipe's 'medium'),
   RandomGrayscale(0.05), ToTensor, Normalize; `DataLoader(shuffle=True, num_workers=2)`.
 - (b)/(c) `loader.ImageDataset` + `transforms.build_train('medium')` + `loader.make_loader`, from the
-  files or from `cache.build_cache`. A loader that ships uint8 batches is normalised on the consumer
-  (`transforms.normalize_batch`), and that time counts.
-- (d) kpipe's `data.batch_aug`: cached rows as uint8 (`transforms.build_uint8`) through `make_loader`
-  with 2 workers, then `transforms.BatchAugment('medium')` (resized crop + flips on the whole batch,
-  then normalisation) on the consumer: here the CPU main process, on a GPU machine the GPU.
-  (d') the same, with whole batches read from the cache memmap in the training process
-  (`bench.CachedBatches`, no workers).
+  files or from `cache.build_cache`. kpipe's loaders ship uint8 batches, normalised on the consumer
+  (`transforms.Normalize`), and that time counts.
+- (d) kpipe's `data.batch_aug`, as `kpipe train` runs it: whole uint8 batches sliced from the cache
+  memmap in the training process (`loader.CachedBatches`, no workers), then
+  `transforms.BatchAugment('medium')` (resized crop + flips on the whole batch, then normalisation)
+  on the consumer: here the CPU main process, on a GPU machine the GPU.
 - All loaders keep their workers between epochs (steady state); an epoch is timed from `iter()` to its
   last batch. Inference and training use random tensors: the model alone is measured.
 """

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 
 from kpipe import data, dist, ensemble, folds, metrics, models, submission, transforms, tta
 from kpipe.config import Config, load_run_config
-from kpipe.engine import amp_settings, autocast, load_checkpoint
+from kpipe.engine import amp_settings, autocast, load_checkpoint, model_input
 from kpipe.errors import KpipeError, preview
 from kpipe.io import atomic_path, read_csv_ids, write_csv, write_json
 from kpipe.loader import EpochSampler, ImageDataset, make_loader
@@ -172,23 +172,25 @@ def _data_config(ck: dict[str, Any], model: nn.Module, rcfg: Config) -> dict[str
 
 def make_eval_loader(paths: list[str], data_cfg: dict[str, Any], batch_size: int, num_workers: int,
                      device: torch.device, tolerant: bool) -> DataLoader:
-    tf = transforms.build_eval(data_cfg["img_size"], data_cfg["mean"], data_cfg["std"])
-    ds = ImageDataset(paths, None, tf, tolerant=tolerant, blank_size=data_cfg["img_size"])
+    ds = ImageDataset(paths, None, transforms.build_eval(data_cfg["img_size"]), tolerant=tolerant,
+                      blank_size=data_cfg["img_size"])
     sampler = EpochSampler(np.arange(len(paths)), 0, shuffle=False, pad=False)
     return make_loader(ds, sampler, batch_size, num_workers, pin_memory=device.type == "cuda")
 
 
 def predict_models(fold_models: list[nn.Module], loader: DataLoader, views: list[str], n_classes: int,
                    device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool,
+                   prepare: Callable[[torch.Tensor], torch.Tensor],
                    on_batch: Callable[[int], None] = lambda n: None) -> tuple[np.ndarray, np.ndarray]:
-    """(probs (F, V, N, K) float32, ok (N,)): each batch is decoded once and seen by every model, all views at once."""
+    """(probs (F, V, N, K) float32, ok (N,)): each batch is decoded once and seen by every model, all views at once.
+
+    `prepare` turns the loader's uint8 batch into the models' input (transforms.Normalize with the run's mean/std).
+    """
     n = len(loader.dataset)
     out = np.zeros((len(fold_models), len(views), n, n_classes), np.float32)
     ok = np.ones(n, bool)
     for x, _, idx, good in loader:
-        x = x.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = model_input(x, device, prepare, channels_last)
         rows = idx.numpy()
         for f, model in enumerate(fold_models):
             try:
@@ -217,7 +219,8 @@ def _predict_run(cfg: Config, rm: RunModels, paths: list[str], views: list[str],
     start = time.perf_counter()
     with _progress() as progress:
         task = progress.add_task(label, total=len(paths))
-        probs, ok = predict_models(rm.models, loader, views, n_classes, device, amp_dtype, channels_last,
+        prepare = transforms.Normalize(rm.data_cfg["mean"], rm.data_cfg["std"])
+        probs, ok = predict_models(rm.models, loader, views, n_classes, device, amp_dtype, channels_last, prepare,
                                    lambda n: progress.advance(task, n))
     return probs, ok, len(paths) / max(time.perf_counter() - start, 1e-9)
 

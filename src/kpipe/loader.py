@@ -1,16 +1,21 @@
 """Datasets, samplers and DataLoaders for training and inference.
 
 One Dataset reads either the decode-once cache (uint8, memory-mapped) or the image files
-(OpenCV, see image.py), then applies an albumentations pipeline. The sampler owns the
-epoch's order, seeded by (seed, epoch), so a run resumed mid-epoch replays the same order
-and skips what was done, and a DDP rank takes its own shard (class-balanced sampling too).
+(OpenCV, see image.py), then applies an albumentations pipeline in DataLoader workers.
+`CachedBatches` serves whole batches of cached images with no per-image work at all (validation
+from the cache, and data.batch_aug, which augments on the consumer side): it slices the memmap
+in the training process, since workers would only add the cost of passing each batch back.
+Every loader yields (uint8 NCHW images, labels, dataset indices, ok flags); the consumer
+normalises (transforms.Normalize). The sampler owns the epoch's order, seeded by (seed, epoch),
+so a run resumed mid-epoch replays the same order and skips what was done, and a DDP rank takes
+its own shard (class-balanced sampling too).
 
 Usage: ``ds = ImageDataset(paths, labels, tf); dl = make_loader(ds, EpochSampler(train_rows, 42), 32, 2)``
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -49,7 +54,7 @@ class ImageDataset(Dataset):
 
     def _image(self, i: int) -> tuple[np.ndarray, bool]:
         if self.cache is not None:
-            # A copy: the memmap is read-only, and a tensor over it (batch_aug ships it as is) must not be.
+            # A copy: the memmap is read-only, and a tensor over it (ToTensorV2 of an unresized row) must not be.
             return np.array(self.cache[i]), True
         try:
             return read_rgb(self.paths[i]), True
@@ -112,6 +117,37 @@ class EpochSampler(Sampler[int]):
     def __len__(self) -> int:
         per_rank = -(-self.n // self.world) if self.pad else len(range(self.rank, self.n, self.world))
         return max(per_rank - self.start, 0)
+
+
+class CachedBatches:
+    """Whole uint8 NCHW batches straight from the decode-once cache, in `sampler`'s order.
+
+    No workers: a cached row needs no per-image work, so the batch is one memmap slice in this
+    process (what a worker would do, without shipping the batch back through shared memory).
+    Mid-epoch resume and DDP sharding come from the EpochSampler as for a DataLoader.
+    """
+
+    def __init__(self, cache: np.ndarray, labels: np.ndarray | None, sampler: Sampler[int], batch_size: int,
+                 drop_last: bool = False, pin_memory: bool = False) -> None:
+        self.cache, self.labels, self.sampler = cache, labels, sampler
+        self.batch_size, self.drop_last, self.pin_memory = batch_size, drop_last, pin_memory
+
+    def __len__(self) -> int:
+        n = len(self.sampler)  # type: ignore[arg-type]
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        order = np.fromiter(iter(self.sampler), dtype=np.int64)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            if self.drop_last and len(idx) < self.batch_size:
+                return
+            x = torch.from_numpy(self.cache[idx]).permute(0, 3, 1, 2).contiguous()  # NHWC rows -> NCHW
+            y = (torch.from_numpy(self.labels[idx]).long() if self.labels is not None
+                 else torch.full((len(idx),), -1, dtype=torch.long))
+            if self.pin_memory:
+                x = x.pin_memory()
+            yield x, y, torch.from_numpy(idx), torch.ones(len(idx), dtype=torch.bool)
 
 
 def balanced_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:

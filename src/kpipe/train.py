@@ -46,7 +46,7 @@ from kpipe.engine import (
 )
 from kpipe.errors import KpipeError
 from kpipe.io import read_csv_ids, write_csv, write_json, write_text, write_yaml
-from kpipe.loader import EpochSampler, ImageDataset, balanced_weights, make_loader
+from kpipe.loader import CachedBatches, EpochSampler, ImageDataset, balanced_weights, make_loader
 from kpipe.metrics import higher_is_better, score
 
 console = Console()
@@ -181,27 +181,32 @@ def train_fold(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device
         console.print(f"[bold]fold {k}[/]: {len(train_rows)} train / {len(val_rows)} val images, {cfg.model.name} "
                       f"at {data_cfg['img_size']} px, {total:,} parameters ({trainable:,} trainable), device {device}")
     size, mean, std = data_cfg["img_size"], data_cfg["mean"], data_cfg["std"]
-    prepare = None
-    if cfg.data.batch_aug:
-        if cache is None:
-            raise KpipeError("data.batch_aug=true needs data.cache=true: it augments whole batches of cached images.")
-        tf_train = transforms.build_uint8()
-        prepare = transforms.BatchAugment(cfg.data.aug, size, mean, std, hflip=cfg.data.hflip)
-    else:
-        tf_train = transforms.build_train(cfg.data.aug, size, mean, std, hflip=cfg.data.hflip)
-    tf_train.set_random_seed(t.seed + k)
-    tf_eval = transforms.build_eval(size, mean, std)
-    y = df["y"].to_numpy()
-    ds_train = ImageDataset(df["path"].tolist(), y, tf_train, cache)
-    ds_eval = ImageDataset(df["path"].tolist(), y, tf_eval, cache)
+    y, paths, bs = df["y"].to_numpy(), df["path"].tolist(), cfg.data.batch_size
     weights = balanced_weights(y[train_rows], len(classes)) if cfg.data.balanced_sampling else None
     sampler = EpochSampler(train_rows, t.seed + k, weights=weights, rank=dist.rank(), world=dist.world())
     pin = device.type == "cuda"
     # Drop the last partial batch: a batch of one breaks BatchNorm, and the order reshuffles each epoch.
-    drop_last = len(sampler) > cfg.data.batch_size
-    loader = make_loader(ds_train, sampler, cfg.data.batch_size, cfg.data.num_workers, t.seed + k, pin, drop_last)
+    drop_last = len(sampler) > bs
+    # Loaders ship uint8; these turn a batch into the model's input on the device.
+    normalize = transforms.Normalize(mean, std)
+    if cfg.data.batch_aug:
+        if cache is None:
+            raise KpipeError("data.batch_aug=true needs data.cache=true: it augments whole batches of cached images.")
+        # BatchAugment draws from torch's global RNG: seeded above, saved in last.pt, restored on resume.
+        loader: Any = CachedBatches(cache, y, sampler, bs, drop_last, pin)
+        prepare: Any = transforms.BatchAugment(cfg.data.aug, size, mean, std, hflip=cfg.data.hflip)
+    else:
+        tf_train = transforms.build_train(cfg.data.aug, size, hflip=cfg.data.hflip)
+        tf_train.set_random_seed(t.seed + k)
+        loader = make_loader(ImageDataset(paths, y, tf_train, cache), sampler, bs, cfg.data.num_workers, t.seed + k,
+                             pin, drop_last)
+        prepare = normalize
     val_sampler = EpochSampler(val_rows, 0, shuffle=False, rank=dist.rank(), world=dist.world(), pad=False)
-    val_loader = make_loader(ds_eval, val_sampler, cfg.data.batch_size, cfg.data.num_workers, 0, pin)
+    if cache is not None:  # cached rows are already the eval pixels (same INTER_AREA resize)
+        val_loader: Any = CachedBatches(cache, y, val_sampler, bs, pin_memory=pin)
+    else:
+        val_loader = make_loader(ImageDataset(paths, y, transforms.build_eval(size)), val_sampler, bs,
+                                 cfg.data.num_workers, 0, pin)
 
     net = model
     if dist.world() > 1:
@@ -217,8 +222,8 @@ def train_fold(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device
         st.load_state_dict(ck)
         if dist.is_main():
             console.print(f"fold {k}: resumed at epoch {st.epoch + 1}, step {st.step_in_epoch}")
-    _fit(cfg, k, st, loader, sampler, val_loader, y, classes, device, amp_dtype, data_cfg, prepare)
-    _write_fold_oof(cfg, k, df, classes, device, amp_dtype, data_cfg, val_loader)
+    _fit(cfg, k, st, loader, sampler, val_loader, y, classes, device, amp_dtype, data_cfg, prepare, normalize)
+    _write_fold_oof(cfg, k, df, classes, device, amp_dtype, data_cfg, val_loader, normalize)
 
 
 def _ema(model: torch.nn.Module, t: Any) -> Any:
@@ -243,7 +248,7 @@ def _criterion_and_mixup(cfg: Config, n_classes: int) -> tuple[torch.nn.Module, 
 
 def _fit(cfg: Config, k: int, st: FoldState, loader: Any, sampler: EpochSampler, val_loader: Any, y: np.ndarray,
          classes: list[str], device: torch.device, amp_dtype: Any, data_cfg: dict[str, Any],
-         prepare: Any = None) -> None:
+         prepare: Any, normalize: Any) -> None:
     t, metric = cfg.train, cfg.competition.metric
     criterion, mixup = _criterion_and_mixup(cfg, len(classes))
     model = unwrap(st.model)
@@ -270,7 +275,7 @@ def _fit(cfg: Config, k: int, st: FoldState, loader: Any, sampler: EpochSampler,
                 _save_last(cfg, k, st, classes, data_cfg)
                 raise
             progress.remove_task(task)
-            row = _validate(cfg, st, val_loader, y, device, amp_dtype)
+            row = _validate(cfg, st, val_loader, y, device, amp_dtype, normalize)
             row.update(epoch=epoch + 1, train_loss=train_loss, lr=st.optimizer.param_groups[0]["lr"],
                        seconds=meter.seconds, images_per_s=meter.rate)
             _end_epoch(cfg, k, st, row, classes, data_cfg, metric)
@@ -284,9 +289,9 @@ def _progress() -> Progress:
 
 
 def _validate(cfg: Config, st: FoldState, val_loader: Any, y: np.ndarray, device: torch.device,
-              amp_dtype: Any) -> dict[str, Any]:
+              amp_dtype: Any, normalize: Any) -> dict[str, Any]:
     eval_model = st.ema.module if st.ema is not None else unwrap(st.model)
-    idx, probs = gather_predictions(eval_model, val_loader, device, amp_dtype, cfg.train.channels_last)
+    idx, probs = gather_predictions(eval_model, val_loader, device, amp_dtype, cfg.train.channels_last, normalize)
     labels = y[idx]
     row = {"val_loss": score("log_loss", labels, probs), "val_accuracy": score("accuracy", labels, probs),
            "val_macro_f1": score("macro_f1", labels, probs)}
@@ -295,10 +300,10 @@ def _validate(cfg: Config, st: FoldState, val_loader: Any, y: np.ndarray, device
 
 
 def gather_predictions(model: torch.nn.Module, loader: Any, device: torch.device, amp_dtype: Any,
-                       channels_last: bool) -> tuple[np.ndarray, np.ndarray]:
+                       channels_last: bool, prepare: Any) -> tuple[np.ndarray, np.ndarray]:
     """Predictions for every sample of a sharded loader, each exactly once, on every rank."""
     cl = device.type == "cuda" and channels_last
-    parts = dist.gather_objects(predict(model, loader, device, amp_dtype, cl))
+    parts = dist.gather_objects(predict(model, loader, device, amp_dtype, cl, prepare))
     idx = np.concatenate([p[0] for p in parts])
     probs = np.concatenate([p[1] for p in parts if len(p[0])])
     order = np.argsort(idx, kind="stable")
@@ -349,13 +354,13 @@ def _save_last(cfg: Config, k: int, st: FoldState, classes: list[str], data_cfg:
 
 
 def _write_fold_oof(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device: torch.device,
-                    amp_dtype: Any, data_cfg: dict[str, Any], val_loader: Any) -> None:
+                    amp_dtype: Any, data_cfg: dict[str, Any], val_loader: Any, normalize: Any) -> None:
     """The fold's out-of-fold probabilities, from its best checkpoint."""
     model, _ = _model(cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": False, "weights": None})}),
                       len(classes), device)
     best = load_checkpoint(cfg.run_dir / f"fold{k}" / "best.pt")
     model.load_state_dict(best["model"])
-    idx, probs = gather_predictions(model, val_loader, device, amp_dtype, cfg.train.channels_last)
+    idx, probs = gather_predictions(model, val_loader, device, amp_dtype, cfg.train.channels_last, normalize)
     if dist.is_main():
         oof = pd.DataFrame({"id": df["id"].to_numpy()[idx], "fold": k, "label": df["label"].to_numpy()[idx]})
         oof = pd.concat([oof, pd.DataFrame(probs, columns=[f"p_{c}" for c in classes])], axis=1)

@@ -1,18 +1,19 @@
 """Augmentation and normalisation: per-image albumentations pipelines and whole-batch torch ops.
 
-Per image (in DataLoader workers): `build_train(preset, ...)` and `build_eval(...)` return
-albumentations Composes that take an (H, W, 3) uint8 RGB array and give a float CHW tensor.
-mean/std are in 0-1 units (timm style). Eval resizes with cv2.INTER_AREA, exactly like the
-decode-once cache, so cached and uncached runs see the same eval pixels.
+Loaders ship uint8 and the consumer normalises. Per image (in DataLoader workers),
+`build_train(preset, ...)` and `build_eval(...)` return albumentations Composes that take an
+(H, W, 3) uint8 RGB array and give a uint8 CHW tensor: a uint8 batch is a quarter of a float32
+one to pass between processes and to copy to the GPU. Eval resizes with cv2.INTER_AREA, exactly
+like the decode-once cache, so cached and uncached runs see the same eval pixels.
 
-Per batch (on the consumer side, GPU when there is one): `batch_augment` does random flips and
-a random resized crop per sample on a whole uint8 batch in one grid_sample call, and
-`normalize_batch` turns uint8 into normalised float. With the cache this moves all per-image
-work off the CPU workers.
+Per batch (on the consumer's device, the GPU when there is one): `Normalize` turns a uint8 batch
+into the model's normalised float32 input (mean/std in 0-1 units, timm style), and
+`BatchAugment` (data.batch_aug) first does random flips and a random resized crop per sample on
+the whole batch in one grid_sample call. train.py and infer.py run one of them on every batch.
 
 Albumentations seeds each Compose once, in the process that builds it, so forked DataLoader
 workers would all draw the same augmentations: pass `worker_init_fn=seed_worker` to the DataLoader.
-Usage: ``tf = build_train("medium", 224, mean, std); x = tf(image=rgb)["image"]``.
+Usage: ``tf = build_train("medium", 224); x = Normalize(mean, std)(default_collate([tf(image=rgb)["image"]]))``.
 """
 
 from __future__ import annotations
@@ -37,17 +38,15 @@ PRESETS = ("none", "light", "medium", "heavy")
 MIN_SCALE = {"light": 0.7, "medium": 0.5, "heavy": 0.3}  # smallest crop share of the image per preset
 
 
-def build_train(
-    preset: str, img_size: int, mean: Sequence[float], std: Sequence[float], hflip: bool = True
-) -> A.Compose:
-    """Training pipeline for `preset` (none < light < medium < heavy), ending in a float CHW tensor.
+def build_train(preset: str, img_size: int, hflip: bool = True) -> A.Compose:
+    """Training pipeline for `preset` (none < light < medium < heavy), ending in a uint8 CHW tensor.
 
     hflip=False for classes a mirror changes (digits, text, left/right anatomy).
     """
     if preset not in PRESETS:
         raise KpipeError(f"data.aug='{preset}' is not one of {', '.join(PRESETS)}.")
     if preset == "none":
-        return build_eval(img_size, mean, std)
+        return build_eval(img_size)
     size = (img_size, img_size)
     # area_for_downscale: antialiased (INTER_AREA) when the crop shrinks, bilinear when it grows.
     min_scale = MIN_SCALE[preset]
@@ -70,17 +69,12 @@ def build_train(
                 num_holes_range=(1, 4), hole_height_range=(0.05, 0.2), hole_width_range=(0.05, 0.2), p=0.5
             ),
         ]
-    return A.Compose([*ops, *_to_tensor(mean, std)])
+    return A.Compose([*ops, ToTensorV2()])
 
 
-def build_eval(img_size: int, mean: Sequence[float], std: Sequence[float]) -> A.Compose:
-    """Resize to img_size x img_size (cv2.INTER_AREA, as the cache does), normalise, to tensor."""
-    resize = A.Resize(img_size, img_size, interpolation=cv2.INTER_AREA)
-    return A.Compose([resize, *_to_tensor(mean, std)])
-
-
-def _to_tensor(mean: Sequence[float], std: Sequence[float]) -> list[Any]:
-    return [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()]
+def build_eval(img_size: int) -> A.Compose:
+    """Resize to img_size x img_size (cv2.INTER_AREA, as the cache does), to a uint8 CHW tensor."""
+    return A.Compose([A.Resize(img_size, img_size, interpolation=cv2.INTER_AREA), ToTensorV2()])
 
 
 def seed_worker(worker_id: int) -> None:
@@ -118,6 +112,83 @@ def to_nchw(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _as_float(x: torch.Tensor) -> torch.Tensor:
+    """A new float32 NCHW tensor with x's values, laid out contiguously.
+
+    The uint8 copy comes first: on CPU, converting a strided (NHWC) view straight to float32 took
+    four times as long as making the uint8 contiguous and converting that.
+    """
+    return to_nchw(x).contiguous().to(torch.float32, copy=True)
+
+
+class Normalize:
+    """0-255 batch (uint8, NCHW or NHWC) -> float32 NCHW, (x/255 - mean) / std; mean/std in 0-1 units.
+
+    The step every kpipe loader's batches go through on the consumer side, after the copy to the
+    device. One multiply and one add, in place on the new float tensor.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        if len(mean) != len(std) or any(s <= 0 for s in std):
+            raise KpipeError(f"data.mean {list(mean)} / data.std {list(std)}: need one positive std per mean.")
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self._consts: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _scale_shift(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._consts:
+            m = torch.tensor(self.mean, dtype=torch.float64).view(1, -1, 1, 1)
+            s = torch.tensor(self.std, dtype=torch.float64).view(1, -1, 1, 1)
+            self._consts[device] = ((1 / (255 * s)).float().to(device), (-m / s).float().to(device))
+        return self._consts[device]
+
+    def apply_(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise a float NCHW 0-255 tensor in place (and return it)."""
+        scale, shift = self._scale_shift(x.device)
+        return x.mul_(scale).add_(shift)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.apply_(_as_float(x))
+
+
+def normalize_batch(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """`Normalize(mean, std)(x)` for a one-off call."""
+    return Normalize(mean, std)(x)
+
+
+def _crop_flip_grid(
+    b: int, h: int, w: int, out: int, scale: tuple[float, float], ratio: tuple[float, float],
+    hflip: float, vflip: float, generator: torch.Generator | None,
+) -> torch.Tensor:
+    """grid_sample's (B, out, out, 2) sampling grid for one random resized crop + flips per sample."""
+    u = torch.rand(b, 6, generator=generator)
+    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
+    r = torch.exp(log_r)
+    # Crop width/height as fractions of the image's, clipped to the image.
+    fw = torch.sqrt(area * r * h / w).clamp(max=1.0)
+    fh = torch.sqrt(area / r * w / h).clamp(max=1.0)
+    tx = (1 - fw) * (2 * u[:, 2] - 1)  # crop centre in grid_sample's [-1, 1] coordinates
+    ty = (1 - fh) * (2 * u[:, 3] - 1)
+    sx = torch.where(u[:, 4] < hflip, -fw, fw)
+    sy = torch.where(u[:, 5] < vflip, -fh, fh)
+    # A crop with flips has no rotation or shear, so x depends on the column only and y on the row
+    # only: one (B, out) vector each, where F.affine_grid would multiply out every pixel (3x slower).
+    centres = (torch.arange(out, dtype=torch.float32) * 2 + 1) / out - 1  # pixel centres, align_corners=False
+    grid = torch.empty(b, out, out, 2)
+    grid[..., 0] = (sx[:, None] * centres + tx[:, None])[:, None, :]
+    grid[..., 1] = (sy[:, None] * centres + ty[:, None])[:, :, None]
+    return grid
+
+
+def _crop_flip(x: torch.Tensor, size: int | None, scale: tuple[float, float], ratio: tuple[float, float],
+               hflip: float, vflip: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Float32 NCHW result of the random crops + flips of x (any dtype, NCHW or NHWC)."""
+    xf = _as_float(x)
+    b, _, h, w = xf.shape
+    grid = _crop_flip_grid(b, h, w, size or h, scale, ratio, hflip, vflip, generator).to(xf.device)
+    return F.grid_sample(xf, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 def batch_augment(
     x: torch.Tensor,
     size: int | None = None,
@@ -134,33 +205,15 @@ def batch_augment(
     ratio its width/height range, as in RandomResizedCrop; hflip/vflip are probabilities.
     Random draws use `generator` (CPU) or torch's global RNG.
     """
-    x = to_nchw(x)
-    b, c, h, w = x.shape
-    out = size or h
-    u = torch.rand(b, 6, generator=generator)
-    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
-    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
-    r = torch.exp(log_r)
-    # Crop width/height as fractions of the image's, clipped to the image.
-    fw = torch.sqrt(area * r * h / w).clamp(max=1.0)
-    fh = torch.sqrt(area / r * w / h).clamp(max=1.0)
-    tx = (1 - fw) * (2 * u[:, 2] - 1)  # crop centre in grid_sample's [-1, 1] coordinates
-    ty = (1 - fh) * (2 * u[:, 3] - 1)
-    sx = torch.where(u[:, 4] < hflip, -fw, fw)
-    sy = torch.where(u[:, 5] < vflip, -fh, fh)
-    theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, tx, sy, ty
-    theta = theta.to(x.device)
-    grid = F.affine_grid(theta, [b, c, out, out], align_corners=False)
-    y = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    y = _crop_flip(x, size, scale, ratio, hflip, vflip, generator)
     if x.dtype == torch.uint8:
         return y.round_().clamp_(0, 255).to(torch.uint8)
     return y.to(x.dtype)
 
 
 class BatchAugment:
-    """data.batch_aug: the dataset ships uint8 CHW tensors (`build_uint8()`), and this runs on whole
-    batches on the consumer's device: the preset's random resized crop and flips, then normalisation.
+    """data.batch_aug: whole uint8 batches of cached images get, on the consumer's device, the preset's
+    random resized crop and flips, then normalisation; float32 NCHW out.
 
     Colour jitter, rotation and the other per-image ops of the presets are not applied in this mode;
     it is for when the loader, not the model, is the bottleneck (see README, Speed).
@@ -173,25 +226,13 @@ class BatchAugment:
         self.crop = preset != "none"
         self.scale = (MIN_SCALE.get(preset, 1.0), 1.0)
         self.hflip = 0.5 if hflip and preset != "none" else 0.0
-        self.size, self.mean, self.std = img_size, tuple(mean), tuple(std)
+        self.size = img_size
+        self.normalize = Normalize(mean, std)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.crop or self.hflip:
-            x = batch_augment(x, self.size, scale=self.scale, hflip=self.hflip)
-        return normalize_batch(x, self.mean, self.std)
-
-
-def build_uint8() -> A.Compose:
-    """Per-image pipeline for batch augmentation: HWC uint8 -> CHW uint8 tensor, nothing else."""
-    return A.Compose([ToTensorV2()])
-
-
-def normalize_batch(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """0-255 batch (uint8, NCHW or NHWC) -> float32 NCHW, (x/255 - mean) / std; mean/std in 0-1 units.
-
-    Run it after moving the uint8 batch to the GPU: 4x less to copy than float.
-    """
-    x = to_nchw(x)
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1) * 255
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1) * 255
-    return (x.float() - m) / s
+        if not (self.crop or self.hflip):
+            return self.normalize(x)
+        # Bilinear sampling is linear with weights summing to 1, so normalising the sampled 0-255
+        # floats equals sampling normalised ones: one pass fewer than a uint8 round trip.
+        y = _crop_flip(x, self.size, self.scale, (3 / 4, 4 / 3), self.hflip, 0.0, None)
+        return self.normalize.apply_(y)
