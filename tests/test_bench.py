@@ -104,7 +104,7 @@ def test_quick_bench_end_to_end(tmp_path: Path) -> None:
              "ceiling_decode", "ceiling_cache_to_float"}
     assert cases <= saved["data"].keys() and set(saved["data"]["ratios"]) == cases - {"tutorial"}
     assert all(saved["data"][c]["median"] > 0 and len(saved["data"][c]["runs"]) == 1 for c in cases)
-    assert {"fp32", "fp32_hflip"} <= saved["inference"].keys() and "hflip_cost" in saved["inference"]["ratios"]
+    assert {"kpipe_infer", "kpipe_infer_hflip", "fp32", "fp32_hflip"} <= saved["inference"].keys() and "hflip_cost" in saved["inference"]["ratios"]
     assert "kpipe" in saved["training"]["ratios"]
     assert len(saved["targets"]) == len(bench.TARGETS) and all(isinstance(t["met"], bool) for t in saved["targets"])
     if not torch.cuda.is_available():

@@ -202,6 +202,9 @@ def train_fold(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device
                              pin, drop_last)
         prepare = normalize
     val_sampler = EpochSampler(val_rows, 0, shuffle=False, rank=dist.rank(), world=dist.world(), pad=False)
+    if cache is not None and tuple(cache.shape[1:3]) != (size, size):  # guards the line below
+        raise KpipeError(f"the decode-once cache holds {cache.shape[1]} px images, the model takes {size} px: "
+                         "delete the cache folder (data.cache_dir) and train again.")
     if cache is not None:  # cached rows are already the eval pixels (same INTER_AREA resize)
         val_loader: Any = CachedBatches(cache, y, val_sampler, bs, pin_memory=pin)
     else:
