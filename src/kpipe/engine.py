@@ -172,13 +172,18 @@ def train_epoch(
     amp_dtype: torch.dtype | None,
     criterion: nn.Module,
     mixup: Callable[..., Any] | None,
-    on_step: Callable[[int, float], None],
+    on_step: Callable[[int, torch.Tensor], None],
     prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[float, int]:
-    """One pass over `loader` (which already skips what a resumed epoch did). Returns (mean loss, images)."""
+    """One pass over `loader` (which already skips what a resumed epoch did). Returns (mean loss, images).
+
+    on_step(images, loss) gets the step's loss as a 0-d tensor on the device: reading it (float())
+    waits for the GPU to finish the step, so the loop itself never does, and the callback reads it
+    only now and then (a per-step read cost 3 % of resnet50's training speed on an H100).
+    """
     train_mode(st.model)  # frozen BatchNorm layers keep their running statistics
     channels_last = device.type == "cuda" and t.channels_last
-    total, seen, micro = 0.0, 0, 0
+    total, seen, micro = torch.zeros((), device=device), 0, 0
     st.optimizer.zero_grad(set_to_none=True)
     for x, y, _, _ in loader:
         x = model_input(x, device, prepare, channels_last)
@@ -190,16 +195,17 @@ def train_epoch(
             loss = criterion(st.model(x), target) / t.accum_steps
         st.scaler.scale(loss).backward()
         micro += 1
-        total += float(loss.detach()) * t.accum_steps * len(x)
+        step_loss = loss.detach() * t.accum_steps
+        total += step_loss * len(x)
         seen += len(x)
         if micro % t.accum_steps == 0:
             _optimizer_step(st, t)
-            on_step(len(x), float(loss.detach()) * t.accum_steps)
+            on_step(len(x), step_loss)
             if StopRequested.signum is not None:
                 raise Interrupted
     if micro % t.accum_steps:
         _optimizer_step(st, t)
-    return total / max(seen, 1), seen
+    return float(total) / max(seen, 1), seen
 
 
 def _optimizer_step(st: FoldState, t: TrainConfig) -> None:

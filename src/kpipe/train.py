@@ -50,6 +50,7 @@ from kpipe.loader import CachedBatches, EpochSampler, ImageDataset, balanced_wei
 from kpipe.metrics import higher_is_better, score
 
 console = Console()
+LOSS_EVERY = 20  # optimiser steps between reads of the loss for the progress bar
 # Keys that may change between a run and its --resume (more epochs, other folds, other workers).
 RESUMABLE_CHANGES = {"train.epochs", "train.folds", "data.num_workers", "train.early_stop_patience", "infer"}
 
@@ -268,9 +269,11 @@ def _fit(cfg: Config, k: int, st: FoldState, loader: Any, sampler: EpochSampler,
             meter = Throughput()
             task = progress.add_task(f"fold {k} epoch {epoch + 1}/{t.epochs}", total=len(loader), loss=float("nan"))
 
-            def on_step(n: int, loss: float, meter: Throughput = meter, task: Any = task) -> None:
+            def on_step(n: int, loss: torch.Tensor, meter: Throughput = meter, task: Any = task) -> None:
                 meter.add(n * dist.world())
-                progress.update(task, advance=t.accum_steps, loss=loss)
+                # Reading the loss waits for the GPU: the bar's loss is refreshed every LOSS_EVERY steps.
+                shown = {"loss": float(loss)} if st.step_in_epoch % LOSS_EVERY == 1 else {}
+                progress.update(task, advance=t.accum_steps, **shown)
 
             try:
                 train_loss, _ = train_epoch(st, loader, device, t, amp_dtype, criterion, mixup, on_step, prepare)
