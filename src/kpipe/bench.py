@@ -86,7 +86,7 @@ class Plan:
     gpu_model: str = "resnet50"
     gpu_size: int = 224
     gpu_batch: int = 128
-    gpu_steps: int = 20
+    gpu_steps: int = 50  # per repetition: 20 left the kpipe/bare ratio within ±4 % noise on an H100
     gpu_compile: bool = True
 
 
@@ -259,10 +259,15 @@ def consumer_threads(workers: int) -> int:
     return max(1, _cpus() - workers)
 
 
+def on_device(consume: Prep, device: torch.device) -> Prep:
+    """The training loop's side of a loader: the batch copied to `device` (a no-op on CPU), then `consume`."""
+    return lambda x: consume(x.to(device, non_blocking=True))
+
+
 def _epoch_case(loader: DataLoader | CachedBatches, consume: Prep | None, min_seconds: float,
-                threads: int | None = None) -> Case:
+                threads: int | None = None, device: torch.device | None = None) -> Case:
     """Whole epochs, as many as fill min_seconds (a fast loader's single epoch is too short to time);
-    `consume` runs with `threads` torch threads (default: as set)."""
+    `consume` runs with `threads` torch threads (default: as set); the clock stops once `device` is done."""
     epoch = [0]
 
     def run() -> float:
@@ -278,6 +283,8 @@ def _epoch_case(loader: DataLoader | CachedBatches, consume: Prep | None, min_se
                 t0 = time.perf_counter()
                 for batch in it:
                     n += len(consume(batch[0]) if consume is not None else batch[0])
+                if device is not None:
+                    _sync(device)
                 busy += time.perf_counter() - t0
         finally:
             torch.set_num_threads(before)
@@ -287,29 +294,36 @@ def _epoch_case(loader: DataLoader | CachedBatches, consume: Prep | None, min_se
 
 
 def data_cases(plan: Plan, root: Path, paths: list[str], labels: np.ndarray, arr: np.ndarray,
-               mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[dict[str, Case], list[DataLoader]]:
+               mean: tuple[float, ...], std: tuple[float, ...],
+               device: torch.device) -> tuple[dict[str, Case], list[DataLoader]]:
+    """Ready batches on `device`: on CUDA each loader's batch is copied to the GPU, kpipe's from pinned memory
+    and normalised (or batch-augmented) there, as kpipe train does; the tutorial's float batch as it comes."""
     from torchvision.datasets import ImageFolder
 
-    b, nw, size = plan.batch, plan.workers, plan.img_size
+    b, nw, size, pin = plan.batch, plan.workers, plan.img_size, device.type == "cuda"
     # Persistent workers for the tutorial too: every case is measured in steady state.
     tut = DataLoader(ImageFolder(str(root), transform=tutorial_transform(size, mean, std)), batch_size=b,
                      shuffle=True, num_workers=nw, persistent_workers=True)
     rows = np.arange(len(paths))
-    files = make_loader(ImageDataset(paths, labels, transforms.build_train("medium", size)), EpochSampler(rows, 0), b, nw)
+    files = make_loader(ImageDataset(paths, labels, transforms.build_train("medium", size)), EpochSampler(rows, 0), b,
+                        nw, pin_memory=pin)
     cached = make_loader(ImageDataset(paths, labels, transforms.build_train("medium", size), arr),
-                         EpochSampler(rows, 1), b, nw)
+                         EpochSampler(rows, 1), b, nw, pin_memory=pin)
     loaders = [tut, files, cached]
     for dl in loaders:  # start every worker before the main process runs any parallel torch op
         next(iter(dl))
-    prep, t, aug = ready(mean, std), plan.min_seconds, consumer_batch_aug(size, mean, std)
+    t, d = plan.min_seconds, device
+    prep, aug = on_device(ready(mean, std), d), on_device(consumer_batch_aug(size, mean, std), d)
     ct = consumer_threads(nw)  # worker-fed cases; the in-process ones below use every core
     cases = {
-        "tutorial": _epoch_case(tut, None, t, ct),
-        "kpipe_files": _epoch_case(files, prep, t, ct),
-        "kpipe_cache": _epoch_case(cached, prep, t, ct),
+        "tutorial": _epoch_case(tut, on_device(lambda x: x, d), t, ct, d),
+        "kpipe_files": _epoch_case(files, prep, t, ct, d),
+        "kpipe_cache": _epoch_case(cached, prep, t, ct, d),
         # data.batch_aug as train.py builds it: whole uint8 batches from the cache, BatchAugment on the consumer.
-        "kpipe_cache_batch_aug": _epoch_case(CachedBatches(arr, labels, EpochSampler(rows, 2), b), aug, t),
-        "ceiling_cache_to_float": _epoch_case(CachedBatches(arr, labels, EpochSampler(rows, 3), b), prep, t),
+        "kpipe_cache_batch_aug": _epoch_case(CachedBatches(arr, labels, EpochSampler(rows, 2), b, pin_memory=pin),
+                                             aug, t, None, d),
+        "ceiling_cache_to_float": _epoch_case(CachedBatches(arr, labels, EpochSampler(rows, 3), b, pin_memory=pin),
+                                              prep, t, None, d),
         "ceiling_decode": _decode_case(paths, nw, t),
     }
     return cases, loaders
@@ -562,7 +576,8 @@ def data_section(plan: Plan, out_dir: Path) -> dict[str, Any]:
     # Preprocessing follows the model: the mean/std the loaders use are the benchmarked model's.
     dc = models.resolve_data_config(models.create(plan.model, N_CLASSES), DataConfig(img_size=plan.img_size))
     mean, std = dc["mean"], dc["std"]
-    cases, loaders = data_cases(plan, root, paths, labels, arr, mean, std)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cases, loaders = data_cases(plan, root, paths, labels, arr, mean, std, device)
     try:
         runs = interleave(cases, plan.repeats, "data")
     finally:
@@ -570,6 +585,7 @@ def data_section(plan: Plan, out_dir: Path) -> dict[str, Any]:
         loaders.clear()  # persistent workers end with their loaders
     out = summarise(runs, base="tutorial")
     out["consumer_threads"] = consumer_threads(plan.workers)
+    out["consumer_device"] = device.type
     out["breakdown_ms_per_image"] = breakdown(plan, paths, mean, std)
     return out
 
@@ -670,8 +686,8 @@ def section_rows(sec: dict[str, Any]) -> list[tuple[str, str, str, str]]:
 
 def _sections(res: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     p = res["plan"]
-    ct = res["data"].get("consumer_threads")
-    out = [(f"Data: ready training batches/s (batch {p['batch']}, {p['img_size']} px, {p['workers']} workers"
+    ct, cd = res["data"].get("consumer_threads"), res["data"].get("consumer_device", "cpu")
+    out = [(f"Data: ready training batches/s on {cd} (batch {p['batch']}, {p['img_size']} px, {p['workers']} workers"
             + (f" and a {ct}-thread consumer" if ct else "")
             + f", {p['n_images']} JPEGs {p['photo_hw'][1]}x{p['photo_hw'][0]}), img/s, ratio to (a)", res["data"]),
            (f"Inference: {p['model']} at {p['img_size']} px, batch {p['batch']}, CPU, img/s, ratio to kpipe infer",
@@ -758,7 +774,10 @@ NOTES = """
 - (d) kpipe's `data.batch_aug`, as `kpipe train` runs it: whole uint8 batches sliced from the cache
   memmap in the training process (`loader.CachedBatches`, no workers), then
   `transforms.BatchAugment('medium')` (resized crop + flips on the whole batch, then normalisation)
-  on the consumer: here the CPU main process, on a GPU machine the GPU.
+  on the consumer.
+- "Ready" means on the device the model uses: with CUDA, every batch is copied to the GPU (kpipe's
+  from pinned memory) and kpipe's are normalised or batch-augmented there, as `kpipe train` does; the
+  tutorial's float batches are copied as they come. Without CUDA, the consumer is the CPU main process.
 - The process consuming a worker-fed loader ((a)-(c)) runs with as many torch threads as the workers
   leave cores (`bench.consumer_threads`, at least 1); (d) and the cache ceiling, with no workers, use
   them all. With 2 threads on 2 cores, (b)'s normalisation and its workers preempted each other:
