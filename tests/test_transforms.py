@@ -84,20 +84,20 @@ def test_batch_augment_random_crops() -> None:
     assert f.dtype == torch.float32 and 0 <= f.min() and f.max() <= 255
 
 
-def test_normalize_batch() -> None:
+def test_normalize() -> None:
     x = torch.from_numpy(np.stack([_img(8, 8, s) for s in range(2)]))
     ref = (x.permute(0, 3, 1, 2).double() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(
         STD
     ).view(1, 3, 1, 1)
     for batch in (x, x.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2).contiguous()):  # NHWC, its NCHW view, NCHW
-        y = T.normalize_batch(batch, MEAN, STD)
+        y = T.Normalize(MEAN, STD)(batch)
         assert y.shape == (2, 3, 8, 8) and y.dtype == torch.float32 and y.is_contiguous()
         torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=0)
     f = x.float()
     T.Normalize(MEAN, STD)(f)
     assert torch.equal(f, x.float())  # a float input is copied, never normalised in place
     with pytest.raises(ValueError, match="4-D"):
-        T.normalize_batch(x[0], MEAN, STD)
+        T.Normalize(MEAN, STD)(x[0])
     with pytest.raises(KpipeError, match="std"):
         T.Normalize(MEAN, (0.2, 0.0, 0.2))
 
@@ -123,7 +123,7 @@ def test_crop_grid_matches_affine_grid() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_batch_ops_on_cuda() -> None:
     x = torch.from_numpy(np.stack([_img(32, 32, s) for s in range(4)])).cuda()
-    y = T.normalize_batch(T.batch_augment(x, size=24), MEAN, STD)
+    y = T.Normalize(MEAN, STD)(T.batch_augment(x, size=24))
     assert y.is_cuda and y.shape == (4, 3, 24, 24)
     same = T.batch_augment(x, scale=(1, 1), ratio=(1, 1), hflip=1.0)
     assert torch.equal(same.cpu(), x.permute(0, 3, 1, 2).flip(-1).cpu())
@@ -138,4 +138,4 @@ def test_batch_augment_class_gives_normalised_float_batches() -> None:
     assert out.min() >= lo - 1e-5 and out.max() <= hi + 1e-5
     # "none": no crop, no flip, exactly the normalised input
     plain = T.BatchAugment("none", 16, MEAN, STD)(x)
-    assert torch.allclose(plain, T.normalize_batch(x, MEAN, STD))
+    assert torch.allclose(plain, T.Normalize(MEAN, STD)(x))

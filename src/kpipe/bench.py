@@ -235,17 +235,6 @@ def tutorial_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...
 Prep = Callable[[torch.Tensor], torch.Tensor]
 
 
-def ready(mean: tuple[float, ...], std: tuple[float, ...]) -> Prep:
-    """A batch is ready for the model as normalised float: kpipe's loaders ship uint8 and the consumer
-    (the training loop's side, the GPU when there is one) normalises, and that time counts."""
-    normalize = transforms.Normalize(mean, std)
-
-    def apply(x: torch.Tensor) -> torch.Tensor:
-        return normalize(x) if x.dtype == torch.uint8 else x
-
-    return apply
-
-
 def consumer_batch_aug(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Prep:
     """kpipe's data.batch_aug consumer step (train.py): the 'medium' preset's resized crop + flips on the
     whole uint8 batch, then normalisation (transforms.BatchAugment)."""
@@ -313,7 +302,9 @@ def data_cases(plan: Plan, root: Path, paths: list[str], labels: np.ndarray, arr
     for dl in loaders:  # start every worker before the main process runs any parallel torch op
         next(iter(dl))
     t, d = plan.min_seconds, device
-    prep, aug = on_device(ready(mean, std), d), on_device(consumer_batch_aug(size, mean, std), d)
+    # kpipe's loaders ship uint8; the training loop's side normalises (or batch-augments), and that counts.
+    prep = on_device(transforms.Normalize(mean, std), d)
+    aug = on_device(consumer_batch_aug(size, mean, std), d)
     ct = consumer_threads(nw)  # worker-fed cases; the in-process ones below use every core
     cases = {
         "tutorial": _epoch_case(tut, on_device(lambda x: x, d), t, ct, d),

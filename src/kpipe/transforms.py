@@ -150,11 +150,6 @@ class Normalize:
         return self.apply_(_as_float(x))
 
 
-def normalize_batch(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """`Normalize(mean, std)(x)` for a one-off call."""
-    return Normalize(mean, std)(x)
-
-
 def _crop_flip_grid(
     b: int, h: int, w: int, out: int, scale: tuple[float, float], ratio: tuple[float, float],
     hflip: float, vflip: float, generator: torch.Generator | None,
