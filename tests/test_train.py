@@ -117,3 +117,28 @@ def test_batch_augmentation_trains_from_the_cache(tmp_path: Path) -> None:
     with pytest.raises(KpipeError, match="batch_aug=true needs data.cache=true"):
         train.run(cfg.model_copy(update={"name": "nocache",
                                          "data": cfg.data.model_copy(update={"cache": False})}))
+
+
+def test_oof_comes_from_best_pt_not_the_last_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kpipe import infer, transforms
+
+    # Invert "better" so best.pt keeps epoch 1 while training goes on to epoch 3: best and last differ.
+    monkeypatch.setattr(train, "higher_is_better", lambda metric: False)
+    cfg = _setup(tmp_path, ["train.folds=0", "train.epochs=3", "train.lr=0.01"])
+    train.run(cfg)
+    fdir = cfg.run_dir / "fold0"
+    assert torch.load(fdir / "best.pt", weights_only=False)["epoch"] == 1
+    oof = pd.read_csv(cfg.run_dir / "oof.csv", dtype={"id": str}).sort_values("id")
+    df, classes = folds.load_fold_table(cfg)
+    rows = df[df["id"].isin(oof["id"])].sort_values("id")
+    rm = infer.load_run(str(cfg.run_dir), classes, torch.device("cpu"))  # fold0/best.pt
+    loader = infer.make_eval_loader(rows["path"].tolist(), rm.data_cfg, 4, 0, torch.device("cpu"), tolerant=False)
+    prepare = transforms.Normalize(rm.data_cfg["mean"], rm.data_cfg["std"])
+    best, _ = infer.predict_models(rm.models, loader, ["identity"], len(classes), torch.device("cpu"), None, False,
+                                   prepare)
+    got = oof[[f"p_{c}" for c in classes]].to_numpy()
+    np.testing.assert_allclose(got, best[0, 0], atol=1e-5)
+    rm.models[0].load_state_dict(torch.load(fdir / "last.pt", weights_only=False)["model"])
+    last, _ = infer.predict_models(rm.models, loader, ["identity"], len(classes), torch.device("cpu"), None, False,
+                                   prepare)
+    assert not np.allclose(got, last[0, 0], atol=1e-3)  # the last weights would have given other probabilities

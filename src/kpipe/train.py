@@ -203,10 +203,10 @@ def train_fold(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device
                              pin, drop_last)
         prepare = normalize
     val_sampler = EpochSampler(val_rows, 0, shuffle=False, rank=dist.rank(), world=dist.world(), pad=False)
-    if cache is not None and tuple(cache.shape[1:3]) != (size, size):  # guards the line below
-        raise KpipeError(f"the decode-once cache holds {cache.shape[1]} px images, the model takes {size} px: "
-                         "delete the cache folder (data.cache_dir) and train again.")
-    if cache is not None:  # cached rows are already the eval pixels (same INTER_AREA resize)
+    if cache is not None:  # cached rows are already the eval pixels (same INTER_AREA resize), if the size matches
+        if tuple(cache.shape[1:3]) != (size, size):
+            raise KpipeError(f"the decode-once cache holds {cache.shape[1]} px images, the model takes {size} px: "
+                             "delete the cache folder (data.cache_dir) and train again.")
         val_loader: Any = CachedBatches(cache, y, val_sampler, bs, pin_memory=pin)
     else:
         val_loader = make_loader(ImageDataset(paths, y, transforms.build_eval(size)), val_sampler, bs,
@@ -227,7 +227,7 @@ def train_fold(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device
         if dist.is_main():
             console.print(f"fold {k}: resumed at epoch {st.epoch + 1}, step {st.step_in_epoch}")
     _fit(cfg, k, st, loader, sampler, val_loader, y, classes, device, amp_dtype, data_cfg, prepare, normalize)
-    _write_fold_oof(cfg, k, df, classes, device, amp_dtype, data_cfg, val_loader, normalize)
+    _write_fold_oof(cfg, k, df, classes, model, device, amp_dtype, val_loader, normalize)
 
 
 def _ema(model: torch.nn.Module, t: Any) -> Any:
@@ -359,13 +359,10 @@ def _save_last(cfg: Config, k: int, st: FoldState, classes: list[str], data_cfg:
                         {**st.state_dict(), "classes": classes, "config": cfg.to_dict(), "data_config": data_cfg})
 
 
-def _write_fold_oof(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device: torch.device,
-                    amp_dtype: Any, data_cfg: dict[str, Any], val_loader: Any, normalize: Any) -> None:
-    """The fold's out-of-fold probabilities, from its best checkpoint."""
-    model, _ = _model(cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": False, "weights": None})}),
-                      len(classes), device)
-    best = load_checkpoint(cfg.run_dir / f"fold{k}" / "best.pt")
-    model.load_state_dict(best["model"])
+def _write_fold_oof(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], model: torch.nn.Module,
+                    device: torch.device, amp_dtype: Any, val_loader: Any, normalize: Any) -> None:
+    """The fold's out-of-fold probabilities, from its best checkpoint loaded into the fold's (now done) model."""
+    model.load_state_dict(load_checkpoint(cfg.run_dir / f"fold{k}" / "best.pt")["model"])
     idx, probs = gather_predictions(model, val_loader, device, amp_dtype, cfg.train.channels_last, normalize)
     if dist.is_main():
         oof = pd.DataFrame({"id": df["id"].to_numpy()[idx], "fold": k, "label": df["label"].to_numpy()[idx]})
