@@ -15,7 +15,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from kpipe import audit, dedup
+from kpipe.stages import audit
+from kpipe.data import dedup
 from kpipe.config import load_config
 from kpipe.io import read_csv_ids
 

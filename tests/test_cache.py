@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kpipe import cache
+from kpipe.data import cache
 from kpipe.config import validate
 from kpipe.errors import KpipeError
-from kpipe.image import read_rgb, resize_square
+from kpipe.data.image import read_rgb, resize_square
 
 SIZE = 16
 

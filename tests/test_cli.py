@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 
 from conftest import tiny_config, write_competition
-from kpipe import cli, folds
+from kpipe import cli
+from kpipe.stages import folds
 
 COMMANDS = ["demo-data", "demo-report", "audit", "folds", "train", "relabel", "infer", "oof-tta", "ensemble",
             "validate-submission", "kaggle", "submit", "lb", "bench"]

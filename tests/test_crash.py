@@ -26,7 +26,10 @@ import yaml
 from rich.console import Console
 
 from conftest import TINY_EXP, tiny_config, write_competition
-from kpipe import cli, engine, folds, train
+from kpipe import cli
+from kpipe.nn import engine
+from kpipe.stages import folds
+from kpipe.stages import train
 
 EPOCHS = 20  # ~0.2 s each on 2 CPU cores: kills land in steps, validation and checkpoint writes
 MAX_KILLS, MIN_KILLS, KILL_BUDGET_S = 6, 2, 30.0

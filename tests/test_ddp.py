@@ -19,7 +19,9 @@ import pytest
 import yaml
 
 from conftest import TINY_EXP, tiny_config, write_competition
-from kpipe import folds, infer, train
+from kpipe.stages import folds
+from kpipe.stages import infer
+from kpipe.stages import train
 
 pytestmark = pytest.mark.slow
 

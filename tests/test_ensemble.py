@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kpipe import ensemble, metrics
+from kpipe.stages import ensemble
+from kpipe.eval import metrics
 from kpipe.config import validate
 from kpipe.errors import KpipeError
 

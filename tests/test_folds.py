@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from conftest import tiny_config, write_competition
-from kpipe import folds
+from kpipe.stages import folds
 from kpipe.errors import KpipeError
 
 

@@ -21,7 +21,10 @@ import pandas as pd
 import pytest
 
 import hostile
-from kpipe import cli, data, image, infer
+from kpipe import cli
+from kpipe.data import ingest
+from kpipe.data import image
+from kpipe.stages import infer
 from kpipe.config import Config, load_config
 from kpipe.io import read_csv_ids
 
@@ -146,7 +149,7 @@ def test_label_whitespace_is_one_warning_and_the_stripped_label_everywhere(inges
     images = read_csv_ids(h.data_dir / "audit" / "images.csv")
     train = images[images["split"] == "train"]
     assert set(train["label"]) == set(hostile.CLASSES)
-    ing = data.load_train(ingested.cfg())
+    ing = ingest.load_train(ingested.cfg())
     ws = [p for p in ing.problems if p.kind == "label whitespace"]
     assert len(ws) == 1 and ws[0].severity == "warning"
 
@@ -163,14 +166,14 @@ def test_csvs_saved_with_bom_and_crlf_ingest_the_same(tmp_path: Path) -> None:
     """Excel writes a UTF-8 byte-order mark and CRLF line ends; ids and labels must not change."""
     h = hostile.build(tmp_path, "csv")
     cfg = load_config(h.exp, h.comp, h.overrides())
-    before_train, before_test = data.load_train(cfg).df, data.load_test(cfg)
+    before_train, before_test = ingest.load_train(cfg).df, ingest.load_test(cfg)
     for name in ("train.csv", "sample_submission.csv"):
         raw = (h.data_dir / name).read_bytes()
         (h.data_dir / name).write_bytes(b"\xef\xbb\xbf" + raw.replace(b"\n", b"\r\n"))
-    after_train, after_test = data.load_train(cfg).df, data.load_test(cfg)
+    after_train, after_test = ingest.load_train(cfg).df, ingest.load_test(cfg)
     pd.testing.assert_frame_equal(after_train, before_train)
     pd.testing.assert_frame_equal(after_test, before_test)
-    assert list(data.read_sample_submission(cfg).columns) == ["id", "label"]
+    assert list(ingest.read_sample_submission(cfg).columns) == ["id", "label"]
 
 
 def test_train_before_audit_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

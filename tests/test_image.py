@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from kpipe import image
-from kpipe.image import ImageReadError, probe, read_rgb
+from kpipe.data import image
+from kpipe.data.image import ImageReadError, probe, read_rgb
 
 RED, GREEN, BLUE, OLIVE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (200, 200, 50)
 

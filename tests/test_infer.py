@@ -14,7 +14,13 @@ import pytest
 import torch
 
 from conftest import tiny_config, write_competition
-from kpipe import data, ensemble, folds, infer, metrics, models, submission
+from kpipe.data import ingest
+from kpipe.stages import ensemble
+from kpipe.stages import folds
+from kpipe.stages import infer
+from kpipe.eval import metrics
+from kpipe.nn import models
+from kpipe.kaggle import submission
 from kpipe.config import Config
 from kpipe.errors import KpipeError
 from kpipe.io import read_csv_ids, write_json, write_yaml
@@ -24,7 +30,7 @@ def make_run(cfg: Config, seed: int = 0, classes: list[str] | None = None) -> Pa
     """runs/<cfg.name>/: config.yaml, fold<k>/best.pt in train's payload format, a fake oof.csv and cv.json."""
     run = cfg.run_dir
     write_yaml(run / "config.yaml", cfg.to_dict())
-    classes = classes or data.load_classes(cfg)
+    classes = classes or ingest.load_classes(cfg)
     table = read_csv_ids(cfg.folds_csv)
     torch.manual_seed(seed)
     for k in sorted(table["fold"].astype(int).unique()):
@@ -63,7 +69,7 @@ def _probs(cfg: Config, name: str) -> pd.DataFrame:
 ])
 def test_submission_matches_sample(tmp_path: Path, layout: str, labels: list[str] | None, proba: bool) -> None:
     cfg = setup(tmp_path, layout=layout, labels=labels)
-    classes = data.load_classes(cfg)
+    classes = ingest.load_classes(cfg)
     sample_path = cfg.data_dir / cfg.competition.sample_submission
     if proba:
         sample = read_csv_ids(sample_path)
@@ -107,7 +113,7 @@ def test_unreadable_test_images_get_the_prior(tmp_path: Path, capsys: pytest.Cap
     assert "3 test images could not be read" in out and all(i in out for i in bad)
     sub = read_csv_ids(result["submission"])
     assert sub["id"].tolist() == [*sample["id"], "t999"]
-    prior = infer.class_prior(read_csv_ids(cfg.folds_csv)["label"].tolist(), data.load_classes(cfg))
+    prior = infer.class_prior(read_csv_ids(cfg.folds_csv)["label"].tolist(), ingest.load_classes(cfg))
     probs = _probs(cfg, "a")
     np.testing.assert_allclose(probs.loc[bad].to_numpy(), np.tile(prior, (3, 1)), atol=1e-6)
     assert not np.allclose(probs.loc["t000"].to_numpy(), prior, atol=1e-6)
@@ -162,7 +168,7 @@ def test_ensemble_weights_are_honoured(tmp_path: Path) -> None:
 
     weights = Path(tmp_path) / "weights.json"
     members = [{"run": r, "view": v, "weight": w} for r, w in ((run_a, 0.0), (run_b, 0.5)) for v in ("identity", "hflip")]
-    write_json(weights, {"metric": "accuracy", "how": "mean", "cv_blend": 0.77, "classes": data.load_classes(cfg),
+    write_json(weights, {"metric": "accuracy", "how": "mean", "cv_blend": 0.77, "classes": ingest.load_classes(cfg),
                          "members": members})
     wcfg = cfg.model_copy(update={"name": "weighted",
                                   "infer": cfg.infer.model_copy(update={"ensemble_weights": str(weights)})})
@@ -182,7 +188,7 @@ def test_checkpoint_classes_must_match(tmp_path: Path) -> None:
 
 def test_invalid_submission_is_refused(tmp_path: Path) -> None:
     cfg = setup(tmp_path)
-    classes = data.load_classes(cfg)
+    classes = ingest.load_classes(cfg)
     sample_path = cfg.data_dir / cfg.competition.sample_submission
     ids = read_csv_ids(sample_path)["id"].tolist()
     pd.DataFrame({"id": ids, **{c: 1 / 3 for c in classes}}).to_csv(sample_path, index=False)

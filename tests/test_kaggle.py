@@ -1,4 +1,4 @@
-"""kpipe.kaggle against the real kaggle client, talking to tests/fake_kaggle.py on 127.0.0.1."""
+"""kpipe.stages.kaggle against the real kaggle client, talking to tests/fake_kaggle.py on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ import yaml
 
 from conftest import CLASSES, tiny_config
 from fake_kaggle import FakeKaggle
-from kpipe import kaggle, ledger
+from kpipe.stages import kaggle
+from kpipe.kaggle import ledger
 from kpipe.config import Config
-from kpipe.data import save_classes
+from kpipe.data.ingest import save_classes
 from kpipe.errors import KpipeError
 
 TEST_IDS = [f"t{j:03d}" for j in range(6)]

@@ -12,12 +12,12 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
-from kpipe import ledger
+from kpipe.kaggle import ledger
 from kpipe.errors import KpipeError
 
 APPENDER = """
 import sys
-from kpipe import ledger
+from kpipe.kaggle import ledger
 path, who, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 for i in range(n):
     ledger.append(path, [{"competition": "c", "message": f"{who}-{i}", "file": "café 1.csv"}])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kpipe.loader import CachedBatches, EpochSampler
+from kpipe.data.loader import CachedBatches, EpochSampler
 
 ARR = np.random.default_rng(0).integers(0, 256, (10, 4, 5, 3), dtype=np.uint8)  # the cache: NHWC rows
 LABELS = np.arange(10) % 3

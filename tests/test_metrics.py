@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from kpipe import metrics
+from kpipe.eval import metrics
 from kpipe.errors import KpipeError
 
 LABELS = np.array([0, 1, 2, 2])

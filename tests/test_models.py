@@ -13,7 +13,7 @@ import torchvision
 from safetensors.torch import save_file
 from torch import nn
 
-from kpipe import models
+from kpipe.nn import models
 from kpipe.config import DataConfig, ModelConfig
 from kpipe.errors import KpipeError
 

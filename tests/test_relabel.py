@@ -13,9 +13,10 @@ import pandas as pd
 import pytest
 
 from conftest import tiny_config, write_competition
-from kpipe import folds, relabel
+from kpipe.stages import folds
+from kpipe.stages import relabel
 from kpipe.config import Config
-from kpipe.data import load_train
+from kpipe.data.ingest import load_train
 from kpipe.errors import KpipeError
 from kpipe.io import read_csv_ids, write_csv
 

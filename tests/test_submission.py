@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kpipe import submission
+from kpipe.kaggle import submission
 from kpipe.config import validate
 from kpipe.errors import KpipeError
 from kpipe.io import read_csv_ids, write_csv

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from conftest import tiny_config, write_competition
-from kpipe import engine, folds, train
+from kpipe.nn import engine
+from kpipe.stages import folds
+from kpipe.stages import train
 from kpipe.errors import KpipeError
 
 pytestmark = pytest.mark.slow
@@ -120,7 +122,8 @@ def test_batch_augmentation_trains_from_the_cache(tmp_path: Path) -> None:
 
 
 def test_oof_comes_from_best_pt_not_the_last_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kpipe import infer, transforms
+    from kpipe.stages import infer
+    from kpipe.data import transforms
 
     # Invert "better" so best.pt keeps epoch 1 while training goes on to epoch 3: best and last differ.
     monkeypatch.setattr(train, "higher_is_better", lambda metric: False)

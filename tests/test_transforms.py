@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from kpipe import transforms as T
+from kpipe.data import transforms as T
 from kpipe.errors import KpipeError
-from kpipe.image import resize_square
+from kpipe.data.image import resize_square
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

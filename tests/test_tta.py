@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from kpipe import tta
+from kpipe.nn import tta
 from kpipe.errors import KpipeError
 
 X = torch.arange(16.0).reshape(1, 1, 4, 4)

@@ -47,21 +47,21 @@ def _config_args(p: argparse.ArgumentParser, exp_help: str = "experiment YAML (i
 
 
 def _demo_data(args: argparse.Namespace) -> int:
-    from kpipe import demo
+    from kpipe.stages import demo
 
     demo.run(args.data_root, force=args.force)
     return 0
 
 
 def _demo_report(args: argparse.Namespace) -> int:
-    from kpipe import demo
+    from kpipe.stages import demo
 
     demo.report(args.data_root)
     return 0
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from kpipe import audit
+    from kpipe.stages import audit
 
     audit.run(config_from(args), threshold=args.threshold, min_similarity=args.min_similarity,
               workers=args.workers, max_pairs=args.max_pairs)
@@ -69,17 +69,17 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _folds(args: argparse.Namespace) -> int:
-    from kpipe import folds
+    from kpipe.stages import folds
 
     folds.run(config_from(args))
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
-    from kpipe import train
+    from kpipe.stages import train
 
     if args.gpus or args.fold_per_gpu:
-        from kpipe import dist
+        from kpipe.nn import dist
 
         return dist.launch(args, args.argv)
     train.run(config_from(args), resume=args.resume)
@@ -87,7 +87,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _relabel(args: argparse.Namespace) -> int:
-    from kpipe import relabel
+    from kpipe.stages import relabel
 
     relabel.run(config_from(args), run_dir=args.run, accept_above=args.accept_above, apply=args.apply,
                 quick=args.quick)
@@ -95,55 +95,55 @@ def _relabel(args: argparse.Namespace) -> int:
 
 
 def _infer(args: argparse.Namespace) -> int:
-    from kpipe import infer
+    from kpipe.stages import infer
 
     infer.run(config_from(args), runs=args.runs)
     return 0
 
 
 def _oof_tta(args: argparse.Namespace) -> int:
-    from kpipe import infer
+    from kpipe.stages import infer
 
     infer.run_oof_tta(config_from(args), runs=args.runs)
     return 0
 
 
 def _ensemble(args: argparse.Namespace) -> int:
-    from kpipe import ensemble
+    from kpipe.stages import ensemble
 
     ensemble.run(config_from(args), run_dirs=args.runs, out=args.out, include_tta=not args.no_tta)
     return 0
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from kpipe import submission
+    from kpipe.kaggle import submission
 
     return submission.run_validate(config_from(args), Path(args.file))
 
 
 def _kaggle_download(args: argparse.Namespace) -> int:
-    from kpipe import kaggle
+    from kpipe.stages import kaggle
 
     kaggle.download(config_from(args), force=args.force, file=args.file)
     return 0
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from kpipe import kaggle
+    from kpipe.stages import kaggle
 
     kaggle.submit(config_from(args), Path(args.file), args.message, wait=args.wait, force=args.force)
     return 0
 
 
 def _lb(args: argparse.Namespace) -> int:
-    from kpipe import kaggle
+    from kpipe.stages import kaggle
 
     kaggle.lb(config_from(args))
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from kpipe import bench
+    from kpipe.tools import bench
 
     bench.run(out_dir=Path(args.out), n_images=args.images, repeats=args.repeats, quick=args.quick)
     return 0

@@ -34,11 +34,11 @@ from kagglesdk.competitions.types.competition_api_service import (
 from rich.console import Console
 from rich.markup import escape
 
-from kpipe import ledger
+from kpipe.kaggle import ledger
 from kpipe.config import Config
 from kpipe.errors import KpipeError
 from kpipe.io import write_json
-from kpipe.kaggle_api import (  # noqa: F401  (ENV_BACKOFF, credential_source: part of this module's API)
+from kpipe.kaggle.api import (  # noqa: F401  (ENV_BACKOFF, credential_source: part of this module's API)
     ENV_BACKOFF,
     ENV_POLL,
     ENV_WAIT_TIMEOUT,
@@ -53,8 +53,8 @@ from kpipe.kaggle_api import (  # noqa: F401  (ENV_BACKOFF, credential_source: p
     kaggle_slug,
     retry_policy,
 )
-from kpipe.metrics import higher_is_better
-from kpipe.submission import validate_file
+from kpipe.eval.metrics import higher_is_better
+from kpipe.kaggle.submission import validate_file
 
 MARKER = ".kpipe-download.json"  # written last: its presence means the download completed
 

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from kpipe.config import TrainConfig
 from kpipe.io import atomic_path
-from kpipe.models import train_mode
+from kpipe.nn.models import train_mode
 
 
 class StopRequested:

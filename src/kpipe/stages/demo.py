@@ -115,7 +115,7 @@ def report(data_root: str | Path = "data", runs_dir: str | Path = "runs",
             table.add_row(f"{label} ({run})", f"{out[run]:.4f}")
     relabels = Path(data_root) / "demo" / "relabels.csv"
     if relabels.is_file():
-        from kpipe.relabel import relabel_precision_recall
+        from kpipe.stages.relabel import relabel_precision_recall
 
         pr = relabel_precision_recall(read_csv_ids(relabels), truth)
         out.update({f"relabel_{k}": v for k, v in pr.items()})

@@ -31,10 +31,10 @@ from rich.console import Console
 from rich.table import Table
 
 from kpipe.config import Config, validate
-from kpipe.data import Ingest, load_train
+from kpipe.data.ingest import Ingest, load_train
 from kpipe.errors import KpipeError, preview
 from kpipe.io import read_csv_ids, write_csv
-from kpipe.review import decision_counts, fmt_score, oof_arrays, write_review
+from kpipe.eval.review import decision_counts, fmt_score, oof_arrays, write_review
 
 console = Console()
 
@@ -245,7 +245,7 @@ def read_oof(run_dir: Path) -> pd.DataFrame:
 
 def _quick_run(cfg: Config) -> Path:
     """Train (or finish) the quick run and return its folder; refuse one trained on other labels."""
-    from kpipe import train  # torch: only loaded when a model is trained
+    from kpipe.stages import train  # torch: only loaded when a model is trained
 
     qcfg = quick_config(cfg)
     oof = qcfg.run_dir / "oof.csv"
@@ -306,7 +306,7 @@ def _print_top(table: pd.DataFrame, csv_path: Path, page: Path, n: int = 10) -> 
 
 
 def _apply(cfg: Config, table: pd.DataFrame, ing: Ingest, csv_path: Path) -> None:
-    from kpipe.folds import apply_label_changes, clean_labels_path
+    from kpipe.stages.folds import apply_label_changes, clean_labels_path
 
     clean = build_clean_labels(table, dict(zip(ing.df["id"], ing.df["label"], strict=True)), ing.classes, str(csv_path))
     out = clean_labels_path(cfg)

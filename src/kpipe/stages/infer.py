@@ -34,12 +34,20 @@ from rich.table import Table
 from torch import nn
 from torch.utils.data import DataLoader
 
-from kpipe import data, dist, ensemble, folds, metrics, models, submission, transforms, tta
+from kpipe.data import ingest
+from kpipe.nn import dist
+from kpipe.stages import ensemble
+from kpipe.stages import folds
+from kpipe.eval import metrics
+from kpipe.nn import models
+from kpipe.kaggle import submission
+from kpipe.data import transforms
+from kpipe.nn import tta
 from kpipe.config import Config, load_run_config
-from kpipe.engine import amp_settings, autocast, load_checkpoint, model_input
+from kpipe.nn.engine import amp_settings, autocast, load_checkpoint, model_input
 from kpipe.errors import KpipeError, preview
 from kpipe.io import atomic_path, read_csv_ids, write_csv, write_json
-from kpipe.loader import EpochSampler, ImageDataset, make_loader
+from kpipe.data.loader import EpochSampler, ImageDataset, make_loader
 
 console = Console()
 
@@ -148,7 +156,7 @@ def load_run(run: str, classes: list[str], device: torch.device) -> RunModels:
         ck = load_checkpoint(path)
         if list(ck.get("classes", [])) != classes:
             raise KpipeError(
-                f"{path}: trained on classes {preview(list(ck.get('classes', [])))}, but {data.classes_path(rcfg)} "
+                f"{path}: trained on classes {preview(list(ck.get('classes', [])))}, but {ingest.classes_path(rcfg)} "
                 f"now lists {preview(classes)}. The folds were rebuilt after training (relabel?): re-train this run.")
         model = models.create_from_config(mcfg, len(classes))
         model.load_state_dict(ck["model"])
@@ -231,9 +239,9 @@ def _predict_run(cfg: Config, rm: RunModels, paths: list[str], views: list[str],
 def run(cfg: Config, runs: list[str] | None = None) -> dict[str, Any]:
     """Predict the test set with every fold of every run and TTA view; write predictions and a validated submission."""
     device = dist.setup(cfg.train.device)
-    classes = data.load_classes(cfg)
+    classes = ingest.load_classes(cfg)
     plan = make_plan(cfg, runs, classes)
-    test = data.load_test(cfg)
+    test = ingest.load_test(cfg)
     paths, ids = test["path"].tolist(), test["id"].tolist()
     ok = test["found"].to_numpy(bool).copy()
     members: list[MemberPred] = []
@@ -312,7 +320,7 @@ def write_predictions(out_dir: Path, ids: list[str], classes: list[str], final: 
 def write_submission(cfg: Config, probs: np.ndarray, ids: list[str], classes: list[str], path: Path) -> pd.DataFrame:
     """The submission in sample_submission's shape; refused (KpipeError) when validation finds an error."""
     c = cfg.competition
-    sample = data.read_sample_submission(cfg)
+    sample = ingest.read_sample_submission(cfg)
     sub = submission.make_submission(probs, ids, classes, sample, c)
     problems = submission.validate_submission(sub, sample, classes, c.sub_id_col, c.submission_format)
     for p in problems:
@@ -363,7 +371,7 @@ def _cv(cfg: Config, plan: Plan) -> tuple[float | None, str]:
 def run_oof_tta(cfg: Config, runs: list[str] | None = None) -> dict[str, dict[str, float]]:
     """Each fold's best.pt on its own validation images, once per TTA view -> runs/<exp>/oof_tta/<view>.csv."""
     device = dist.setup(cfg.train.device)
-    classes = data.load_classes(cfg)
+    classes = ingest.load_classes(cfg)
     views = tta.parse_views(cfg.infer.tta)
     table, _ = folds.load_fold_table(cfg)
     results: dict[str, dict[str, float]] = {}

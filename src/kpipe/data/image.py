@@ -37,7 +37,7 @@ class ImageReadError(KpipeError):
 
     def __init__(self, path: str | os.PathLike[str], reason: str | None = None) -> None:
         if reason is None:  # torch's DataLoader rebuilds a worker's error from its traceback text alone
-            last = str(path).rstrip().splitlines()[-1]  # "kpipe.image.ImageReadError: <file>: cannot read image: <why>"
+            last = str(path).rstrip().splitlines()[-1]  # "kpipe.data.image.ImageReadError: <file>: cannot read image: <why>"
             path, _, reason = last.split(": ", 1)[-1].partition(": cannot read image: ")
         self.path = str(path)
         self.reason = reason

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from rich.console import Console
 
-from kpipe import data
+from kpipe.data import ingest
 from kpipe.config import CompetitionConfig, Config
 from kpipe.errors import KpipeError, Problem, preview
 from kpipe.io import read_csv_ids
@@ -285,7 +285,7 @@ def validate_file(path: str | Path, cfg: Config) -> list[Problem]:
             )
         ]
     c = cfg.competition
-    sample, classes = data.read_sample_submission(cfg), data.load_classes(cfg)
+    sample, classes = ingest.read_sample_submission(cfg), ingest.load_classes(cfg)
     problems = validate_submission(sub, sample, classes, c.sub_id_col, c.submission_format)
     with open(path, "rb") as fh:
         if fh.read(3) == BOM:  # pandas skips it; some scorers read it into the first column's name

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from kpipe.image import ImageReadError, read_rgb
-from kpipe.transforms import seed_worker
+from kpipe.data.image import ImageReadError, read_rgb
+from kpipe.data.transforms import seed_worker
 
 
 class ImageDataset(Dataset):

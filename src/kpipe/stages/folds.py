@@ -21,7 +21,7 @@ from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from kpipe.config import Config
-from kpipe.data import Ingest, load_classes, load_train, save_classes
+from kpipe.data.ingest import Ingest, load_classes, load_train, save_classes
 from kpipe.errors import KpipeError, Problem, preview
 from kpipe.io import read_csv_ids, write_csv
 

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from kpipe.errors import KpipeError
-from kpipe.image import ImageReadError, read_rgb
+from kpipe.data.image import ImageReadError, read_rgb
 from kpipe.io import write_text
 
 THUMB_PX = 96

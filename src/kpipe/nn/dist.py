@@ -106,7 +106,7 @@ def launch(args: argparse.Namespace, argv: list[str]) -> int:
     """`kpipe train --gpus N`: re-run the same command under torchrun; `--fold-per-gpu`: one fold per GPU."""
     rest = _strip_launch_flags(argv)
     if args.fold_per_gpu:
-        from kpipe import train
+        from kpipe.stages import train
 
         return train.run_fold_per_gpu(args, rest)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}",

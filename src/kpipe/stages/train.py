@@ -28,9 +28,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from kpipe import dist, folds, models, reports, transforms
+from kpipe.nn import dist
+from kpipe.stages import folds
+from kpipe.nn import models
+from kpipe.eval import reports
+from kpipe.data import transforms
 from kpipe.config import Config, load_run_config
-from kpipe.engine import (
+from kpipe.nn.engine import (
     FoldState,
     Interrupted,
     StopRequested,
@@ -46,8 +50,8 @@ from kpipe.engine import (
 )
 from kpipe.errors import KpipeError
 from kpipe.io import read_csv_ids, write_csv, write_json, write_text, write_yaml
-from kpipe.loader import CachedBatches, EpochSampler, ImageDataset, balanced_weights, make_loader
-from kpipe.metrics import higher_is_better, score
+from kpipe.data.loader import CachedBatches, EpochSampler, ImageDataset, balanced_weights, make_loader
+from kpipe.eval.metrics import higher_is_better, score
 
 console = Console()
 LOSS_EVERY = 20  # optimiser steps between reads of the loss for the progress bar
@@ -135,7 +139,7 @@ def _cmdline() -> str:
 def _cache(cfg: Config, df: pd.DataFrame, device: torch.device) -> np.ndarray | None:
     if not cfg.data.cache:
         return None
-    from kpipe import cache
+    from kpipe.data import cache
 
     size = cfg.data.img_size or models.resolve_data_config(
         models.create_from_config(cfg.model.model_copy(update={"pretrained": False, "weights": None}), 2),

@@ -35,7 +35,7 @@ import numpy as np
 
 from kpipe.config import Config
 from kpipe.errors import KpipeError, preview
-from kpipe.image import ImageReadError, read_rgb, resize_square
+from kpipe.data.image import ImageReadError, read_rgb, resize_square
 from kpipe.io import write_json
 
 try:

@@ -20,7 +20,7 @@ from rich.table import Table  # noqa: E402
 from sklearn.metrics import confusion_matrix  # noqa: E402
 
 from kpipe.io import atomic_path, write_csv  # noqa: E402
-from kpipe.metrics import per_class_report  # noqa: E402
+from kpipe.eval.metrics import per_class_report  # noqa: E402
 
 console = Console()
 

@@ -33,7 +33,7 @@ from rich.progress import track
 from rich.table import Table
 
 from kpipe.config import Config
-from kpipe.dedup import MAX_PAIRS, DupGraph, connected_groups, dup_graph, expand_pairs, train_group_edges
+from kpipe.data.dedup import MAX_PAIRS, DupGraph, connected_groups, dup_graph, expand_pairs, train_group_edges
 from kpipe.io import write_csv, write_json
 
 NEAR_THRESHOLD = 6  # max pHash Hamming distance (of 64 bits): a resized, re-encoded copy mostly scores 0-4
@@ -313,7 +313,7 @@ def summarize(tables: dict[str, pd.DataFrame], truncated: bool, **params: Any) -
 
 def collect_items(cfg: Config) -> pd.DataFrame:
     """Every train and test file of the competition: id, split, label, path, reason (preset when there is no file)."""
-    from kpipe.data import load_test, load_train
+    from kpipe.data.ingest import load_test, load_train
 
     ing = load_train(cfg)
     ex = ing.excluded.reindex(columns=["id", "label", "path", "reason"]).fillna("")

@@ -25,11 +25,11 @@ from rich.table import Table
 from scipy.optimize import minimize
 from scipy.special import logsumexp
 
-from kpipe import metrics
+from kpipe.eval import metrics
 from kpipe.config import Config
 from kpipe.errors import KpipeError, preview
 from kpipe.io import read_csv_ids, write_json
-from kpipe.tta import aggregate
+from kpipe.nn.tta import aggregate
 
 EPS = 1e-15  # same clipping as metrics.score's log loss
 ZERO_WEIGHT = 1e-6  # optimiser dust below this is set to exactly 0

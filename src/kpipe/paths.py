@@ -1,0 +1,172 @@
+"""Every location kpipe reads or writes, derived in one place from the config.
+
+Stages hand over through files (DESIGN.md); this module is the map of them. No other module joins
+a folder and a file name for a hand-over file: it asks here, so a layout change is one edit and a
+reader can see the whole tree on one screen:
+
+    data/<comp>/                 raw competition files (data_dir), never modified
+    data/<comp>/audit/           kpipe audit          data/<comp>/relabels.csv, review.html, labels_clean.csv
+    folds/<comp>.csv             kpipe folds          folds/<comp>.classes.json, <comp>.excluded.csv
+    runs/<exp>/                  kpipe train          (RunDir: config.yaml, fold<k>/, oof.csv, cv.json ...)
+    runs/ensembles/<exp>.json    kpipe ensemble       predictions/<name>/   kpipe infer
+    submissions/<name>.csv       kpipe infer          submissions/<name>.json (sidecar), ledger.csv
+    cache/<comp>/<px>/<split>.npy  decode-once image cache
+
+Usage: ``run = paths.run_dir(cfg); run.fold(0).best``; ``paths.folds_csv(cfg)``
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from kpipe.config import Config
+
+# ------------------------------------------------------------------ competition
+
+
+def data_dir(cfg: Config) -> Path:
+    """The competition's raw files (competition.data_dir, or <paths.data_root>/<name>)."""
+    c = cfg.competition
+    return Path(c.data_dir) if c.data_dir else Path(cfg.paths.data_root) / c.name
+
+
+def work_dir(cfg: Config) -> Path:
+    """kpipe's own files about the competition (audit/, relabels.csv, labels_clean.csv).
+
+    The same folder as data_dir unless competition.data_dir points elsewhere (a read-only
+    mount, say): raw files are only ever read.
+    """
+    return Path(cfg.paths.data_root) / cfg.competition.name
+
+
+def audit_dir(cfg: Config) -> Path:
+    return work_dir(cfg) / "audit"
+
+
+def relabels_csv(cfg: Config) -> Path:
+    return work_dir(cfg) / "relabels.csv"
+
+
+def review_html(cfg: Config) -> Path:
+    return work_dir(cfg) / "review.html"
+
+
+def clean_labels_csv(cfg: Config) -> Path:
+    return work_dir(cfg) / "labels_clean.csv"
+
+
+# ------------------------------------------------------------------ folds
+
+
+def folds_csv(cfg: Config) -> Path:
+    return Path(cfg.paths.folds_dir) / f"{cfg.competition.name}.csv"
+
+
+def classes_json(cfg: Config) -> Path:
+    """The class order of every probability column (written by `kpipe folds`)."""
+    return Path(cfg.paths.folds_dir) / f"{cfg.competition.name}.classes.json"
+
+
+def excluded_csv(cfg: Config) -> Path:
+    return Path(cfg.paths.folds_dir) / f"{cfg.competition.name}.excluded.csv"
+
+
+def cache_file(cfg: Config, img_size: int, split: str) -> Path:
+    return Path(cfg.data.cache_dir) / cfg.competition.name / str(img_size) / f"{split}.npy"
+
+
+# ------------------------------------------------------------------ runs
+
+
+@dataclass(frozen=True)
+class FoldDir:
+    root: Path
+
+    @property
+    def best(self) -> Path:
+        return self.root / "best.pt"
+
+    @property
+    def last(self) -> Path:
+        return self.root / "last.pt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.csv"
+
+    @property
+    def oof(self) -> Path:
+        return self.root / "oof.csv"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "train.log"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """One training run's folder, runs/<exp>/ (or any folder a user names with --runs)."""
+
+    root: Path
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def folds_sha256(self) -> Path:
+        return self.root / "folds.sha256"
+
+    @property
+    def oof(self) -> Path:
+        return self.root / "oof.csv"
+
+    @property
+    def cv(self) -> Path:
+        return self.root / "cv.json"
+
+    @property
+    def oof_tta_dir(self) -> Path:
+        return self.root / "oof_tta"
+
+    def oof_tta(self, view: str) -> Path:
+        return self.oof_tta_dir / f"{view}.csv"
+
+    def fold(self, k: int) -> FoldDir:
+        return FoldDir(self.root / f"fold{k}")
+
+    def fold_dirs(self) -> list[FoldDir]:
+        return [FoldDir(p) for p in sorted(self.root.glob("fold*")) if p.is_dir()]
+
+
+def run_dir(cfg: Config) -> RunDir:
+    return RunDir(Path(cfg.paths.runs_dir) / cfg.name)
+
+
+def ensemble_json(cfg: Config) -> Path:
+    return Path(cfg.paths.runs_dir) / "ensembles" / f"{cfg.name}.json"
+
+
+# ------------------------------------------------------------------ predictions and submissions
+
+
+def predictions_dir(cfg: Config, name: str) -> Path:
+    return Path(cfg.paths.predictions_dir) / name
+
+
+def submission_csv(cfg: Config, name: str) -> Path:
+    return Path(cfg.paths.submissions_dir) / f"{name}.csv"
+
+
+def sidecar(submission: Path) -> Path:
+    """The JSON beside a submission CSV: which runs, views and CV made it."""
+    return submission.with_suffix(".json")
+
+
+def ledger_csv(cfg: Config) -> Path:
+    return Path(cfg.paths.submissions_dir) / "ledger.csv"
