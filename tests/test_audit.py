@@ -15,10 +15,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from kpipe.stages import audit
-from kpipe.data import dedup
+from kpipe import paths
 from kpipe.config import load_config
+from kpipe.data import dedup
 from kpipe.io import read_csv_ids
+from kpipe.stages import audit
 
 LABELS = ["cat", "dog", "fox"]
 
@@ -302,7 +303,7 @@ def test_run_writes_every_file(tmp_path: Path) -> None:
 
     summary = audit.run(cfg, workers=1)
 
-    out = cfg.work_dir / "audit"
+    out = paths.work_dir(cfg) / "audit"
     for name in ("images", "unreadable", "modes", "odd_sizes", "exact_duplicates", "near_duplicates", "leakage",
                  "label_conflicts", "groups"):
         assert (out / f"{name}.csv").is_file(), name

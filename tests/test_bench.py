@@ -18,8 +18,8 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
-from kpipe.tools import bench
 from kpipe.errors import KpipeError
+from kpipe.tools import bench
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

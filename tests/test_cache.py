@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kpipe.data import cache
+from kpipe import paths
 from kpipe.config import validate
-from kpipe.errors import KpipeError
+from kpipe.data import cache
 from kpipe.data.image import read_rgb, resize_square
+from kpipe.errors import KpipeError
 
 SIZE = 16
 
@@ -115,6 +116,6 @@ def test_unreadable_images_reported(tmp_path: Path) -> None:
 
 def test_cache_file_for_and_empty(tmp_path: Path) -> None:
     cfg = validate({"competition": {"name": "demo"}, "data": {"cache_dir": str(tmp_path)}})
-    assert cache.cache_file_for(cfg, 64, "train") == tmp_path / "demo" / "64" / "train.npy"
+    assert paths.cache_file(cfg, 64, "train") == tmp_path / "demo" / "64" / "train.npy"
     with pytest.raises(KpipeError, match="no images"):
         cache.build_cache([], SIZE, tmp_path / "x.npy")

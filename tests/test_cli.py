@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from conftest import tiny_config, write_competition
-from kpipe import cli
+from kpipe import cli, paths
 from kpipe.stages import folds
 
 COMMANDS = ["demo-data", "demo-report", "audit", "folds", "train", "relabel", "infer", "oof-tta", "ensemble",
@@ -44,12 +44,12 @@ def test_fold_per_gpu_runs_each_fold_in_its_own_process(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path, comp)
     folds.run(cfg)
     exp = tmp_path / "tiny_exp.yaml"
-    paths = [f"paths.{k}={v}" for k, v in cfg.paths.model_dump().items()] + [f"data.cache_dir={cfg.data.cache_dir}"]
-    code = cli.main(["train", "--fold-per-gpu", "-c", str(exp), "--comp", str(comp), *paths])
+    where = [f"paths.{k}={v}" for k, v in cfg.paths.model_dump().items()] + [f"data.cache_dir={cfg.data.cache_dir}"]
+    code = cli.main(["train", "--fold-per-gpu", "-c", str(exp), "--comp", str(comp), *where])
     assert code == 0
-    oof = pd.read_csv(cfg.run_dir / "oof.csv", dtype={"id": str})
+    oof = pd.read_csv(paths.run_dir(cfg).root / "oof.csv", dtype={"id": str})
     assert len(oof) == 18 and oof["id"].is_unique and set(oof["fold"]) == {0, 1}
-    assert (cfg.run_dir / "fold0" / "train.log").read_text().count("fold 0 epoch 1/1") == 1
+    assert (paths.run_dir(cfg).root / "fold0" / "train.log").read_text().count("fold 0 epoch 1/1") == 1
 
 
 RSS_AFTER_FREE = """

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kpipe import paths
 from kpipe.config import load_config, load_run_config
 from kpipe.errors import KpipeError
 from kpipe.io import write_yaml
@@ -25,8 +26,8 @@ def comp(tmp_path: Path) -> Path:
 def test_defaults_and_derived_paths(comp: Path) -> None:
     cfg = load_config(None, comp)
     assert cfg.competition.name == "c1"
-    assert str(cfg.folds_csv) == "folds/c1.csv"
-    assert str(cfg.data_dir) == "data/c1"
+    assert str(paths.folds_csv(cfg)) == "folds/c1.csv"
+    assert str(paths.data_dir(cfg)) == "data/c1"
     assert cfg.train.optimizer == "adamw"  # schema default
 
 

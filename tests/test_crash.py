@@ -27,9 +27,9 @@ from rich.console import Console
 
 from conftest import TINY_EXP, tiny_config, write_competition
 from kpipe import cli
+from kpipe.errors import Interrupted
 from kpipe.nn import engine
-from kpipe.stages import folds
-from kpipe.stages import train
+from kpipe.stages import folds, train
 
 EPOCHS = 20  # ~0.2 s each on 2 CPU cores: kills land in steps, validation and checkpoint writes
 MAX_KILLS, MIN_KILLS, KILL_BUDGET_S = 6, 2, 30.0
@@ -178,16 +178,14 @@ def _stopped_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, argv: list[st
 
     def stopped(*_: object) -> None:
         engine.StopRequested.signum = signal.SIGINT
-        raise engine.Interrupted
+        raise Interrupted(signal.SIGINT)
 
     monkeypatch.setattr(train, "train_fold", stopped)
     monkeypatch.setattr(engine.StopRequested, "signum", None)  # restored after the test: no stop leaks out
-    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(cli, "config_from", lambda args: cfg)  # the command line names files this test lacks
     buf = io.StringIO()
-    monkeypatch.setattr(train, "console", Console(file=buf, width=80))
-    with pytest.raises(SystemExit) as stop:
-        train.run(cfg)
-    assert stop.value.code == 130
+    monkeypatch.setattr(cli, "console", Console(file=buf, width=80))
+    assert cli.main(argv[1:]) == 130
     return buf.getvalue()
 
 
@@ -206,7 +204,8 @@ def test_resume_line_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert line.rstrip().endswith("--resume"), text
 
 
-def test_resume_hint_survives_paths_with_spaces(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_hint_survives_paths_with_spaces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     argv = ["kpipe", "train", "-c", "my exps/b0.yaml", "--comp", "demo", "name=café run", "--resume"]
-    monkeypatch.setattr(sys, "argv", argv)
-    assert shlex.split(train._cmdline()) == [a for a in argv[2:] if a != "--resume"]
+    text = _stopped_hint(tmp_path, monkeypatch, argv)
+    line = " ".join(text.split("\n")).split("Resume with:", 1)[1]
+    assert shlex.split(line) == ["kpipe", *[a for a in argv[1:] if a != "--resume"], "--resume"]

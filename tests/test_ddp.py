@@ -19,9 +19,8 @@ import pytest
 import yaml
 
 from conftest import TINY_EXP, tiny_config, write_competition
-from kpipe.stages import folds
-from kpipe.stages import infer
-from kpipe.stages import train
+from kpipe import paths
+from kpipe.stages import folds, infer, train
 
 pytestmark = pytest.mark.slow
 
@@ -50,9 +49,9 @@ def test_two_process_ddp_matches_single_process(tmp_path: Path) -> None:
 
     run_dir = tmp_path / "runs" / "ddp"
     oof = pd.read_csv(run_dir / "oof.csv", dtype={"id": str})
-    train_ids = pd.read_csv(single.folds_csv, dtype=str)["id"]
+    train_ids = pd.read_csv(paths.folds_csv(single), dtype=str)["id"]
     assert oof["id"].is_unique and set(oof["id"]) == set(train_ids)
-    ref_oof = pd.read_csv(single.run_dir / "oof.csv", dtype={"id": str})
+    ref_oof = pd.read_csv(paths.run_dir(single).root / "oof.csv", dtype={"id": str})
     pcols = [c for c in oof.columns if c.startswith("p_")]
     # Tolerance: float reduction order differs (gradients all-reduced over 2 ranks), nothing else.
     np.testing.assert_allclose(oof[pcols].to_numpy(), ref_oof[pcols].to_numpy(), atol=1e-4)

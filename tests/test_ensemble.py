@@ -9,10 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kpipe.stages import ensemble
-from kpipe.eval import metrics
 from kpipe.config import validate
 from kpipe.errors import KpipeError
+from kpipe.eval import blend as blend_lib
+from kpipe.eval import metrics
+from kpipe.eval import oof as oof_lib
+from kpipe.stages import ensemble
 
 CLASSES = ["cat", "dog", "eel"]
 
@@ -34,7 +36,7 @@ def test_perfect_member_gets_the_weight(metric: str, how: str) -> None:
     perfect = np.full((300, 3), 0.05)
     perfect[np.arange(300), y] = 0.9
     members = [_noisy(y, 0.6, rng), perfect, _noisy(y, 0.5, rng)]
-    w = ensemble.fit_weights(members, y, metric, how)
+    w = blend_lib.fit_weights(members, y, metric, how)
     assert w.min() >= 0 and w.sum() == pytest.approx(1.0)
     assert w[1] > 0.95
 
@@ -44,22 +46,22 @@ def test_reported_cv_is_the_weighted_oof_and_beats_members(metric: str) -> None:
     rng = np.random.default_rng(1)
     y = rng.integers(0, 3, 400)
     members = [_noisy(y, a, rng) for a in (0.55, 0.6, 0.65)]
-    fit = ensemble.fit(members, y, metric)
-    assert fit.cv == metrics.score(metric, y, ensemble.blend(members, fit.weights))
+    fit = blend_lib.fit(members, y, metric)
+    assert fit.cv == metrics.score(metric, y, blend_lib.blend(members, fit.weights))
     sign = 1 if metrics.higher_is_better(metric) else -1
     for cand in [*np.eye(3), np.full(3, 1 / 3)]:
-        assert sign * fit.cv >= sign * metrics.score(metric, y, ensemble.blend(members, cand)) - 1e-12
+        assert sign * fit.cv >= sign * metrics.score(metric, y, blend_lib.blend(members, cand)) - 1e-12
 
 
 def test_log_loss_fit_is_optimal_on_a_grid() -> None:
     rng = np.random.default_rng(2)
     y = rng.integers(0, 3, 300)
     a, b = _noisy(y, 0.7, rng), _noisy(y, 0.6, rng)
-    w = ensemble.fit_log_loss(np.stack([a, b]), y)
+    w = blend_lib.fit_log_loss(np.stack([a, b]), y)
     best = min(
-        metrics.score("log_loss", y, ensemble.blend([a, b], [g, 1 - g])) for g in np.linspace(0, 1, 101)
+        metrics.score("log_loss", y, blend_lib.blend([a, b], [g, 1 - g])) for g in np.linspace(0, 1, 101)
     )
-    assert metrics.score("log_loss", y, ensemble.blend([a, b], w)) <= best + 1e-9
+    assert metrics.score("log_loss", y, blend_lib.blend([a, b], w)) <= best + 1e-9
 
 
 def _write_oof(
@@ -116,11 +118,11 @@ def test_run_aligns_writes_json_and_recomputes_cv(tmp_path: Path, runs) -> None:
         (str(b), "identity"),
     ]
     assert sum(m["weight"] for m in saved["members"]) == pytest.approx(1.0)
-    ref, members = ensemble.load_members([str(a), str(b)], include_tta=True)
+    ref, members = oof_lib.load_members([str(a), str(b)], include_tta=True)
     np.testing.assert_allclose(members[2].probs, pb)  # b realigned to a's rows and class order
     y = np.array([CLASSES.index(lbl) for lbl in ref.labels])
     w = np.array([m["weight"] for m in saved["members"]])
-    assert saved["cv_blend"] == metrics.score("accuracy", y, ensemble.blend([m.probs for m in members], w))
+    assert saved["cv_blend"] == metrics.score("accuracy", y, blend_lib.blend([m.probs for m in members], w))
     assert saved["cv_blend"] >= max(m["cv"] for m in saved["members"])
 
 
@@ -138,13 +140,13 @@ def test_mismatched_ids_and_classes_fail_clearly(tmp_path: Path, runs) -> None:
     y = np.zeros(len(ids) - 1, dtype=int)
     _write_oof(c, ids[:-1], ["cat"] * (len(ids) - 1), np.eye(3)[y], CLASSES)
     with pytest.raises(KpipeError, match=r"1 missing: ' spaced '"):
-        ensemble.load_members([str(a), str(c)], include_tta=False)
+        oof_lib.load_members([str(a), str(c)], include_tta=False)
     _write_oof(d, ids, ["cat"] * len(ids), np.eye(4)[np.zeros(len(ids), dtype=int)], [*CLASSES, "fox"])
     with pytest.raises(KpipeError, match="classes differ.*'fox'"):
-        ensemble.load_members([str(a), str(d)], include_tta=False)
+        oof_lib.load_members([str(a), str(d)], include_tta=False)
     e = tmp_path / "runs" / "e"
     _write_oof(e, ids, ["cat"] * len(ids), np.full((len(ids), 3), 1 / 3), CLASSES)
     with pytest.raises(KpipeError, match="labels differ"):
-        ensemble.load_members([str(a), str(e)], include_tta=False)
-    with pytest.raises(KpipeError, match="not found"):
-        ensemble.load_members([str(tmp_path / "nope")], include_tta=False)
+        oof_lib.load_members([str(a), str(e)], include_tta=False)
+    with pytest.raises(KpipeError, match="no out-of-fold predictions"):
+        oof_lib.load_members([str(tmp_path / "nope")], include_tta=False)

@@ -22,11 +22,10 @@ import pytest
 
 import hostile
 from kpipe import cli
-from kpipe.data import ingest
-from kpipe.data import image
-from kpipe.stages import infer
 from kpipe.config import Config, load_config
+from kpipe.data import image, ingest
 from kpipe.io import read_csv_ids
+from kpipe.stages import infer
 
 LAYOUTS = ["csv", "folders"]
 SUB_NAME = "hostile_exp"  # infer.name defaults to the experiment name: the exp file's stem

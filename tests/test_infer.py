@@ -14,24 +14,24 @@ import pytest
 import torch
 
 from conftest import tiny_config, write_competition
-from kpipe.data import ingest
-from kpipe.stages import ensemble
-from kpipe.stages import folds
-from kpipe.stages import infer
-from kpipe.eval import metrics
-from kpipe.nn import models
-from kpipe.kaggle import submission
+from kpipe import paths
 from kpipe.config import Config
+from kpipe.data import ingest
 from kpipe.errors import KpipeError
+from kpipe.eval import metrics
+from kpipe.eval import oof as oof_lib
 from kpipe.io import read_csv_ids, write_json, write_yaml
+from kpipe.kaggle import submission
+from kpipe.nn import models
+from kpipe.stages import folds, infer
 
 
 def make_run(cfg: Config, seed: int = 0, classes: list[str] | None = None) -> Path:
     """runs/<cfg.name>/: config.yaml, fold<k>/best.pt in train's payload format, a fake oof.csv and cv.json."""
-    run = cfg.run_dir
+    run = paths.run_dir(cfg).root
     write_yaml(run / "config.yaml", cfg.to_dict())
     classes = classes or ingest.load_classes(cfg)
-    table = read_csv_ids(cfg.folds_csv)
+    table = read_csv_ids(paths.folds_csv(cfg))
     torch.manual_seed(seed)
     for k in sorted(table["fold"].astype(int).unique()):
         model = models.create_from_config(cfg.model, len(classes))
@@ -70,7 +70,7 @@ def _probs(cfg: Config, name: str) -> pd.DataFrame:
 def test_submission_matches_sample(tmp_path: Path, layout: str, labels: list[str] | None, proba: bool) -> None:
     cfg = setup(tmp_path, layout=layout, labels=labels)
     classes = ingest.load_classes(cfg)
-    sample_path = cfg.data_dir / cfg.competition.sample_submission
+    sample_path = paths.data_dir(cfg) / cfg.competition.sample_submission
     if proba:
         sample = read_csv_ids(sample_path)
         pd.DataFrame({"id": sample["id"], **{c: 1 / 3 for c in reversed(classes)}}).to_csv(sample_path, index=False)
@@ -94,16 +94,16 @@ def test_submission_matches_sample(tmp_path: Path, layout: str, labels: list[str
     assert len(index) == 2 * 2  # folds x views
     assert all(np.load(pred / m["file"]).shape == (len(sample), len(classes)) for m in index)
     side = json.loads(sub_path.with_suffix(".json").read_text())
-    assert side["cv"] == 0.123 and side["tta"] == ["identity", "hflip"] and side["folds"] == {str(cfg.run_dir): [0, 1]}
+    assert side["cv"] == 0.123 and side["tta"] == ["identity", "hflip"] and side["folds"] == {str(paths.run_dir(cfg).root): [0, 1]}
     assert side["n_unreadable"] == 0 and side["weights"] is None
 
 
 def test_unreadable_test_images_get_the_prior(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = setup(tmp_path)
-    test_dir = cfg.data_dir / "test"
+    test_dir = paths.data_dir(cfg) / "test"
     (test_dir / "t001.png").write_bytes(b"")
     (test_dir / "t002.png").write_text("not an image")
-    sample_path = cfg.data_dir / "sample_submission.csv"
+    sample_path = paths.data_dir(cfg) / "sample_submission.csv"
     sample = read_csv_ids(sample_path)
     pd.concat([sample, pd.DataFrame({"id": ["t999"], "label": ["cat"]})]).to_csv(sample_path, index=False)
     result = infer.run(cfg)
@@ -113,7 +113,7 @@ def test_unreadable_test_images_get_the_prior(tmp_path: Path, capsys: pytest.Cap
     assert "3 test images could not be read" in out and all(i in out for i in bad)
     sub = read_csv_ids(result["submission"])
     assert sub["id"].tolist() == [*sample["id"], "t999"]
-    prior = infer.class_prior(read_csv_ids(cfg.folds_csv)["label"].tolist(), ingest.load_classes(cfg))
+    prior = infer.class_prior(read_csv_ids(paths.folds_csv(cfg))["label"].tolist(), ingest.load_classes(cfg))
     probs = _probs(cfg, "a")
     np.testing.assert_allclose(probs.loc[bad].to_numpy(), np.tile(prior, (3, 1)), atol=1e-6)
     assert not np.allclose(probs.loc["t000"].to_numpy(), prior, atol=1e-6)
@@ -136,16 +136,16 @@ def test_class_prior_and_blend() -> None:
 def test_oof_tta_writes_one_file_per_view(tmp_path: Path) -> None:
     cfg = setup(tmp_path)
     scores = infer.run_oof_tta(cfg)
-    run = cfg.run_dir
+    run = paths.run_dir(cfg).root
     assert set(scores[str(run)]) == {"identity", "hflip", "mean"}
     oof_cols = list(read_csv_ids(run / "oof.csv").columns)
-    train_ids = sorted(read_csv_ids(cfg.folds_csv)["id"])
+    train_ids = sorted(read_csv_ids(paths.folds_csv(cfg))["id"])
     for view in ("identity", "hflip"):
         df = read_csv_ids(run / "oof_tta" / f"{view}.csv")
         assert list(df.columns) == oof_cols
         assert sorted(df["id"]) == train_ids and df["id"].is_unique
     # The files are members `kpipe ensemble` can use.
-    ref, members = ensemble.load_members([str(run)], include_tta=True)
+    ref, members = oof_lib.load_members([str(run)], include_tta=True)
     assert {m.view for m in members} == {"identity", "hflip"}
     # Now that both views are scored, a TTA submission's sidecar carries their OOF CV, and says so.
     side = infer.run(cfg)
@@ -157,7 +157,7 @@ def test_oof_tta_writes_one_file_per_view(tmp_path: Path) -> None:
 def test_ensemble_weights_are_honoured(tmp_path: Path) -> None:
     cfg = setup(tmp_path)
     make_run(cfg.model_copy(update={"name": "b"}), seed=1)
-    run_a, run_b = str(cfg.run_dir), str(Path(cfg.paths.runs_dir) / "b")
+    run_a, run_b = str(paths.run_dir(cfg).root), str(Path(cfg.paths.runs_dir) / "b")
     infer.run(cfg.model_copy(update={"name": "only_b"}), runs=[run_b])
     infer.run(cfg.model_copy(update={"name": "only_a"}), runs=[run_a])
     infer.run(cfg.model_copy(update={"name": "both"}), runs=[run_a, run_b])
@@ -189,7 +189,7 @@ def test_checkpoint_classes_must_match(tmp_path: Path) -> None:
 def test_invalid_submission_is_refused(tmp_path: Path) -> None:
     cfg = setup(tmp_path)
     classes = ingest.load_classes(cfg)
-    sample_path = cfg.data_dir / cfg.competition.sample_submission
+    sample_path = paths.data_dir(cfg) / cfg.competition.sample_submission
     ids = read_csv_ids(sample_path)["id"].tolist()
     pd.DataFrame({"id": ids, **{c: 1 / 3 for c in classes}}).to_csv(sample_path, index=False)
     probs = np.full((len(ids), 3), 0.5)  # rows sum to 1.5

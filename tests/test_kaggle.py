@@ -15,11 +15,12 @@ import yaml
 
 from conftest import CLASSES, tiny_config
 from fake_kaggle import FakeKaggle
-from kpipe.stages import kaggle
-from kpipe.kaggle import ledger
+from kpipe import paths
 from kpipe.config import Config
 from kpipe.data.ingest import save_classes
 from kpipe.errors import KpipeError
+from kpipe.kaggle import ledger
+from kpipe.stages import kaggle
 
 TEST_IDS = [f"t{j:03d}" for j in range(6)]
 TRUTH = [CLASSES[j % 3] for j in range(6)]  # conftest draws test image j as class j % 3
@@ -76,7 +77,7 @@ def download_cfg(tmp_path: Path) -> Config:
 def test_download_unzips_skips_when_complete_and_keeps_kpipe_files(tmp_path: Path, fake: FakeKaggle) -> None:
     cfg = download_cfg(tmp_path)
     dest = kaggle.download(cfg)
-    assert dest == cfg.data_dir
+    assert dest == paths.data_dir(cfg)
     assert (dest / "train.csv").read_bytes() == fake.files["train.csv"]
     assert (dest / "test" / "t000.png").read_bytes() == fake.files["test/t000.png"]
     assert kaggle.is_complete(dest, "tiny")
@@ -101,7 +102,7 @@ def test_download_one_file(tmp_path: Path, fake: FakeKaggle) -> None:
     cfg = download_cfg(tmp_path)
     path = kaggle.download(cfg, file="sample_submission.csv")
     assert path.read_bytes() == fake.files["sample_submission.csv"]
-    assert not (cfg.data_dir / "train.csv").exists()
+    assert not (paths.data_dir(cfg) / "train.csv").exists()
 
 
 def _zip(files: dict[str, bytes]) -> bytes:
@@ -206,7 +207,7 @@ def test_submit_wait_lands_score_in_ledger(cfg: Config, fake: FakeKaggle, capsys
     assert result["status"] == "complete" and result["public_score"] == "1.00000"
     assert result["remaining"] == fake.daily_limit - 1
     assert fake.calls.count("GetSubmission") == 2  # PENDING first, then COMPLETE
-    book = ledger.read(ledger.ledger_path(cfg))
+    book = ledger.read(paths.ledger_csv(cfg))
     assert len(book) == 1
     row = book.iloc[0]
     assert row["kaggle_ref"] == str(fake.submissions[0].ref)
@@ -217,7 +218,7 @@ def test_submit_wait_lands_score_in_ledger(cfg: Config, fake: FakeKaggle, capsys
     assert fake.uploads == [path.read_bytes()]
     out = capsys.readouterr().out
     assert "submissions left today: 4" in out and "public 1.00000" in out
-    assert fake.key not in ledger.ledger_path(cfg).read_text() + out
+    assert fake.key not in paths.ledger_csv(cfg).read_text() + out
 
 
 def test_invalid_file_is_refused_before_upload(cfg: Config, fake: FakeKaggle) -> None:
@@ -228,7 +229,7 @@ def test_invalid_file_is_refused_before_upload(cfg: Config, fake: FakeKaggle) ->
     with pytest.raises(KpipeError, match="nothing was uploaded"):
         kaggle.submit(cfg, bad, "missing a row", wait=False, force=False)
     assert fake.uploads == [] and fake.calls == []
-    assert not ledger.ledger_path(cfg).exists()
+    assert not paths.ledger_csv(cfg).exists()
 
 
 def test_identical_file_refused_unless_force(cfg: Config, fake: FakeKaggle) -> None:
@@ -239,7 +240,7 @@ def test_identical_file_refused_unless_force(cfg: Config, fake: FakeKaggle) -> N
         kaggle.submit(cfg, again, "again", wait=False, force=False)
     assert len(fake.uploads) == 1
     kaggle.submit(cfg, again, None, wait=False, force=True)  # no message: one made from the sidecar
-    book = ledger.read(ledger.ledger_path(cfg))
+    book = ledger.read(paths.ledger_csv(cfg))
     assert len(fake.uploads) == 2 and len(book) == 2
     assert book.iloc[1]["message"] == fake.submissions[1].description == "copy: runs a+b, CV 0.9000 accuracy"
 
@@ -249,7 +250,7 @@ def test_server_side_scoring_error_is_shown_and_recorded(cfg: Config, fake: Fake
     path = write_sub(cfg, "stale", TRUTH)
     with pytest.raises(KpipeError, match="could not score stale.csv.*must have 7 rows"):
         kaggle.submit(cfg, path, "stale sample", wait=True, force=False)
-    row = ledger.read(ledger.ledger_path(cfg)).iloc[0]
+    row = ledger.read(paths.ledger_csv(cfg)).iloc[0]
     assert row["status"] == "error" and "must have 7 rows" in row["error"]
 
 
@@ -278,7 +279,7 @@ def test_limit_unknown_then_server_refusal_is_shown(cfg: Config, fake: FakeKaggl
     assert result["remaining"] is None and "submissions left today: unknown" in capsys.readouterr().out
     with pytest.raises(KpipeError, match="Submission limit reached"):
         kaggle.submit(cfg, write_sub(cfg, "second", TRUTH[::-1]), "second", wait=False, force=False)
-    assert len(ledger.read(ledger.ledger_path(cfg))) == 1
+    assert len(ledger.read(paths.ledger_csv(cfg))) == 1
 
 
 def test_lost_reply_after_create_does_not_submit_twice(cfg: Config, fake: FakeKaggle) -> None:
@@ -325,4 +326,4 @@ def test_lb_lists_kpipe_and_kaggle_cli_submissions(cfg: Config, fake: FakeKaggle
     assert "'kpipe team' is #1" in out  # 1.0 beats the rivals' 0.95 and 0.40
     assert (Path(cfg.paths.submissions_dir) / "cv_vs_lb.png").stat().st_size > 1000
 
-    assert len(ledger.read(ledger.ledger_path(cfg))) == 3  # nothing added twice
+    assert len(ledger.read(paths.ledger_csv(cfg))) == 3  # nothing added twice

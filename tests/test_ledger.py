@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
-from kpipe.kaggle import ledger
 from kpipe.errors import KpipeError
+from kpipe.kaggle import ledger
 
 APPENDER = """
 import sys

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from kpipe.eval import metrics
 from kpipe.errors import KpipeError
+from kpipe.eval import metrics
 
 LABELS = np.array([0, 1, 2, 2])
 PROBS = np.array([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8], [0.0, 0.0, 1.0]])

@@ -13,9 +13,9 @@ import torchvision
 from safetensors.torch import save_file
 from torch import nn
 
-from kpipe.nn import models
 from kpipe.config import DataConfig, ModelConfig
 from kpipe.errors import KpipeError
+from kpipe.nn import models
 
 TIMM_TINY = ("test_resnet", "resnet10t")
 

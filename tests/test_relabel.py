@@ -13,12 +13,14 @@ import pandas as pd
 import pytest
 
 from conftest import tiny_config, write_competition
-from kpipe.stages import folds
-from kpipe.stages import relabel
+from kpipe import cli, paths
 from kpipe.config import Config
+from kpipe.data import relabels
 from kpipe.data.ingest import load_train
 from kpipe.errors import KpipeError
+from kpipe.eval import cleaning
 from kpipe.io import read_csv_ids, write_csv
+from kpipe.stages import folds, relabel
 
 CLASSES4 = ["a", "b", "c", "d"]
 
@@ -47,7 +49,7 @@ def _truth(true: np.ndarray, given: np.ndarray) -> pd.DataFrame:
 def _suspects(seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, set[str]]:
     true, given, probs, bad = synthetic_oof(seed=seed)
     truth = _truth(true, given)
-    s = relabel.find_suspects(truth["id"].tolist(), truth["given_label"].tolist(), probs, CLASSES4)
+    s = cleaning.find_suspects(truth["id"].tolist(), truth["given_label"].tolist(), probs, CLASSES4)
     return s, truth, {f"i{j:04d}" for j in bad}
 
 
@@ -65,8 +67,8 @@ def test_planted_errors_found_and_ranked_top(seed: int) -> None:
     planted = s[s["id"].isin(bad)]
     true = truth.set_index("id")["true_label"]
     assert (planted["suggested"] == planted["id"].map(true)).mean() >= 0.9
-    table = relabel.accept_above_threshold(relabel.merge_relabels(None, s), 0.9)
-    m = relabel.relabel_precision_recall(table, truth)
+    table = relabels.accept_above_threshold(relabels.merge_relabels(None, s), 0.9)
+    m = cleaning.relabel_precision_recall(table, truth)
     assert m["precision"] >= 0.8 and m["recall"] >= 0.8, m
     assert m["n_misfiled"] == len(bad) and m["fix_accuracy"] >= 0.9
 
@@ -75,14 +77,14 @@ def test_score_is_one_minus_given_probability() -> None:
     probs = np.array([[0.9, 0.05, 0.05]] * 8 + [[0.05, 0.9, 0.05]] * 8 + [[0.05, 0.05, 0.9]] * 8
                      + [[0.02, 0.03, 0.95]])
     labels = ["x"] * 8 + ["y"] * 8 + ["z"] * 8 + ["x"]
-    s = relabel.find_suspects([f"r{i}" for i in range(25)], labels, probs, ["x", "y", "z"])
+    s = cleaning.find_suspects([f"r{i}" for i in range(25)], labels, probs, ["x", "y", "z"])
     assert s["id"].tolist() == ["r24"]
     assert s.iloc[0]["score"] == pytest.approx(0.98) and s.iloc[0]["suggested"] == "z"
 
 
 def test_unknown_oof_label_is_refused() -> None:
     with pytest.raises(KpipeError, match="no p_<class> column"):
-        relabel.find_suspects(["a"], ["q"], np.array([[1.0, 0.0]]), ["x", "y"])
+        cleaning.find_suspects(["a"], ["q"], np.array([[1.0, 0.0]]), ["x", "y"])
 
 
 def test_precision_recall_definitions() -> None:
@@ -90,14 +92,14 @@ def test_precision_recall_definitions() -> None:
                           "true_label": ["a", "b", "a", "a", "a"], "given_label": ["b", "a", "a", "a", ""]})
     table = pd.DataFrame({"id": ["1", "2", "3", "4"], "suggested": ["a", "c", "b", "b"],
                           "decision": ["accept", "drop", "accept", "keep"]})
-    m = relabel.relabel_precision_recall(table, truth)
+    m = cleaning.relabel_precision_recall(table, truth)
     # acted on: 1 (hit, right fix), 2 (hit, dropped), 3 (label was right: a false alarm); 4 kept
     assert m == {"precision": 2 / 3, "recall": 1.0, "fix_accuracy": 1.0, "n_accepted": 2, "n_dropped": 1,
                  "n_hits": 2, "n_misfiled": 2}
 
 
 def _table(rows: list[tuple]) -> pd.DataFrame:
-    df = pd.DataFrame(rows, columns=relabel.COLUMNS)
+    df = pd.DataFrame(rows, columns=relabels.COLUMNS)
     return df.assign(score=pd.to_numeric(df["score"]))
 
 
@@ -105,10 +107,10 @@ def test_accept_above_accepts_exactly_the_undecided_rows_at_or_above() -> None:
     t = _table([("a", "x", "y", 0.99, "", "cleanlab"), ("b", "x", "y", 0.95, "keep", "cleanlab"),
                 ("c", "x", "y", 0.9, "", "cleanlab"), ("d", "x", "y", 0.8999, "", "cleanlab"),
                 ("e", "x", "y", np.nan, "", "manual"), ("f", "x", "y", 0.2, "drop", "cleanlab")])
-    out = relabel.accept_above_threshold(t, 0.9)
+    out = relabels.accept_above_threshold(t, 0.9)
     assert out["decision"].tolist() == ["accept", "keep", "accept", "", "", "drop"]
     with pytest.raises(KpipeError, match=r"\[0, 1\]"):
-        relabel.accept_above_threshold(t, 90)
+        relabels.accept_above_threshold(t, 90)
 
 
 def test_merge_keeps_decisions_and_manual_rows() -> None:
@@ -117,7 +119,7 @@ def test_merge_keeps_decisions_and_manual_rows() -> None:
                        ("gone", "x", "y", 0.9, "drop", "cleanlab")])
     fresh = pd.DataFrame({"id": ["keepme", "acc", "new", "man"], "given": "x", "suggested": ["y", "y", "z", "z"],
                           "score": [0.55, 0.75, 0.65, 0.99]})
-    out = relabel.merge_relabels(existing, fresh).set_index("id")
+    out = relabels.merge_relabels(existing, fresh).set_index("id")
     assert set(out.index) == {"keepme", "acc", "new", "man", "gone"}  # 'undecided' no longer suspected
     assert out.loc["keepme", "decision"] == "keep" and out.loc["keepme", "score"] == 0.55
     assert out.loc["acc", "suggested"] == "z" and out.loc["acc", "score"] == 0.75  # the person's target stays
@@ -130,8 +132,8 @@ def test_normalise_names_the_bad_line() -> None:
     raw = pd.DataFrame({"id": ["a", "b"], "given": "x", "suggested": "y", "score": ["0.5", ""],
                         "decision": ["Accept ", "maybe"], "source": ["cleanlab", ""]})
     with pytest.raises(KpipeError, match="line 3 .*'maybe'"):
-        relabel.normalise_relabels(raw, "relabels.csv")
-    ok = relabel.normalise_relabels(raw.assign(decision=["Accept ", ""]), "relabels.csv")
+        relabels.normalise_relabels(raw, "relabels.csv")
+    ok = relabels.normalise_relabels(raw.assign(decision=["Accept ", ""]), "relabels.csv")
     assert ok["decision"].tolist() == ["accept", ""] and ok["source"].tolist() == ["cleanlab", "manual"]
 
 
@@ -139,17 +141,17 @@ def test_build_clean_labels_and_its_checks() -> None:
     labels = {"a": "x", "b": "x", "c": "y", "d": "y"}
     t = _table([("a", "x", "y", 0.9, "accept", "cleanlab"), ("b", "x", "y", 0.8, "drop", "cleanlab"),
                 ("c", "y", "x", 0.7, "keep", "cleanlab"), ("d", "y", "x", 0.6, "", "cleanlab")])
-    clean = relabel.build_clean_labels(t, labels, ["x", "y"])
+    clean = relabels.build_clean_labels(t, labels, ["x", "y"])
     assert clean.values.tolist() == [["a", "y", "relabel"], ["b", "x", "drop"]]
     manual_unknown_id = pd.concat([t, _table([("zz", "x", "y", np.nan, "accept", "manual")])], ignore_index=True)
     with pytest.raises(KpipeError, match="line 6 .*'zz'.*not a usable training image id"):
-        relabel.build_clean_labels(manual_unknown_id, labels, ["x", "y"])
+        relabels.build_clean_labels(manual_unknown_id, labels, ["x", "y"])
     unknown_class = pd.concat([t, _table([("c", "y", "w", np.nan, "accept", "manual")])], ignore_index=True)
     with pytest.raises(KpipeError, match="line 6 .*class 'w'"):
-        relabel.build_clean_labels(unknown_class, labels, ["x", "y"])
+        relabels.build_clean_labels(unknown_class, labels, ["x", "y"])
     clash = pd.concat([t, _table([("a", "x", "x", np.nan, "drop", "manual")])], ignore_index=True)
     with pytest.raises(KpipeError, match="line 6 .*contradicts line 2"):
-        relabel.build_clean_labels(clash, labels, ["x", "y"])
+        relabels.build_clean_labels(clash, labels, ["x", "y"])
 
 
 def test_quick_config() -> None:
@@ -174,11 +176,11 @@ def _stage(tmp_path: Path, split: bool) -> tuple[Config, Path]:
     if split:  # raw files in their own folder, kpipe's under paths.data_root: proves the two are separate
         comp = write_competition(tmp_path / "raw", n_per_class=8, labels=ODD_LABELS)
         cfg = tiny_config(tmp_path, comp)
-        assert cfg.data_dir != cfg.work_dir
+        assert paths.data_dir(cfg) != paths.work_dir(cfg)
     else:
         comp = write_competition(tmp_path, n_per_class=8, labels=ODD_LABELS)
         cfg = tiny_config(tmp_path, comp, ["competition.data_dir=null"])
-        assert cfg.data_dir == cfg.work_dir
+        assert paths.data_dir(cfg) == paths.work_dir(cfg)
     folds.run(cfg)
     df = load_train(cfg).df
     classes = sorted(ODD_LABELS)
@@ -190,7 +192,7 @@ def _stage(tmp_path: Path, split: bool) -> tuple[Config, Path]:
     probs[planted, (y[planted] + 1) % 3] = 0.96
     oof = pd.DataFrame({"id": df["id"], "fold": 0, "label": df["label"]})
     oof[[f"p_{c}" for c in classes]] = probs
-    write_csv(cfg.run_dir / "oof.csv", oof)
+    write_csv(paths.run_dir(cfg).root / "oof.csv", oof)
     return cfg, comp
 
 
@@ -223,14 +225,14 @@ class _Links(HTMLParser):
 @pytest.mark.parametrize("split", [True, False], ids=["data_dir-elsewhere", "data_dir-default"])
 def test_stage_writes_table_and_review_and_applies_idempotently(tmp_path: Path, split: bool) -> None:
     cfg, _ = _stage(tmp_path, split)
-    before = _snapshot(cfg.data_dir, KPIPE_OWN)
+    before = _snapshot(paths.data_dir(cfg), KPIPE_OWN)
     table = relabel.run(cfg)
     planted = set(load_train(cfg).df.groupby("label").head(1)["id"])
     assert planted <= set(table["id"]) and set(table["id"].head(3)) == planted
-    csv = read_csv_ids(cfg.work_dir / "relabels.csv")
-    assert list(csv.columns) == relabel.COLUMNS and (csv["decision"] == "").all() and (csv["source"] == "cleanlab").all()
+    csv = read_csv_ids(paths.work_dir(cfg) / "relabels.csv")
+    assert list(csv.columns) == relabels.COLUMNS and (csv["decision"] == "").all() and (csv["source"] == "cleanlab").all()
 
-    page = cfg.work_dir / "review.html"
+    page = paths.work_dir(cfg) / "review.html"
     links = _Links()
     links.feed(page.read_text(encoding="utf-8"))
     text = " ".join(links.text)
@@ -245,15 +247,15 @@ def test_stage_writes_table_and_review_and_applies_idempotently(tmp_path: Path, 
         assert (page.parent / unquote(href)).is_file(), href
 
     relabel.run(cfg, accept_above=0.9, apply=True)
-    clean_path = folds.clean_labels_path(cfg)
+    clean_path = paths.clean_labels_csv(cfg)
     first = clean_path.read_bytes()
     clean = read_csv_ids(clean_path)
     assert set(clean["id"]) == planted and (clean["action"] == "relabel").all()
     relabel.run(cfg, apply=True)
     assert clean_path.read_bytes() == first  # applying twice = once
-    assert _snapshot(cfg.data_dir, KPIPE_OWN) == before  # the raw competition files are untouched
+    assert _snapshot(paths.data_dir(cfg), KPIPE_OWN) == before  # the raw competition files are untouched
     if split:
-        assert not any((cfg.data_dir / n).exists() for n in KPIPE_OWN)
+        assert not any((paths.data_dir(cfg) / n).exists() for n in KPIPE_OWN)
     fresh = folds.run(cfg).set_index("id")["label"]
     assert all(fresh[i] == clean.set_index("id").loc[i, "label"] for i in planted)
 
@@ -261,7 +263,7 @@ def test_stage_writes_table_and_review_and_applies_idempotently(tmp_path: Path, 
 def test_decisions_and_manual_rows_survive_rerun_and_apply(tmp_path: Path) -> None:
     cfg, _ = _stage(tmp_path, split=True)
     relabel.run(cfg)
-    path = cfg.work_dir / "relabels.csv"
+    path = paths.work_dir(cfg) / "relabels.csv"
     t = read_csv_ids(path)
     t.loc[0, "decision"], t.loc[1, "decision"], t.loc[2, "decision"] = "keep", "drop", "accept"
     t["note"] = ["looks right to me", "", ""]  # a column of the person's own
@@ -276,7 +278,7 @@ def test_decisions_and_manual_rows_survive_rerun_and_apply(tmp_path: Path) -> No
     assert again.loc[target, "source"] == "manual" and again.loc[target, "decision"] == "accept"
     assert again.loc[t.loc[0, "id"], "note"] == "looks right to me"
     relabel.run(cfg, apply=True)
-    clean = read_csv_ids(folds.clean_labels_path(cfg)).set_index("id")
+    clean = read_csv_ids(paths.clean_labels_csv(cfg)).set_index("id")
     assert clean.loc[target, "label"] == "émeu" and clean.loc[t.loc[1, "id"], "action"] == "drop"
     assert t.loc[0, "id"] not in clean.index
 
@@ -284,13 +286,13 @@ def test_decisions_and_manual_rows_survive_rerun_and_apply(tmp_path: Path) -> No
 def test_apply_refuses_a_bad_manual_row(tmp_path: Path) -> None:
     cfg, _ = _stage(tmp_path, split=True)
     relabel.run(cfg)
-    path = cfg.work_dir / "relabels.csv"
+    path = paths.work_dir(cfg) / "relabels.csv"
     bad = pd.DataFrame([{"id": "no such image", "given": "cat dog", "suggested": "émeu", "score": "",
                          "decision": "accept", "source": "manual"}])
     write_csv(path, pd.concat([read_csv_ids(path), bad], ignore_index=True))
     with pytest.raises(KpipeError, match="'no such image'.*source manual.*not a usable training image id"):
         relabel.run(cfg, apply=True)
-    assert not folds.clean_labels_path(cfg).exists()
+    assert not paths.clean_labels_csv(cfg).exists()
 
 
 def test_manual_only_table_applies_without_a_run(tmp_path: Path) -> None:
@@ -299,23 +301,23 @@ def test_manual_only_table_applies_without_a_run(tmp_path: Path) -> None:
     with pytest.raises(KpipeError, match="--quick"):
         relabel.run(cfg)
     one = load_train(cfg).df["id"].iloc[0]
-    write_csv(cfg.work_dir / "relabels.csv", pd.DataFrame([{"id": one, "given": "", "suggested": "fox#1",
+    write_csv(paths.work_dir(cfg) / "relabels.csv", pd.DataFrame([{"id": one, "given": "", "suggested": "fox#1",
                                                             "score": "", "decision": "accept", "source": "manual"}]))
     relabel.run(cfg, apply=True)
-    assert read_csv_ids(folds.clean_labels_path(cfg)).values.tolist() == [[one, "fox#1", "relabel"]]
-    assert (cfg.work_dir / "review.html").is_file()
+    assert read_csv_ids(paths.clean_labels_csv(cfg)).values.tolist() == [[one, "fox#1", "relabel"]]
+    assert (paths.work_dir(cfg) / "review.html").is_file()
 
 
 @pytest.mark.slow
-def test_quick_trains_a_small_model_then_suggests(tmp_path: Path) -> None:
+def test_quick_trains_a_small_model_then_suggests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     comp = write_competition(tmp_path, n_per_class=6)
     cfg = tiny_config(tmp_path, comp, ["train.epochs=1"])
     folds.run(cfg)
-    relabel.run(cfg, quick=True)
+    monkeypatch.setattr(cli, "config_from", lambda args: cfg)
+    assert cli.main(["relabel", "--quick"]) == 0
     quick_run = Path(cfg.paths.runs_dir) / f"{cfg.name}_quick"
-    assert (quick_run / "oof.csv").is_file() and (cfg.work_dir / "relabels.csv").is_file()
+    assert (quick_run / "oof.csv").is_file() and (paths.work_dir(cfg) / "relabels.csv").is_file()
     stamp = (quick_run / "oof.csv").stat().st_mtime_ns
-    relabel.run(cfg, quick=True)  # finished folds are reused, not retrained
+    assert cli.main(["relabel", "--quick"]) == 0  # finished folds are reused, not retrained
     assert (quick_run / "oof.csv").stat().st_mtime_ns >= stamp
-    with pytest.raises(KpipeError, match="--run"):
-        relabel.run(cfg, run_dir=quick_run, quick=True)
+    assert cli.main(["relabel", "--quick", "--run", str(quick_run)]) == 2  # --quick trains its own run

@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kpipe.kaggle import submission
 from kpipe.config import validate
 from kpipe.errors import KpipeError
 from kpipe.io import read_csv_ids, write_csv
+from kpipe.kaggle import submission
 
 # ids that a careless reader would change: leading zeros, unicode, spaces, a comma, a quote
 IDS = ["007", "café 1", " spaced ", "a,b", 'q"t', "img_10"]

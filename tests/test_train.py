@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from conftest import tiny_config, write_competition
-from kpipe.nn import engine
-from kpipe.stages import folds
-from kpipe.stages import train
-from kpipe.errors import KpipeError
+from kpipe import paths
+from kpipe.data import folds as folds_lib
+from kpipe.errors import Interrupted, KpipeError
+from kpipe.nn import engine, predict
+from kpipe.stages import folds, train
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +29,7 @@ def _setup(tmp_path: Path, overrides: list[str] = ()) -> object:
 def test_run_writes_every_artefact(tmp_path: Path) -> None:
     cfg = _setup(tmp_path)
     result = train.run(cfg)
-    run = cfg.run_dir
+    run = paths.run_dir(cfg).root
     for name in ["config.yaml", "oof.csv", "cv.json", "curves.png", "confusion.png", "per_class.csv", "per_class.png"]:
         assert (run / name).is_file(), name
     oof = pd.read_csv(run / "oof.csv", dtype={"id": str})
@@ -43,7 +44,7 @@ def test_run_writes_every_artefact(tmp_path: Path) -> None:
                                 "images_per_s"} <= set(m.columns)
         best = torch.load(fdir / "best.pt", weights_only=False)
         assert best["classes"] == ["cat", "dog", "fox"] and "model" in best
-        assert set(oof.loc[oof["fold"] == k, "id"]) == set(pd.read_csv(cfg.folds_csv, dtype=str).query(f"fold == '{k}'")["id"])
+        assert set(oof.loc[oof["fold"] == k, "id"]) == set(pd.read_csv(paths.folds_csv(cfg), dtype=str).query(f"fold == '{k}'")["id"])
     assert 0.0 <= result["cv"] <= 1.0 and result["complete"]
 
 
@@ -53,9 +54,9 @@ def test_refuses_to_overwrite_without_resume(tmp_path: Path) -> None:
     with pytest.raises(KpipeError, match="--resume"):
         train.run(cfg)
     train.run(cfg, resume=True)  # finished folds are skipped
-    labels = pd.read_csv(cfg.folds_csv, dtype=str)
+    labels = pd.read_csv(paths.folds_csv(cfg), dtype=str)
     labels.loc[0, "label"] = "fox" if labels.loc[0, "label"] != "fox" else "cat"
-    labels.to_csv(cfg.folds_csv, index=False)
+    labels.to_csv(paths.folds_csv(cfg), index=False)
     with pytest.raises(KpipeError, match="changed since"):
         train.run(cfg, resume=True)
 
@@ -72,16 +73,16 @@ def test_resume_after_interrupt_finishes_all_epochs(tmp_path: Path, monkeypatch:
             engine.StopRequested.signum = 2
 
     monkeypatch.setattr(engine, "_optimizer_step", step_then_stop)
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(Interrupted) as e:
         train.run(cfg)
-    assert e.value.code == 130
-    last = torch.load(cfg.run_dir / "fold0" / "last.pt", weights_only=False)
+    assert e.value.signum == 2
+    last = torch.load(paths.run_dir(cfg).root / "fold0" / "last.pt", weights_only=False)
     assert last["epoch"] == 1 and last["step_in_epoch"] == 1 and not last["finished"]
     monkeypatch.setattr(engine, "_optimizer_step", real_step)
     train.run(cfg, resume=True)
-    m = pd.read_csv(cfg.run_dir / "fold0" / "metrics.csv")
+    m = pd.read_csv(paths.run_dir(cfg).root / "fold0" / "metrics.csv")
     assert m["epoch"].tolist() == [1, 2]
-    assert torch.load(cfg.run_dir / "fold0" / "last.pt", weights_only=False)["finished"]
+    assert torch.load(paths.run_dir(cfg).root / "fold0" / "last.pt", weights_only=False)["finished"]
 
 
 def test_same_seed_same_cv(tmp_path: Path) -> None:
@@ -89,8 +90,8 @@ def test_same_seed_same_cv(tmp_path: Path) -> None:
     a = train.run(cfg)
     cfg_b = cfg.model_copy(update={"name": "again"})
     b = train.run(cfg_b)
-    oof_a = pd.read_csv(cfg.run_dir / "oof.csv")
-    oof_b = pd.read_csv(cfg_b.run_dir / "oof.csv")
+    oof_a = pd.read_csv(paths.run_dir(cfg).root / "oof.csv")
+    oof_b = pd.read_csv(paths.run_dir(cfg_b).root / "oof.csv")
     assert a["cv"] == b["cv"]
     pd.testing.assert_frame_equal(oof_a, oof_b)
 
@@ -108,7 +109,7 @@ def test_schedules_optimisers_and_extras_run(tmp_path: Path) -> None:
                             "model.freeze_until=layer2", "model.unfreeze_epoch=1", "model.act=silu",
                             "data.cache=true", "data.hflip=false"])
     train.run(cfg)
-    m = pd.read_csv(cfg.run_dir / "fold0" / "metrics.csv")
+    m = pd.read_csv(paths.run_dir(cfg).root / "fold0" / "metrics.csv")
     assert len(m) == 2
 
 
@@ -122,26 +123,25 @@ def test_batch_augmentation_trains_from_the_cache(tmp_path: Path) -> None:
 
 
 def test_oof_comes_from_best_pt_not_the_last_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kpipe.stages import infer
     from kpipe.data import transforms
 
     # Invert "better" so best.pt keeps epoch 1 while training goes on to epoch 3: best and last differ.
     monkeypatch.setattr(train, "higher_is_better", lambda metric: False)
     cfg = _setup(tmp_path, ["train.folds=0", "train.epochs=3", "train.lr=0.01"])
     train.run(cfg)
-    fdir = cfg.run_dir / "fold0"
+    fdir = paths.run_dir(cfg).root / "fold0"
     assert torch.load(fdir / "best.pt", weights_only=False)["epoch"] == 1
-    oof = pd.read_csv(cfg.run_dir / "oof.csv", dtype={"id": str}).sort_values("id")
-    df, classes = folds.load_fold_table(cfg)
+    oof = pd.read_csv(paths.run_dir(cfg).root / "oof.csv", dtype={"id": str}).sort_values("id")
+    df, classes = folds_lib.load_fold_table(cfg)
     rows = df[df["id"].isin(oof["id"])].sort_values("id")
-    rm = infer.load_run(str(cfg.run_dir), classes, torch.device("cpu"))  # fold0/best.pt
-    loader = infer.make_eval_loader(rows["path"].tolist(), rm.data_cfg, 4, 0, torch.device("cpu"), tolerant=False)
+    rm = predict.load_run(str(paths.run_dir(cfg).root), classes, torch.device("cpu"))  # fold0/best.pt
+    loader = predict.make_eval_loader(rows["path"].tolist(), rm.data_cfg, 4, 0, torch.device("cpu"), tolerant=False)
     prepare = transforms.Normalize(rm.data_cfg["mean"], rm.data_cfg["std"])
-    best, _ = infer.predict_models(rm.models, loader, ["identity"], len(classes), torch.device("cpu"), None, False,
+    best, _ = predict.predict_models(rm.models, loader, ["identity"], len(classes), torch.device("cpu"), None, False,
                                    prepare)
     got = oof[[f"p_{c}" for c in classes]].to_numpy()
     np.testing.assert_allclose(got, best[0, 0], atol=1e-5)
     rm.models[0].load_state_dict(torch.load(fdir / "last.pt", weights_only=False)["model"])
-    last, _ = infer.predict_models(rm.models, loader, ["identity"], len(classes), torch.device("cpu"), None, False,
+    last, _ = predict.predict_models(rm.models, loader, ["identity"], len(classes), torch.device("cpu"), None, False,
                                    prepare)
     assert not np.allclose(got, last[0, 0], atol=1e-3)  # the last weights would have given other probabilities

@@ -8,8 +8,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from kpipe.data import transforms as T
-from kpipe.errors import KpipeError
 from kpipe.data.image import resize_square
+from kpipe.errors import KpipeError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from kpipe.nn import tta
 from kpipe.errors import KpipeError
+from kpipe.nn import tta
 
 X = torch.arange(16.0).reshape(1, 1, 4, 4)
 A = X[0, 0].numpy()

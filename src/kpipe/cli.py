@@ -11,17 +11,15 @@ import argparse
 import ctypes
 import errno
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from rich.console import Console
-from rich.markup import escape
-
+from kpipe import paths
 from kpipe.config import Config, load_config
-from kpipe.errors import KpipeError
-
-err_console = Console(stderr=True)
+from kpipe.console import console, err_console, safe, setup_logging
+from kpipe.errors import Interrupted, KpipeError
 
 
 def resolve_comp(comp: str | None) -> str | None:
@@ -76,12 +74,14 @@ def _folds(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.gpus or args.fold_per_gpu:
+        from kpipe import launch
+
+        if args.fold_per_gpu:
+            return launch.fold_per_gpu(config_from(args), launch.strip_launch_flags(args.argv))
+        return launch.torchrun(args.gpus, args.argv)
     from kpipe.stages import train
 
-    if args.gpus or args.fold_per_gpu:
-        from kpipe.nn import dist
-
-        return dist.launch(args, args.argv)
     train.run(config_from(args), resume=args.resume)
     return 0
 
@@ -89,8 +89,19 @@ def _train(args: argparse.Namespace) -> int:
 def _relabel(args: argparse.Namespace) -> int:
     from kpipe.stages import relabel
 
-    relabel.run(config_from(args), run_dir=args.run, accept_above=args.accept_above, apply=args.apply,
-                quick=args.quick)
+    cfg, run_dir = config_from(args), args.run
+    if args.quick:  # no run yet: train a small CV model first, then read its OOF
+        if run_dir is not None:
+            raise KpipeError("--quick trains its own run; leave out --run (or leave out --quick to use that run).")
+        from kpipe.stages import train  # torch: only loaded when a model is trained
+
+        qcfg = relabel.quick_config(cfg)
+        relabel.check_quick_run(cfg, qcfg)
+        console.print(f"[bold]--quick[/]: training {safe(qcfg.model.name)} at {qcfg.data.img_size} px for "
+                      f"{qcfg.train.epochs} epochs on every fold -> {safe(paths.run_dir(qcfg).root)}")
+        train.run(qcfg, resume=True)
+        run_dir = paths.run_dir(qcfg).root
+    relabel.run(cfg, run_dir=run_dir, accept_above=args.accept_above, apply=args.apply)
     return 0
 
 
@@ -278,11 +289,19 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(argv)
     args.argv = argv  # launchers (--gpus, --fold-per-gpu) re-run this same command line
+    setup_logging()
     try:
         return int(args.fn(args) or 0)
     except KpipeError as e:
-        err_console.print(f"[bold red]kpipe {args.command}:[/] {escape(str(e))}", highlight=False)
+        err_console.print(f"[bold red]kpipe {args.command}:[/] {safe(e)}", soft_wrap=True)
         return 2
+    except Interrupted as e:  # a stop request: last.pt is saved; the same command line resumes
+        if e.main_process:
+            again = shlex.join(a for a in argv if a != "--resume")
+            resume = " --resume" if args.command == "train" else ""
+            console.print("[yellow]stopped: last.pt saved. Resume with:[/] " + safe(f"kpipe {again}{resume}"),
+                          soft_wrap=True)
+        return 128 + e.signum
     except KeyboardInterrupt:
         err_console.print(f"[yellow]kpipe {args.command}: interrupted[/]")
         return 130
@@ -290,8 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         where = f" while writing {e.filename}" if e.filename else ""
-        err_console.print(f"[bold red]kpipe {args.command}:[/] the disk is full{escape(where)}. Free some space, or "
-                          "point paths.* / data.cache_dir at another disk, then run the command again.", highlight=False)
+        err_console.print(f"[bold red]kpipe {args.command}:[/] the disk is full{safe(where)}. Free some space, or "
+                          "point paths.* / data.cache_dir at another disk, then run the command again.")
         return 1
 
 

@@ -166,29 +166,6 @@ class Config(Section):
     infer: InferConfig = InferConfig()
     paths: PathsConfig = PathsConfig()
 
-    # Derived locations, so no stage rebuilds a path by hand.
-    @property
-    def data_dir(self) -> Path:
-        c = self.competition
-        return Path(c.data_dir) if c.data_dir else Path(self.paths.data_root) / c.name
-
-    @property
-    def work_dir(self) -> Path:
-        """kpipe's own files about the competition (audit/, relabels.csv, labels_clean.csv).
-
-        The same folder as data_dir unless competition.data_dir points elsewhere (a read-only
-        mount, say): raw files are only ever read.
-        """
-        return Path(self.paths.data_root) / self.competition.name
-
-    @property
-    def folds_csv(self) -> Path:
-        return Path(self.paths.folds_dir) / f"{self.competition.name}.csv"
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.paths.runs_dir) / self.name
-
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 

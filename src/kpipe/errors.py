@@ -15,6 +15,14 @@ class KpipeError(Exception):
     """An error the user can fix; its message says what is wrong and what to do."""
 
 
+class Interrupted(Exception):
+    """A stop request (SIGINT/SIGTERM) honoured: last.pt is saved. The CLI prints how to resume."""
+
+    def __init__(self, signum: int, main_process: bool = True) -> None:
+        super().__init__(f"stopped by signal {signum}")
+        self.signum, self.main_process = signum, main_process
+
+
 def preview(items: Sequence[object], n: int = 5) -> str:
     """First few items and a count, for messages: "'a', 'b', 'c' (+12 more; 15 in all)"."""
     items = list(items)

@@ -15,7 +15,7 @@ Unreadable images never become silent zeros: their rows are zero-filled but list
 index under "failed", and `build_cache` raises (on_error="raise", for training) or logs a
 warning and returns (on_error="skip", for test sets, where every id still needs a row;
 `failed_rows` says which).
-Usage: ``arr = build_cache(df.path.tolist(), 224, cache_file_for(cfg, 224, "train"))``.
+Usage: ``arr = build_cache(df.path.tolist(), 224, paths.cache_file(cfg, 224, "train"))``.
 """
 
 from __future__ import annotations
@@ -33,9 +33,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from kpipe.config import Config
-from kpipe.errors import KpipeError, preview
 from kpipe.data.image import ImageReadError, read_rgb, resize_square
+from kpipe.errors import KpipeError, preview
 from kpipe.io import write_json
 
 try:
@@ -46,11 +45,6 @@ except ImportError:  # Windows: no advisory locks; concurrent builders of one ca
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1  # bump when the decode or resize changes, so old caches are rebuilt
-
-
-def cache_file_for(cfg: Config, img_size: int, split: str) -> Path:
-    """<data.cache_dir>/<competition>/<img_size>/<split>.npy"""
-    return Path(cfg.data.cache_dir) / cfg.competition.name / str(img_size) / f"{split}.npy"
 
 
 def _aux(cache_file: Path, suffix: str) -> Path:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from kpipe import paths
 from kpipe.config import Config
 from kpipe.errors import KpipeError, Problem
 from kpipe.io import read_csv_ids, write_json
@@ -146,11 +147,11 @@ def dedupe_ids(df: pd.DataFrame) -> tuple[pd.DataFrame, list[Problem], pd.DataFr
 def load_train(cfg: Config) -> Ingest:
     """Ingest the training labels of the competition (CSV or class folders) and check every row."""
     comp = cfg.competition
-    train_dir = cfg.data_dir / comp.train_dir
+    train_dir = paths.data_dir(cfg) / comp.train_dir
     if not train_dir.is_dir():
         raise KpipeError(
             f"{train_dir}: training image folder not found. Set competition.train_dir in the competition "
-            f"config (now '{comp.train_dir}', relative to {cfg.data_dir})."
+            f"config (now '{comp.train_dir}', relative to {paths.data_dir(cfg)})."
         )
     ing = _ingest_csv(cfg, train_dir) if comp.layout == "csv" else _ingest_folders(train_dir)
     ing.classes = sort_classes(set(ing.df["label"]) | set(_labels_of_excluded(ing)))
@@ -169,7 +170,7 @@ def _labels_of_excluded(ing: Ingest) -> list[str]:
 
 def _ingest_csv(cfg: Config, train_dir: Path) -> Ingest:
     comp = cfg.competition
-    csv_path = cfg.data_dir / comp.train_csv
+    csv_path = paths.data_dir(cfg) / comp.train_csv
     if not csv_path.is_file():
         raise KpipeError(f"{csv_path}: train CSV not found. Set competition.train_csv (or layout: folders).")
     raw = _read_table(csv_path, "train CSV")
@@ -289,7 +290,7 @@ def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
 
 
 def read_sample_submission(cfg: Config) -> pd.DataFrame:
-    path = cfg.data_dir / cfg.competition.sample_submission
+    path = paths.data_dir(cfg) / cfg.competition.sample_submission
     if not path.is_file():
         raise KpipeError(f"{path}: sample submission not found. Set competition.sample_submission.")
     df = _read_table(path, "sample submission")
@@ -313,14 +314,14 @@ def load_test(cfg: Config) -> pd.DataFrame:
     """
     sample = read_sample_submission(cfg)
     ids = sample[sample_id_col(cfg, sample)]
-    test_dir = cfg.data_dir / cfg.competition.test_dir
+    test_dir = paths.data_dir(cfg) / cfg.competition.test_dir
     if not test_dir.is_dir():
         raise KpipeError(f"{test_dir}: test image folder not found. Set competition.test_dir.")
     by_name, by_stem = index_folder(test_dir)
-    paths = [resolve_file(i, test_dir, by_name, by_stem, cfg.competition.image_ext) for i in ids]
-    found = [p is not None for p in paths]
-    paths = [p if p is not None else str(test_dir / i) for p, i in zip(paths, ids, strict=True)]
-    return pd.DataFrame({"id": ids.tolist(), "path": paths, "found": found})
+    files = [resolve_file(i, test_dir, by_name, by_stem, cfg.competition.image_ext) for i in ids]
+    found = [f is not None for f in files]
+    files = [f if f is not None else str(test_dir / i) for f, i in zip(files, ids, strict=True)]
+    return pd.DataFrame({"id": ids.tolist(), "path": files, "found": found})
 
 
 def check_test(test: pd.DataFrame, cfg: Config) -> list[Problem]:
@@ -336,17 +337,13 @@ def check_test(test: pd.DataFrame, cfg: Config) -> list[Problem]:
 # ------------------------------------------------------------------ class list
 
 
-def classes_path(cfg: Config) -> Path:
-    return Path(cfg.paths.folds_dir) / f"{cfg.competition.name}.classes.json"
-
-
 def save_classes(cfg: Config, classes: list[str]) -> None:
-    write_json(classes_path(cfg), {"competition": cfg.competition.name, "classes": classes})
+    write_json(paths.classes_json(cfg), {"competition": cfg.competition.name, "classes": classes})
 
 
 def load_classes(cfg: Config) -> list[str]:
     """The class order fixed by `kpipe folds`; every probability column follows it."""
-    path = classes_path(cfg)
+    path = paths.classes_json(cfg)
     if not path.is_file():
         raise KpipeError(f"{path}: no class list yet. Run `kpipe folds --comp {cfg.competition.name}` first.")
     return list(json.loads(path.read_text(encoding="utf-8"))["classes"])

@@ -15,14 +15,12 @@ matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from sklearn.metrics import confusion_matrix  # noqa: E402
 
-from kpipe.io import atomic_path, write_csv  # noqa: E402
+from kpipe.console import console
 from kpipe.eval.metrics import per_class_report  # noqa: E402
-
-console = Console()
+from kpipe.io import atomic_path, write_csv  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> None:

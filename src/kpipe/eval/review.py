@@ -18,24 +18,12 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from kpipe.errors import KpipeError
 from kpipe.data.image import ImageReadError, read_rgb
+from kpipe.eval.oof import Oof
 from kpipe.io import write_text
 
 THUMB_PX = 96
 REVIEW_LIMIT = 1000  # suspects shown on the page; the CSV always has them all
-
-
-def oof_arrays(oof: pd.DataFrame) -> tuple[list[str], np.ndarray]:
-    """(classes, probs) from an oof.csv table; classes come from its p_<class> columns, in order."""
-    pcols = [c for c in oof.columns if c.startswith("p_")]
-    if not pcols or not {"id", "label"} <= set(oof.columns):
-        raise KpipeError(f"oof.csv needs columns id, label, p_<class>...; it has {list(oof.columns)}.")
-    try:
-        probs = oof[pcols].astype(float).to_numpy()
-    except ValueError as e:
-        raise KpipeError(f"oof.csv: a probability column is not numeric ({e}).") from None
-    return [c[2:] for c in pcols], probs
 
 
 def exemplars(ids: list[str], labels: list[str], probs: np.ndarray, classes: list[str],
@@ -156,14 +144,13 @@ def render_review(table: pd.DataFrame, paths: dict[str, str], examples: dict[str
             f"<code>kpipe folds</code> and train a new experiment.</p>{more}{''.join(parts)}</body></html>\n")
 
 
-def write_review(page: Path, table: pd.DataFrame, train_df: pd.DataFrame, oof: pd.DataFrame | None,
+def write_review(page: Path, table: pd.DataFrame, train_df: pd.DataFrame, oof: Oof | None,
                  csv_name: str = "relabels.csv", n_examples: int = 4) -> None:
     """review.html next to relabels.csv; examples are confidently-correct OOF rows (any rows without OOF)."""
     if oof is not None:
-        classes, probs = oof_arrays(oof)
-        examples = exemplars(oof["id"].tolist(), oof["label"].tolist(), probs, classes, set(table["id"]), n_examples)
+        examples = exemplars(oof.ids, oof.labels, oof.probs, oof.classes, set(table["id"]), n_examples)
     else:
         rest = train_df[~train_df["id"].isin(set(table["id"]))]
         examples = {c: g["id"].head(n_examples).tolist() for c, g in rest.groupby("label")}
-    paths = dict(zip(train_df["id"], train_df["path"], strict=True))
-    write_text(page, render_review(table, paths, examples, page.parent, csv_name))
+    files = dict(zip(train_df["id"], train_df["path"], strict=True))
+    write_text(page, render_review(table, files, examples, page.parent, csv_name))

@@ -8,7 +8,7 @@ a lock held on the old CSV would not stop a process that opened the new one.
 `provenance` gives a submission's sha256 and its sidecar's runs/CV, `git_state` the commit;
 `merge_remote` (pure) folds Kaggle's submission list into the ledger; `render_table` and
 `plot_cv_vs_lb` show it.
-Usage: ``ledger.append(ledger.ledger_path(cfg), [row]); df = ledger.read(path)``
+Usage: ``ledger.append(paths.ledger_csv(cfg), [row]); df = ledger.read(path)``
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import pandas as pd
 from rich.markup import escape
 from rich.table import Table
 
-from kpipe.config import Config
 from kpipe.errors import KpipeError
 from kpipe.io import atomic_path, read_csv_ids, write_csv
 
@@ -54,10 +53,6 @@ COLUMNS: tuple[str, ...] = (
 # A submission made outside kpipe is matched to a ref-less ledger row of the same file name
 # when the two times are this close.
 MATCH_WINDOW = timedelta(minutes=10)
-
-
-def ledger_path(cfg: Config) -> Path:
-    return Path(cfg.paths.submissions_dir) / "ledger.csv"
 
 
 def now_utc() -> str:

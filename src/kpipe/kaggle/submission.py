@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from rich.console import Console
 
-from kpipe.data import ingest
 from kpipe.config import CompetitionConfig, Config
+from kpipe.console import console
+from kpipe.data import ingest
 from kpipe.errors import KpipeError, Problem, preview
 from kpipe.io import read_csv_ids
 
@@ -303,7 +303,6 @@ def validate_file(path: str | Path, cfg: Config) -> list[Problem]:
 def run_validate(cfg: Config, path: str | Path) -> int:
     """Print a submission's problems; exit code 0 when it has no errors (warnings allowed), else 1."""
     problems = validate_file(path, cfg)
-    console = Console()
     for p in problems:
         style = "red" if p.severity == "error" else "yellow"
         console.print(p.render(), style=style, markup=False, highlight=False)

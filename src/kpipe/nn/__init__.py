@@ -1,1 +1,7 @@
-"""TODO"""
+"""Neural-network library: models, the training engine, optimisers and schedules, TTA, prediction, DDP.
+
+models (timm and torchvision backbones behind one interface: stages, freezing, preprocessing),
+engine (one epoch, checkpoints, precision), optim (optimiser and scheduler registries), tta (views as
+batched tensor ops), predict (a run's fold models on images), dist (the few places DDP differs).
+May import the foundation and kpipe.data.
+"""

@@ -3,18 +3,13 @@
 Under torchrun (WORLD_SIZE > 1) `setup()` joins the process group (NCCL on CUDA, gloo on CPU);
 everywhere else these are no-ops, so the training loop has a single code path. Only rank 0
 writes files and draws progress bars; per-sample results are gathered exactly once.
-`launch()` turns `kpipe train --gpus N` into the torchrun command, and `--fold-per-gpu` into one
-process per GPU, each pinned with CUDA_VISIBLE_DEVICES.
 
 Usage: ``torchrun --nproc-per-node 4 -m kpipe train -c configs/exp/resnet50.yaml --comp demo``
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import subprocess
-import sys
 from typing import Any
 
 import torch
@@ -35,18 +30,23 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def setup(device_kind: str) -> torch.device:
-    """Join the process group when launched by torchrun; return this process's device."""
-    n = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+def pick_device(device_kind: str) -> torch.device:
+    """This process's device for train.device=auto|cpu|cuda (under torchrun, the GPU of LOCAL_RANK)."""
     use_cuda = device_kind == "cuda" or (device_kind == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise KpipeError("train.device=cuda but no CUDA device is visible. Use train.device=auto or cpu.")
-    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if n > 1 and not torch_dist.is_initialized():
-        torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if not use_cuda:
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    return device
+
+
+def setup(device_kind: str) -> torch.device:
+    """Join the process group when launched by torchrun; return this process's device."""
+    device = pick_device(device_kind)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return device
 
 
@@ -85,31 +85,3 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     torch_dist.all_reduce(t)
     return float(t.item()) / world()
-
-
-def _strip_launch_flags(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a == "--gpus":
-            skip = True
-            continue
-        if a.startswith("--gpus=") or a == "--fold-per-gpu":
-            continue
-        out.append(a)
-    return out
-
-
-def launch(args: argparse.Namespace, argv: list[str]) -> int:
-    """`kpipe train --gpus N`: re-run the same command under torchrun; `--fold-per-gpu`: one fold per GPU."""
-    rest = _strip_launch_flags(argv)
-    if args.fold_per_gpu:
-        from kpipe.stages import train
-
-        return train.run_fold_per_gpu(args, rest)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}",
-           "-m", "kpipe", *rest]
-    print("launching:", " ".join(cmd), flush=True)
-    return subprocess.call(cmd)

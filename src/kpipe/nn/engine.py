@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from kpipe.config import TrainConfig
+from kpipe.errors import Interrupted
 from kpipe.io import atomic_path
 from kpipe.nn.models import train_mode
 
@@ -50,10 +51,6 @@ class StopRequested:
         for s in old:
             signal.signal(s, handler)
         return lambda: [signal.signal(s, h) for s, h in old.items()]  # type: ignore[func-returns-value]
-
-
-class Interrupted(Exception):
-    """Raised after last.pt is saved for a stop request; the CLI turns it into a resume hint."""
 
 
 def build_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
@@ -202,7 +199,7 @@ def train_epoch(
             _optimizer_step(st, t)
             on_step(len(x), step_loss)
             if StopRequested.signum is not None:
-                raise Interrupted
+                raise Interrupted(StopRequested.signum)
     if micro % t.accum_steps:
         _optimizer_step(st, t)
     return float(total) / max(seen, 1), seen

@@ -28,11 +28,12 @@ import cv2
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
-from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
+from kpipe import paths
 from kpipe.config import Config
+from kpipe.console import console
 from kpipe.data.dedup import MAX_PAIRS, DupGraph, connected_groups, dup_graph, expand_pairs, train_group_edges
 from kpipe.io import write_csv, write_json
 
@@ -44,7 +45,6 @@ MAX_ASPECT = 4.0  # long side / short side above this is "extreme aspect"
 SPLIT_ORDER = {"train": 0, "test": 1}
 INFO_COLS = ["bytes", "sha256", "format", "mode", "bit_depth", "width", "height", "phash", "thumb", "reason", "detail"]
 
-console = Console()
 
 
 # ------------------------------------------------------------------ one file, one decode
@@ -343,7 +343,7 @@ def run(
     info.loc[~todo, ["reason", "detail"]] = items.loc[~todo, ["reason", "detail"]]
     items = pd.concat([items.drop(columns=["reason", "detail"]), info], axis=1)
     tables, truncated = audit_tables(items, threshold, min_similarity, max_pairs)
-    out = cfg.work_dir / "audit"
+    out = paths.work_dir(cfg) / "audit"
     for name, table in tables.items():
         write_csv(out / f"{name}.csv", table)
     params = {"threshold": threshold, "min_similarity": min_similarity, "tiny_side": TINY_SIDE, "max_aspect": MAX_ASPECT,

@@ -15,11 +15,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
-from rich.console import Console
 
+from kpipe.console import console
 from kpipe.io import read_csv_ids, write_bytes, write_csv
-
-console = Console()
 
 N_TEST = 1000
 MISFILE_RATE = 0.02
@@ -115,7 +113,7 @@ def report(data_root: str | Path = "data", runs_dir: str | Path = "runs",
             table.add_row(f"{label} ({run})", f"{out[run]:.4f}")
     relabels = Path(data_root) / "demo" / "relabels.csv"
     if relabels.is_file():
-        from kpipe.stages.relabel import relabel_precision_recall
+        from kpipe.eval.cleaning import relabel_precision_recall
 
         pr = relabel_precision_recall(read_csv_ids(relabels), truth)
         out.update({f"relabel_{k}": v for k, v in pr.items()})

@@ -18,9 +18,7 @@ Usage: ``kpipe infer -c configs/exp/b0.yaml --comp demo infer.tta=identity,hflip
 from __future__ import annotations
 
 import json
-import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,39 +26,22 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
-from torch import nn
-from torch.utils.data import DataLoader
 
-from kpipe.data import ingest
-from kpipe.nn import dist
-from kpipe.stages import ensemble
-from kpipe.stages import folds
-from kpipe.eval import metrics
-from kpipe.nn import models
-from kpipe.kaggle import submission
-from kpipe.data import transforms
-from kpipe.nn import tta
-from kpipe.config import Config, load_run_config
-from kpipe.nn.engine import amp_settings, autocast, load_checkpoint, model_input
+from kpipe import paths
+from kpipe.config import Config
+from kpipe.console import console
+from kpipe.data import ingest, transforms
+from kpipe.data.folds import load_fold_table
 from kpipe.errors import KpipeError, preview
+from kpipe.eval import metrics
+from kpipe.eval.blend import blend
+from kpipe.eval.oof import load_members
 from kpipe.io import atomic_path, read_csv_ids, write_csv, write_json
-from kpipe.data.loader import EpochSampler, ImageDataset, make_loader
-
-console = Console()
-
-
-@dataclass
-class RunModels:
-    """One run's fold models, ready to predict, and how its inputs must be prepared."""
-
-    run: str  # the run folder as given (also the name in ensemble JSON)
-    cfg: Config  # the run's saved config
-    folds: list[int]
-    models: list[nn.Module]
-    data_cfg: dict[str, Any]  # img_size, mean, std
+from kpipe.kaggle import submission
+from kpipe.nn import dist, predict, tta
+from kpipe.nn.engine import amp_settings
 
 
 @dataclass(frozen=True)
@@ -102,11 +83,11 @@ def blend_members(members: list[MemberPred], how: str, weights: dict[tuple[str, 
     keys = list(weights)
     per_key = [tta.aggregate(np.stack([m.probs for m in members if (m.run, m.view) == k]).astype(np.float64), how)
                for k in keys]
-    return ensemble.blend(per_key, np.array([weights[k] for k in keys]), how)
+    return blend(per_key, np.array([weights[k] for k in keys]), how)
 
 
 def resolve_runs(cfg: Config, runs: list[str] | None) -> list[str]:
-    return [str(r) for r in (runs or cfg.infer.runs or [cfg.run_dir])]
+    return [str(r) for r in (runs or cfg.infer.runs or [paths.run_dir(cfg).root])]
 
 
 def make_plan(cfg: Config, runs: list[str] | None, classes: list[str]) -> Plan:
@@ -138,79 +119,14 @@ def make_plan(cfg: Config, runs: list[str] | None, classes: list[str]) -> Plan:
 # ------------------------------------------------------------------ models and prediction
 
 
-def _fold_of(path: Path) -> int:
-    return int(path.parent.name.removeprefix("fold"))
 
 
-def load_run(run: str, classes: list[str], device: torch.device) -> RunModels:
-    """Every fold<k>/best.pt of a run, built from the run's own config (no download) and checked against `classes`."""
-    rcfg = load_run_config(run)
-    ckpts = sorted((p for p in Path(run).glob("fold*/best.pt") if re.fullmatch(r"fold\d+", p.parent.name)),
-                   key=_fold_of)  # fold10 after fold9
-    if not ckpts:
-        raise KpipeError(f"{run}: no fold<k>/best.pt. Train the run first (kpipe train), or leave it out of infer.runs.")
-    mcfg = rcfg.model.model_copy(update={"pretrained": False, "weights": None})
-    channels_last = device.type == "cuda" and rcfg.train.channels_last
-    out = RunModels(run, rcfg, [], [], {})
-    for path in ckpts:
-        ck = load_checkpoint(path)
-        if list(ck.get("classes", [])) != classes:
-            raise KpipeError(
-                f"{path}: trained on classes {preview(list(ck.get('classes', [])))}, but {ingest.classes_path(rcfg)} "
-                f"now lists {preview(classes)}. The folds were rebuilt after training (relabel?): re-train this run.")
-        model = models.create_from_config(mcfg, len(classes))
-        model.load_state_dict(ck["model"])
-        dc = _data_config(ck, model, rcfg)
-        if out.data_cfg and dc != out.data_cfg:
-            raise KpipeError(f"{path}: preprocessing {dc} differs from fold {out.folds[0]}'s {out.data_cfg}; "
-                             "the folds of one run must share it. Re-train the odd fold.")
-        model = model.eval().to(device)
-        out.models.append(model.to(memory_format=torch.channels_last) if channels_last else model)
-        out.folds.append(_fold_of(path))
-        out.data_cfg = dc
-    return out
 
 
-def _data_config(ck: dict[str, Any], model: nn.Module, rcfg: Config) -> dict[str, Any]:
-    # Older checkpoints without data_config: resolve it the way train did.
-    dc = ck.get("data_config") or models.resolve_data_config(model, rcfg.data)
-    return {"img_size": int(dc["img_size"]), "mean": [float(v) for v in dc["mean"]],
-            "std": [float(v) for v in dc["std"]]}
 
 
-def make_eval_loader(paths: list[str], data_cfg: dict[str, Any], batch_size: int, num_workers: int,
-                     device: torch.device, tolerant: bool) -> DataLoader:
-    ds = ImageDataset(paths, None, transforms.build_eval(data_cfg["img_size"]), tolerant=tolerant,
-                      blank_size=data_cfg["img_size"])
-    sampler = EpochSampler(np.arange(len(paths)), 0, shuffle=False, pad=False)
-    return make_loader(ds, sampler, batch_size, num_workers, pin_memory=device.type == "cuda")
 
 
-def predict_models(fold_models: list[nn.Module], loader: DataLoader, views: list[str], n_classes: int,
-                   device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool,
-                   prepare: Callable[[torch.Tensor], torch.Tensor],
-                   on_batch: Callable[[int], None] = lambda n: None) -> tuple[np.ndarray, np.ndarray]:
-    """(probs (F, V, N, K) float32, ok (N,)): each batch is decoded once and seen by every model, all views at once.
-
-    `prepare` turns the loader's uint8 batch into the models' input (transforms.Normalize with the run's mean/std).
-    """
-    n = len(loader.dataset)
-    out = np.zeros((len(fold_models), len(views), n, n_classes), np.float32)
-    ok = np.ones(n, bool)
-    for x, _, idx, good in loader:
-        x = model_input(x, device, prepare, channels_last)
-        rows = idx.numpy()
-        for f, model in enumerate(fold_models):
-            try:
-                with autocast(device, amp_dtype):
-                    probs = tta.predict_batched(model, x, views)
-            except torch.cuda.OutOfMemoryError:
-                raise KpipeError(f"out of GPU memory: each forward is {len(views)} views x {len(x)} images. "
-                                 "Lower infer.batch_size or use fewer infer.tta views.") from None
-            out[f][:, rows] = probs.cpu().numpy()
-        ok[rows] = good.numpy()
-        on_batch(len(x))
-    return out, ok
 
 
 def _progress() -> Progress:
@@ -218,19 +134,19 @@ def _progress() -> Progress:
                     console=console, transient=True)
 
 
-def _predict_run(cfg: Config, rm: RunModels, paths: list[str], views: list[str], n_classes: int,
+def _predict_run(cfg: Config, rm: predict.RunModels, files: list[str], views: list[str], n_classes: int,
                  device: torch.device, tolerant: bool, label: str) -> tuple[np.ndarray, np.ndarray, float]:
-    """All fold models of a run on `paths`; returns (probs (F, V, N, K), ok (N,), images/s)."""
-    loader = make_eval_loader(paths, rm.data_cfg, cfg.infer.batch_size, cfg.data.num_workers, device, tolerant)
+    """All fold models of a run on `files`; returns (probs (F, V, N, K), ok (N,), images/s)."""
+    loader = predict.make_eval_loader(files, rm.data_cfg, cfg.infer.batch_size, cfg.data.num_workers, device, tolerant)
     amp_dtype, _ = amp_settings(device, rm.cfg.train)
     channels_last = device.type == "cuda" and rm.cfg.train.channels_last
     start = time.perf_counter()
     with _progress() as progress:
-        task = progress.add_task(label, total=len(paths))
+        task = progress.add_task(label, total=len(files))
         prepare = transforms.Normalize(rm.data_cfg["mean"], rm.data_cfg["std"])
-        probs, ok = predict_models(rm.models, loader, views, n_classes, device, amp_dtype, channels_last, prepare,
+        probs, ok = predict.predict_models(rm.models, loader, views, n_classes, device, amp_dtype, channels_last, prepare,
                                    lambda n: progress.advance(task, n))
-    return probs, ok, len(paths) / max(time.perf_counter() - start, 1e-9)
+    return probs, ok, len(files) / max(time.perf_counter() - start, 1e-9)
 
 
 # ------------------------------------------------------------------ kpipe infer
@@ -238,19 +154,19 @@ def _predict_run(cfg: Config, rm: RunModels, paths: list[str], views: list[str],
 
 def run(cfg: Config, runs: list[str] | None = None) -> dict[str, Any]:
     """Predict the test set with every fold of every run and TTA view; write predictions and a validated submission."""
-    device = dist.setup(cfg.train.device)
+    device = dist.pick_device(cfg.train.device)
     classes = ingest.load_classes(cfg)
     plan = make_plan(cfg, runs, classes)
     test = ingest.load_test(cfg)
-    paths, ids = test["path"].tolist(), test["id"].tolist()
+    files, ids = test["path"].tolist(), test["id"].tolist()
     ok = test["found"].to_numpy(bool).copy()
     members: list[MemberPred] = []
     folds: dict[str, list[int]] = {}
     for r in plan.runs:
-        rm = load_run(r, classes, device)
+        rm = predict.load_run(r, classes, device)
         views = plan.views[r]
-        probs, good, rate = _predict_run(cfg, rm, paths, views, len(classes), device, True, f"infer {r}")
-        console.print(f"{r}: {len(paths)} test images x {len(rm.folds)} folds x {len(views)} views "
+        probs, good, rate = _predict_run(cfg, rm, files, views, len(classes), device, True, f"infer {r}")
+        console.print(f"{r}: {len(files)} test images x {len(rm.folds)} folds x {len(views)} views "
                       f"at {rm.data_cfg['img_size']} px, {rate:.1f} images/s on {device}")
         ok &= good
         folds[r] = rm.folds
@@ -259,16 +175,16 @@ def run(cfg: Config, runs: list[str] | None = None) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     bad = ~ok
-    prior = class_prior(read_csv_ids(cfg.folds_csv)["label"].tolist(), classes) if bad.any() else None
+    prior = class_prior(read_csv_ids(paths.folds_csv(cfg))["label"].tolist(), classes) if bad.any() else None
     if prior is not None:
         for m in members:
             m.probs[bad] = prior
     final = blend_members(members, plan.how, plan.weights)
     _warn_unreadable(test, ok)
     name = cfg.infer.name or cfg.name
-    out_dir = Path(cfg.paths.predictions_dir) / name
+    out_dir = paths.predictions_dir(cfg, name)
     write_predictions(out_dir, ids, classes, final, members, test.loc[bad, ["id", "found"]])
-    sub_path = Path(cfg.paths.submissions_dir) / f"{name}.csv"
+    sub_path = paths.submission_csv(cfg, name)
     write_submission(cfg, final, ids, classes, sub_path)
     cv_value, cv_source = _cv(cfg, plan)
     sidecar = {"runs": plan.runs, "cv": cv_value, "cv_source": cv_source, "metric": cfg.competition.metric,
@@ -343,7 +259,7 @@ def _cv(cfg: Config, plan: Plan) -> tuple[float | None, str]:
     if plan.weights is not None:
         return plan.cv, "OOF of the fitted blend (weights chosen on that OOF)"
     try:
-        ref, members = ensemble.load_members(plan.runs, include_tta=True)
+        ref, members = load_members(plan.runs, include_tta=True)
     except KpipeError as e:
         console.print(f"[yellow]no CV for the sidecar: {e}", soft_wrap=True)
         return None, "none"
@@ -361,7 +277,7 @@ def _cv(cfg: Config, plan: Plan) -> tuple[float | None, str]:
             if saved.get("metric") == metric:
                 return float(saved["cv"]), source
         per_run = [have[(r, "identity")] for r in plan.runs]
-    blended = ensemble.blend(per_run, np.ones(len(per_run)), plan.how)
+    blended = blend(per_run, np.ones(len(per_run)), plan.how)
     return metrics.score(metric, labels, blended), source
 
 
@@ -370,26 +286,26 @@ def _cv(cfg: Config, plan: Plan) -> tuple[float | None, str]:
 
 def run_oof_tta(cfg: Config, runs: list[str] | None = None) -> dict[str, dict[str, float]]:
     """Each fold's best.pt on its own validation images, once per TTA view -> runs/<exp>/oof_tta/<view>.csv."""
-    device = dist.setup(cfg.train.device)
+    device = dist.pick_device(cfg.train.device)
     classes = ingest.load_classes(cfg)
     views = tta.parse_views(cfg.infer.tta)
-    table, _ = folds.load_fold_table(cfg)
+    table, _ = load_fold_table(cfg)
     results: dict[str, dict[str, float]] = {}
     for r in resolve_runs(cfg, runs):
-        rm = load_run(r, classes, device)
+        rm = predict.load_run(r, classes, device)
         parts: list[tuple[pd.DataFrame, np.ndarray]] = []  # (rows, probs (V, n, K)) per fold
         for k, model in zip(rm.folds, rm.models, strict=True):
             rows = table[table["fold"] == k]
             if rows.empty:
-                console.print(f"[yellow]{r}: fold {k} has no rows in {cfg.folds_csv}; skipped")
+                console.print(f"[yellow]{r}: fold {k} has no rows in {paths.folds_csv(cfg)}; skipped")
                 continue
-            solo = RunModels(r, rm.cfg, [k], [model], rm.data_cfg)
+            solo = predict.RunModels(r, rm.cfg, [k], [model], rm.data_cfg)
             probs, _, rate = _predict_run(cfg, solo, rows["path"].tolist(), views, len(classes), device, False,
                                           f"oof-tta {r} fold {k}")
             console.print(f"{r} fold {k}: {len(rows)} images x {len(views)} views, {rate:.1f} images/s")
             parts.append((rows, probs[0]))
         if not parts:
-            raise KpipeError(f"{r}: none of its folds {rm.folds} has rows in {cfg.folds_csv}.")
+            raise KpipeError(f"{r}: none of its folds {rm.folds} has rows in {paths.folds_csv(cfg)}.")
         rows = pd.concat([p[0] for p in parts], ignore_index=True)
         per_view = np.concatenate([p[1] for p in parts], axis=1)  # (V, N, K)
         _check_against_oof(Path(r), rows)

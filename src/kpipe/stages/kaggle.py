@@ -31,13 +31,15 @@ from kagglesdk.competitions.types.competition_api_service import (
     ApiGetLeaderboardRequest,
     ApiGetSubmissionRequest,
 )
-from rich.console import Console
 from rich.markup import escape
 
-from kpipe.kaggle import ledger
+from kpipe import paths
 from kpipe.config import Config
+from kpipe.console import console
 from kpipe.errors import KpipeError
+from kpipe.eval.metrics import higher_is_better
 from kpipe.io import write_json
+from kpipe.kaggle import ledger
 from kpipe.kaggle.api import (  # noqa: F401  (ENV_BACKOFF, credential_source: part of this module's API)
     ENV_BACKOFF,
     ENV_POLL,
@@ -53,7 +55,6 @@ from kpipe.kaggle.api import (  # noqa: F401  (ENV_BACKOFF, credential_source: p
     kaggle_slug,
     retry_policy,
 )
-from kpipe.eval.metrics import higher_is_better
 from kpipe.kaggle.submission import validate_file
 
 MARKER = ".kpipe-download.json"  # written last: its presence means the download completed
@@ -72,8 +73,8 @@ def is_complete(dest: Path, slug: str) -> bool:
 
 
 def download(cfg: Config, force: bool = False, *, file: str | None = None) -> Path:
-    """Fetch the competition's files (or one `file`) into cfg.data_dir, unzipped; skip what is there."""
-    slug, dest = kaggle_slug(cfg), cfg.data_dir
+    """Fetch the competition's files (or one `file`) into paths.data_dir(cfg), unzipped; skip what is there."""
+    slug, dest = kaggle_slug(cfg), paths.data_dir(cfg)
     target = dest if file is None else dest / file
     if not force and (is_complete(dest, slug) if file is None else target.exists()):
         print(f"{target}: already downloaded from '{slug}'; pass --force to download again.")
@@ -166,7 +167,7 @@ def submit(cfg: Config, path: Path, message: str | None, wait: bool = False, for
     slug, path = kaggle_slug(cfg), Path(path)
     _check_submission(path, cfg)
     message = message.strip() if message and message.strip() else ledger.default_message(path)
-    prov, book = ledger.provenance(path), ledger.ledger_path(cfg)
+    prov, book = ledger.provenance(path), paths.ledger_csv(cfg)
     same = ledger.find_sha(ledger.read(book), slug, prov["sha256"])
     if len(same) and not force:
         r = same.iloc[-1]
@@ -353,11 +354,10 @@ def lb(cfg: Config) -> pd.DataFrame:
     subs = list_submissions(api, slug, backoff)
     team = next((s["team_name"] for s in subs if s["team_name"]), "")
     rank, seen = team_rank(api, slug, team, backoff) if team else (None, 0)
-    book = ledger.transact(ledger.ledger_path(cfg), lambda df: ledger.merge_remote(
+    book = ledger.transact(paths.ledger_csv(cfg), lambda df: ledger.merge_remote(
         df, subs, slug, enrich=lambda s: ledger.local_provenance(s, sub_dir)))
     view = book[book["competition"] == slug]
     metric = cfg.competition.metric
-    console = Console(highlight=False)
     console.print(ledger.render_table(view, higher_is_better(metric), f"{slug}: CV vs public vs private ({metric})"))
     if rank is not None:
         standing = f"'{team}' is #{rank}"

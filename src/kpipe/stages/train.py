@@ -10,33 +10,28 @@ Usage: ``kpipe train -c configs/exp/resnet50.yaml --comp demo train.folds=0,2``
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import os
 import random
-import shlex
-import subprocess
-import sys
-import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from kpipe.nn import dist
-from kpipe.stages import folds
-from kpipe.nn import models
-from kpipe.eval import reports
-from kpipe.data import transforms
+from kpipe import paths
 from kpipe.config import Config, load_run_config
+from kpipe.console import console
+from kpipe.data import transforms
+from kpipe.data.folds import load_fold_table
+from kpipe.data.loader import CachedBatches, EpochSampler, ImageDataset, balanced_weights, make_loader
+from kpipe.errors import Interrupted, KpipeError
+from kpipe.eval import reports
+from kpipe.eval.metrics import higher_is_better, score
+from kpipe.io import read_csv_ids, write_csv, write_json, write_text, write_yaml
+from kpipe.nn import dist, models
 from kpipe.nn.engine import (
     FoldState,
-    Interrupted,
     StopRequested,
     Throughput,
     amp_settings,
@@ -48,12 +43,7 @@ from kpipe.nn.engine import (
     train_epoch,
     unwrap,
 )
-from kpipe.errors import KpipeError
-from kpipe.io import read_csv_ids, write_csv, write_json, write_text, write_yaml
-from kpipe.data.loader import CachedBatches, EpochSampler, ImageDataset, balanced_weights, make_loader
-from kpipe.eval.metrics import higher_is_better, score
 
-console = Console()
 LOSS_EVERY = 20  # optimiser steps between reads of the loss for the progress bar
 # Keys that may change between a run and its --resume (more epochs, other folds, other workers).
 RESUMABLE_CHANGES = {"train.epochs", "train.folds", "data.num_workers", "train.early_stop_patience", "infer"}
@@ -67,14 +57,14 @@ def seed_everything(seed: int) -> None:
 
 def check_resumable(cfg: Config) -> None:
     """Refuse to mix two different experiments in one run folder."""
-    saved_path = cfg.run_dir / "config.yaml"
+    saved_path = paths.run_dir(cfg).root / "config.yaml"
     if not saved_path.is_file():
         return
-    saved, now = _flat(load_run_config(cfg.run_dir).to_dict()), _flat(cfg.to_dict())
+    saved, now = _flat(load_run_config(paths.run_dir(cfg).root).to_dict()), _flat(cfg.to_dict())
     diff = sorted(k for k in saved.keys() | now.keys()
                   if saved.get(k) != now.get(k) and not any(k == r or k.startswith(r + ".") for r in RESUMABLE_CHANGES))
     if diff:
-        raise KpipeError(f"{cfg.run_dir} was trained with a different config ({', '.join(diff[:5])}). "
+        raise KpipeError(f"{paths.run_dir(cfg).root} was trained with a different config ({', '.join(diff[:5])}). "
                          "Use another experiment name (name=<new>) or delete the folder.")
 
 
@@ -97,43 +87,36 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
 
 def _run(cfg: Config, resume: bool, device: torch.device) -> dict[str, Any]:
-    df, classes = folds.load_fold_table(cfg)
+    df, classes = load_fold_table(cfg)
     n_folds = int(df["fold"].max()) + 1
     fold_ids = cfg.train.folds if cfg.train.folds is not None else list(range(n_folds))
     bad = [k for k in fold_ids if k not in range(n_folds)]
     if bad:
-        raise KpipeError(f"train.folds: {bad} not in {cfg.folds_csv} (folds 0..{n_folds - 1}).")
-    if any((cfg.run_dir / f"fold{k}" / "last.pt").is_file() for k in fold_ids) and not resume:
-        raise KpipeError(f"{cfg.run_dir} already has checkpoints. Add --resume to continue it, "
+        raise KpipeError(f"train.folds: {bad} not in {paths.folds_csv(cfg)} (folds 0..{n_folds - 1}).")
+    if any((paths.run_dir(cfg).root / f"fold{k}" / "last.pt").is_file() for k in fold_ids) and not resume:
+        raise KpipeError(f"{paths.run_dir(cfg).root} already has checkpoints. Add --resume to continue it, "
                          "or name=<new> to start another run, or delete the folder.")
     check_resumable(cfg)
-    folds_hash = hashlib.sha256(cfg.folds_csv.read_bytes()).hexdigest()
-    saved_hash = cfg.run_dir / "folds.sha256"
+    folds_hash = hashlib.sha256(paths.folds_csv(cfg).read_bytes()).hexdigest()
+    saved_hash = paths.run_dir(cfg).root / "folds.sha256"
     if saved_hash.is_file() and saved_hash.read_text().strip() != folds_hash:
-        raise KpipeError(f"{cfg.folds_csv} changed since {cfg.run_dir} was trained (relabelled or re-split?): "
+        raise KpipeError(f"{paths.folds_csv(cfg)} changed since {paths.run_dir(cfg).root} was trained (relabelled or re-split?): "
                          "its folds would mix two label sets. Train under a new name (name=<new>) or delete the run.")
     if dist.is_main():
-        write_yaml(cfg.run_dir / "config.yaml", cfg.to_dict())
+        write_yaml(paths.run_dir(cfg).root / "config.yaml", cfg.to_dict())
         write_text(saved_hash, folds_hash + "\n")
     cache = _cache(cfg, df, device)
     stop_restore = StopRequested.install()
     try:
         for k in fold_ids:
             train_fold(cfg, k, df, classes, device, cache)
-    except Interrupted:
-        if dist.is_main():
-            console.print("[yellow]stopped: last.pt saved. Resume with:[/] " + escape(f"kpipe train {_cmdline()} --resume"),
-                          soft_wrap=True)
-        raise SystemExit(130 if StopRequested.signum == 2 else 143) from None
+    except Interrupted as e:
+        raise Interrupted(e.signum, dist.is_main()) from None
     finally:
         stop_restore()
     if not dist.is_main():
         return {}
     return finish_run(cfg, df, classes)
-
-
-def _cmdline() -> str:
-    return shlex.join(a for a in sys.argv[2:] if a != "--resume")
 
 
 def _cache(cfg: Config, df: pd.DataFrame, device: torch.device) -> np.ndarray | None:
@@ -144,7 +127,7 @@ def _cache(cfg: Config, df: pd.DataFrame, device: torch.device) -> np.ndarray | 
     size = cfg.data.img_size or models.resolve_data_config(
         models.create_from_config(cfg.model.model_copy(update={"pretrained": False, "weights": None}), 2),
         cfg.data)["img_size"]
-    path = Path(cfg.data.cache_dir) / cfg.competition.name / str(size) / "train.npy"
+    path = paths.cache_file(cfg, size, "train")
     if dist.is_main():
         cache.build_cache(df["path"].tolist(), size, path)
     dist.barrier()
@@ -166,7 +149,7 @@ def _model(cfg: Config, n_classes: int, device: torch.device) -> tuple[torch.nn.
 
 def train_fold(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device: torch.device,
                cache: np.ndarray | None) -> None:
-    fdir = cfg.run_dir / f"fold{k}"
+    fdir = paths.run_dir(cfg).root / f"fold{k}"
     if dist.is_main():  # temporaries of a write that a SIGKILL cut short; the real files are intact
         for stale in fdir.glob(".*.tmp"):
             stale.unlink()
@@ -186,7 +169,7 @@ def train_fold(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device
         console.print(f"[bold]fold {k}[/]: {len(train_rows)} train / {len(val_rows)} val images, {cfg.model.name} "
                       f"at {data_cfg['img_size']} px, {total:,} parameters ({trainable:,} trainable), device {device}")
     size, mean, std = data_cfg["img_size"], data_cfg["mean"], data_cfg["std"]
-    y, paths, bs = df["y"].to_numpy(), df["path"].tolist(), cfg.data.batch_size
+    y, files, bs = df["y"].to_numpy(), df["path"].tolist(), cfg.data.batch_size
     weights = balanced_weights(y[train_rows], len(classes)) if cfg.data.balanced_sampling else None
     sampler = EpochSampler(train_rows, t.seed + k, weights=weights, rank=dist.rank(), world=dist.world())
     pin = device.type == "cuda"
@@ -203,7 +186,7 @@ def train_fold(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device
     else:
         tf_train = transforms.build_train(cfg.data.aug, size, hflip=cfg.data.hflip)
         tf_train.set_random_seed(t.seed + k)
-        loader = make_loader(ImageDataset(paths, y, tf_train, cache), sampler, bs, cfg.data.num_workers, t.seed + k,
+        loader = make_loader(ImageDataset(files, y, tf_train, cache), sampler, bs, cfg.data.num_workers, t.seed + k,
                              pin, drop_last)
         prepare = normalize
     val_sampler = EpochSampler(val_rows, 0, shuffle=False, rank=dist.rank(), world=dist.world(), pad=False)
@@ -213,7 +196,7 @@ def train_fold(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device
                              "delete the cache folder (data.cache_dir) and train again.")
         val_loader: Any = CachedBatches(cache, y, val_sampler, bs, pin_memory=pin)
     else:
-        val_loader = make_loader(ImageDataset(paths, y, transforms.build_eval(size)), val_sampler, bs,
+        val_loader = make_loader(ImageDataset(files, y, transforms.build_eval(size)), val_sampler, bs,
                                  cfg.data.num_workers, 0, pin)
 
     net = model
@@ -329,7 +312,7 @@ def _end_epoch(cfg: Config, k: int, st: FoldState, row: dict[str, Any], classes:
         st.best_score, st.bad_epochs = s, 0
         if dist.is_main():
             eval_model = st.ema.module if st.ema is not None else unwrap(st.model)
-            save_checkpoint(cfg.run_dir / f"fold{k}" / "best.pt",
+            save_checkpoint(paths.run_dir(cfg).root / f"fold{k}" / "best.pt",
                             _payload(cfg, eval_model.state_dict(), classes, data_cfg, row["epoch"], s))
     else:
         st.bad_epochs += 1
@@ -344,7 +327,7 @@ def _end_epoch(cfg: Config, k: int, st: FoldState, row: dict[str, Any], classes:
         if dist.is_main():
             console.print(f"fold {k}: early stop, no better {metric} for {st.bad_epochs} epochs")
     if dist.is_main():
-        write_csv(cfg.run_dir / f"fold{k}" / "metrics.csv", pd.DataFrame(st.history))
+        write_csv(paths.run_dir(cfg).root / f"fold{k}" / "metrics.csv", pd.DataFrame(st.history))
         console.print(f"fold {k} epoch {row['epoch']}/{t.epochs}: train loss {row['train_loss']:.4f}  "
                       f"val loss {row['val_loss']:.4f}  acc {row['val_accuracy']:.4f}  f1 {row['val_macro_f1']:.4f}"
                       f"  lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s{'  *best' if better else ''}")
@@ -359,30 +342,30 @@ def _payload(cfg: Config, state: dict[str, Any], classes: list[str], data_cfg: d
 
 def _save_last(cfg: Config, k: int, st: FoldState, classes: list[str], data_cfg: dict[str, Any]) -> None:
     if dist.is_main():
-        save_checkpoint(cfg.run_dir / f"fold{k}" / "last.pt",
+        save_checkpoint(paths.run_dir(cfg).root / f"fold{k}" / "last.pt",
                         {**st.state_dict(), "classes": classes, "config": cfg.to_dict(), "data_config": data_cfg})
 
 
 def _write_fold_oof(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], model: torch.nn.Module,
                     device: torch.device, amp_dtype: Any, val_loader: Any, normalize: Any) -> None:
     """The fold's out-of-fold probabilities, from its best checkpoint loaded into the fold's (now done) model."""
-    model.load_state_dict(load_checkpoint(cfg.run_dir / f"fold{k}" / "best.pt")["model"])
+    model.load_state_dict(load_checkpoint(paths.run_dir(cfg).root / f"fold{k}" / "best.pt")["model"])
     idx, probs = gather_predictions(model, val_loader, device, amp_dtype, cfg.train.channels_last, normalize)
     if dist.is_main():
         oof = pd.DataFrame({"id": df["id"].to_numpy()[idx], "fold": k, "label": df["label"].to_numpy()[idx]})
         oof = pd.concat([oof, pd.DataFrame(probs, columns=[f"p_{c}" for c in classes])], axis=1)
-        write_csv(cfg.run_dir / f"fold{k}" / "oof.csv", oof)
+        write_csv(paths.run_dir(cfg).root / f"fold{k}" / "oof.csv", oof)
     dist.barrier()
 
 
 def finish_run(cfg: Config, df: pd.DataFrame, classes: list[str]) -> dict[str, Any]:
     """Gather the folds' OOF into oof.csv, score it, draw the reports."""
-    parts = [read_csv_ids(p) for p in sorted(cfg.run_dir.glob("fold*/oof.csv"))]
+    parts = [read_csv_ids(p) for p in sorted(paths.run_dir(cfg).root.glob("fold*/oof.csv"))]
     oof = pd.concat(parts, ignore_index=True).sort_values(["fold", "id"], kind="stable").reset_index(drop=True)
     pcols = [f"p_{c}" for c in classes]
     oof[pcols] = oof[pcols].astype(float)
     oof["fold"] = oof["fold"].astype(int)
-    write_csv(cfg.run_dir / "oof.csv", oof)
+    write_csv(paths.run_dir(cfg).root / "oof.csv", oof)
     labels = oof["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
     probs = oof[pcols].to_numpy()
     metric = cfg.competition.metric
@@ -390,53 +373,10 @@ def finish_run(cfg: Config, df: pd.DataFrame, classes: list[str]) -> dict[str, A
     cv = score(metric, labels, probs)
     result = {"metric": metric, "cv": cv, "per_fold": per_fold, "n_oof": len(oof),
               "complete": len(oof) == len(df)}
-    write_json(cfg.run_dir / "cv.json", result)
-    reports.write_all(cfg.run_dir, oof, classes)
+    write_json(paths.run_dir(cfg).root / "cv.json", result)
+    reports.write_all(paths.run_dir(cfg).root, oof, classes)
     folds_txt = "  ".join(f"fold {f}: {s:.4f}" for f, s in per_fold.items())
     console.print(f"[bold green]CV {metric} = {cv:.4f}[/] over {len(oof)} OOF rows ({folds_txt})")
     if len(oof) != len(df):
         console.print(f"[yellow]OOF covers {len(oof)} of {len(df)} train rows: train the other folds for a full CV.")
     return result
-
-
-def run_fold_per_gpu(args: argparse.Namespace, argv: list[str]) -> int:
-    """One process per visible GPU, one fold each (CUDA_VISIBLE_DEVICES), then the usual oof.csv.
-
-    A GPU takes the next fold as soon as its last one ends; each fold logs to fold<k>/train.log.
-    A failed fold is reported with the command that re-runs it alone.
-    """
-    from kpipe.cli import config_from
-
-    cfg = config_from(args)
-    df, classes = folds.load_fold_table(cfg)
-    fold_ids = cfg.train.folds if cfg.train.folds is not None else sorted(df["fold"].unique().tolist())
-    base = [a for a in argv if a != "--resume"]  # "train", then the user's options and overrides
-    queue, free = list(fold_ids), list(range(max(torch.cuda.device_count(), 1)))
-    running: dict[int, tuple[int, subprocess.Popen, Any]] = {}
-    failed: list[int] = []
-    while queue or running:
-        while queue and free:
-            gpu, k = free.pop(0), queue.pop(0)
-            log_path = cfg.run_dir / f"fold{k}" / "train.log"
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 (closed when the fold ends)
-            cmd = [sys.executable, "-m", "kpipe", *base, "--resume", f"train.folds={k}"]
-            running[gpu] = (k, subprocess.Popen(cmd, env={**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)},
-                                                stdout=log, stderr=subprocess.STDOUT), log)
-            console.print(f"fold {k} started on GPU {gpu} (log: {log_path})")
-        for gpu, (k, proc, log) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            log.close()
-            del running[gpu]
-            free.append(gpu)
-            if proc.returncode:
-                failed.append(k)
-            console.print(f"fold {k} {'failed' if proc.returncode else 'finished'} (exit {proc.returncode})")
-        time.sleep(0.5)
-    if failed:
-        console.print(f"[red]folds {sorted(failed)} failed; see fold<k>/train.log. Re-run one alone with:[/] "
-                      + escape(f"kpipe {shlex.join(base)} --resume train.folds={sorted(failed)[0]}"), soft_wrap=True)
-        return 1
-    finish_run(cfg, df, classes)
-    return 0

@@ -45,16 +45,13 @@ from rich.table import Table
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
-from kpipe.data import cache
-from kpipe.nn import engine
-from kpipe.nn import models
-from kpipe.data import transforms
-from kpipe.nn import tta
 from kpipe.config import DataConfig, TrainConfig
-from kpipe.errors import KpipeError
+from kpipe.data import cache, transforms
 from kpipe.data.image import read_rgb
-from kpipe.io import write_json, write_text
 from kpipe.data.loader import CachedBatches, EpochSampler, ImageDataset, make_loader
+from kpipe.errors import KpipeError
+from kpipe.io import write_json, write_text
+from kpipe.nn import engine, models, predict, tta
 
 console = Console()
 IMAGES_VERSION = 1  # bump when the generator changes, so old image sets are rebuilt
@@ -419,18 +416,16 @@ def infer_pipeline_cases(plan: Plan, paths: list[str], device: torch.device) -> 
     """kpipe infer's own loop (infer.predict_models) over real JPEGs: the eval loader's workers decode and
     resize, the batch is normalised, and every TTA view goes through the model in one forward.
     The ideal hflip cost is just under 2.0: decoding is shared by the views."""
-    from kpipe.stages import infer
-
     model = models.create(plan.model, N_CLASSES).eval().to(device)
     dc = models.resolve_data_config(model, DataConfig(img_size=plan.img_size))
     sample = paths[: plan.infer_batches * plan.batch]
-    loader = infer.make_eval_loader(sample, dc, plan.batch, plan.workers, device, tolerant=False)
+    loader = predict.make_eval_loader(sample, dc, plan.batch, plan.workers, device, tolerant=False)
     prepare = transforms.Normalize(dc["mean"], dc["std"])
 
     def case(views: list[str]) -> Case:
         def run() -> float:
             t0 = time.perf_counter()
-            infer.predict_models([model], loader, views, N_CLASSES, device, None, False, prepare)
+            predict.predict_models([model], loader, views, N_CLASSES, device, None, False, prepare)
             _sync(device)
             return len(sample) / (time.perf_counter() - t0)
 

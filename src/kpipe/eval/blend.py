@@ -1,0 +1,138 @@
+"""Blending members' probabilities, and fitting the blend weights on out-of-fold predictions.
+
+Weights are non-negative and sum to 1. They are fitted on log loss first, which is smooth and,
+for both the weighted arithmetic and geometric mean, convex in the weights, so SLSQP finds the
+global optimum. For accuracy and macro-F1, that fit competes with equal weights, every single
+member, and a coordinate ascent on the metric itself; the winner BY THE METRIC on OOF is kept
+(ties go to the lower log loss).
+Usage: ``result = fit([oof_a, oof_b], labels, "accuracy"); test = blend([test_a, test_b], result.weights)``
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import minimize
+from scipy.special import logsumexp
+
+from kpipe.eval import metrics
+from kpipe.nn.tta import aggregate
+
+EPS = 1e-15  # same clipping as metrics.score's log loss
+
+
+ZERO_WEIGHT = 1e-6  # optimiser dust below this is set to exactly 0
+
+
+def blend(probs_list: list[np.ndarray], weights: np.ndarray, how: str = "mean") -> np.ndarray:
+    """Weighted mean (or renormalised weighted geometric mean) of (N, K) probability arrays."""
+    return aggregate(np.stack(probs_list), how, np.asarray(weights, dtype=np.float64), eps=EPS)
+
+
+def _log_loss_and_grad(
+    w: np.ndarray, probs: np.ndarray, labels: np.ndarray, how: str
+) -> tuple[float, np.ndarray]:
+    """Log loss of the blend with weights w, and its gradient in w. probs: (M, N, K)."""
+    rows = np.arange(probs.shape[1])
+    if how == "mean":
+        q = probs[:, rows, labels].T  # (N, M): each member's probability of the true class
+        qw = np.maximum(q @ w, EPS)
+        return float(-np.log(qw).mean()), -(q / qw[:, None]).mean(axis=0)
+    logp = np.log(np.clip(probs, EPS, 1.0))  # (M, N, K)
+    s = np.einsum("m,mnk->nk", w, logp)
+    log_z = logsumexp(s, axis=1)
+    soft = np.exp(s - log_z[:, None])
+    loss = -(s[rows, labels] - log_z).mean()
+    grad = -(logp[:, rows, labels] - np.einsum("nk,mnk->mn", soft, logp)).mean(axis=1)
+    return float(loss), grad
+
+
+def _clean(w: np.ndarray) -> np.ndarray:
+    w = np.clip(np.asarray(w, dtype=np.float64), 0.0, None)
+    w[w < ZERO_WEIGHT] = 0.0
+    return w / w.sum() if w.sum() > 0 else np.full(len(w), 1.0 / len(w))
+
+
+def fit_log_loss(probs: np.ndarray, labels: np.ndarray, how: str = "mean") -> np.ndarray:
+    """Weights (>= 0, sum 1) minimising the blend's log loss; probs (M, N, K)."""
+    m = probs.shape[0]
+    if m == 1:
+        return np.ones(1)
+    res = minimize(
+        _log_loss_and_grad,
+        np.full(m, 1.0 / m),
+        args=(probs, labels, how),
+        jac=True,
+        method="SLSQP",
+        bounds=[(0.0, 1.0)] * m,
+        constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0, "jac": lambda w: np.ones_like(w)}],
+        options={"maxiter": 200, "ftol": 1e-10},
+    )
+    # A failed run still returns its best point; the candidates below guard against a poor one.
+    return _clean(res.x)
+
+
+def _coordinate_ascent(
+    probs: np.ndarray, labels: np.ndarray, metric: str, how: str, w0: np.ndarray, rounds: int = 5
+) -> np.ndarray:
+    """Greedy search on an argmax metric: move one member's share over a grid, others rescaled."""
+    # Accuracy and F1 only see the argmax, which a geometric blend shares with its log-space sum.
+    base = probs if how == "mean" else np.log(np.clip(probs, EPS, 1.0))
+    better = 1.0 if metrics.higher_is_better(metric) else -1.0
+    w = w0.copy()
+    best = metrics.score_preds(metric, labels, np.einsum("m,mnk->nk", w, base).argmax(1))
+    grid = np.linspace(0.0, 1.0, 21)
+    for _ in range(rounds):
+        improved = False
+        for i in range(len(w)):
+            rest = np.delete(w, i)
+            rest = rest / rest.sum() if rest.sum() > 0 else np.full(len(rest), 1.0 / len(rest))
+            others = np.einsum("m,mnk->nk", rest, np.delete(base, i, axis=0))
+            for g in grid:
+                s = metrics.score_preds(metric, labels, (g * base[i] + (1 - g) * others).argmax(1))
+                if better * (s - best) > 1e-12:
+                    best, improved = s, True
+                    w = np.insert((1 - g) * rest, i, g)
+        if not improved:
+            break
+    return _clean(w)
+
+
+@dataclass(frozen=True)
+class Fit:
+    weights: np.ndarray
+    method: str  # which candidate won: "log-loss fit", "equal", "single", "coordinate ascent"
+    cv: float  # the metric of the blended OOF with these weights
+    log_loss: float
+
+
+def fit(oof_probs: list[np.ndarray], labels: np.ndarray, metric: str, how: str = "mean") -> Fit:
+    """Fit blend weights on OOF and say which candidate won; see the module docstring."""
+    probs = np.stack([np.asarray(p, dtype=np.float64) for p in oof_probs])
+    labels = np.asarray(labels, dtype=np.int64)
+    m = probs.shape[0]
+    candidates: list[tuple[str, np.ndarray]] = [("log-loss fit", fit_log_loss(probs, labels, how))]
+    if m > 1:
+        candidates.append(("equal", np.full(m, 1.0 / m)))
+        candidates.extend(("single", np.eye(m)[i]) for i in range(m))
+
+    def judge(name: str, w: np.ndarray) -> Fit:
+        p = blend(list(probs), w, how)
+        return Fit(w, name, metrics.score(metric, labels, p), metrics.score("log_loss", labels, p))
+
+    fits = [judge(name, w) for name, w in candidates]
+    sign = 1.0 if metrics.higher_is_better(metric) else -1.0
+    best = max(fits, key=lambda f: (sign * f.cv, -f.log_loss))
+    if metric != "log_loss" and m > 1:
+        ca = judge("coordinate ascent", _coordinate_ascent(probs, labels, metric, how, best.weights))
+        if sign * (ca.cv - best.cv) > 1e-12:
+            best = ca
+    return best
+
+
+def fit_weights(
+    oof_probs: list[np.ndarray], labels: np.ndarray, metric: str, how: str = "mean"
+) -> np.ndarray:
+    """Non-negative weights summing to 1 that blend the members' OOF best by `metric`."""
+    return fit(oof_probs, labels, metric, how).weights

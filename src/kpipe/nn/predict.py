@@ -1,0 +1,114 @@
+"""A trained run's fold models, loaded for prediction, and the batched prediction loop over images.
+
+`load_run` rebuilds each fold<k>/best.pt from the run's own saved config (never a download) and checks
+its classes; `predict_models` decodes each batch once and runs it through every fold model with every
+TTA view in one forward. Used by `kpipe infer`, `kpipe oof-tta` and the bench.
+Usage: ``rm = load_run("runs/demo", classes, device); probs, ok = predict_models(rm.models, loader, ["identity"], ...)``
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from kpipe import paths
+from kpipe.config import Config, load_run_config
+from kpipe.data import transforms
+from kpipe.data.loader import EpochSampler, ImageDataset, make_loader
+from kpipe.errors import KpipeError, preview
+from kpipe.nn import models, tta
+from kpipe.nn.engine import autocast, load_checkpoint, model_input
+
+
+@dataclass
+class RunModels:
+    """One run's fold models, ready to predict, and how its inputs must be prepared."""
+
+    run: str  # the run folder as given (also the name in ensemble JSON)
+    cfg: Config  # the run's saved config
+    folds: list[int]
+    models: list[nn.Module]
+    data_cfg: dict[str, Any]  # img_size, mean, std
+
+
+def fold_of(path: Path) -> int:
+    return int(path.parent.name.removeprefix("fold"))
+
+
+def load_run(run: str, classes: list[str], device: torch.device) -> RunModels:
+    """Every fold<k>/best.pt of a run, built from the run's own config (no download) and checked against `classes`."""
+    rcfg = load_run_config(run)
+    ckpts = sorted((p for p in Path(run).glob("fold*/best.pt") if re.fullmatch(r"fold\d+", p.parent.name)),
+                   key=fold_of)  # fold10 after fold9
+    if not ckpts:
+        raise KpipeError(f"{run}: no fold<k>/best.pt. Train the run first (kpipe train), or leave it out of infer.runs.")
+    mcfg = rcfg.model.model_copy(update={"pretrained": False, "weights": None})
+    channels_last = device.type == "cuda" and rcfg.train.channels_last
+    out = RunModels(run, rcfg, [], [], {})
+    for path in ckpts:
+        ck = load_checkpoint(path)
+        if list(ck.get("classes", [])) != classes:
+            raise KpipeError(
+                f"{path}: trained on classes {preview(list(ck.get('classes', [])))}, but {paths.classes_json(rcfg)} "
+                f"now lists {preview(classes)}. The folds were rebuilt after training (relabel?): re-train this run.")
+        model = models.create_from_config(mcfg, len(classes))
+        model.load_state_dict(ck["model"])
+        dc = data_config(ck, model, rcfg)
+        if out.data_cfg and dc != out.data_cfg:
+            raise KpipeError(f"{path}: preprocessing {dc} differs from fold {out.folds[0]}'s {out.data_cfg}; "
+                             "the folds of one run must share it. Re-train the odd fold.")
+        model = model.eval().to(device)
+        out.models.append(model.to(memory_format=torch.channels_last) if channels_last else model)
+        out.folds.append(fold_of(path))
+        out.data_cfg = dc
+    return out
+
+
+def data_config(ck: dict[str, Any], model: nn.Module, rcfg: Config) -> dict[str, Any]:
+    # Older checkpoints without data_config: resolve it the way train did.
+    dc = ck.get("data_config") or models.resolvedata_config(model, rcfg.data)
+    return {"img_size": int(dc["img_size"]), "mean": [float(v) for v in dc["mean"]],
+            "std": [float(v) for v in dc["std"]]}
+
+
+def make_eval_loader(files: list[str], data_cfg: dict[str, Any], batch_size: int, num_workers: int,
+                     device: torch.device, tolerant: bool) -> DataLoader:
+    ds = ImageDataset(files, None, transforms.build_eval(data_cfg["img_size"]), tolerant=tolerant,
+                      blank_size=data_cfg["img_size"])
+    sampler = EpochSampler(np.arange(len(files)), 0, shuffle=False, pad=False)
+    return make_loader(ds, sampler, batch_size, num_workers, pin_memory=device.type == "cuda")
+
+
+def predict_models(fold_models: list[nn.Module], loader: DataLoader, views: list[str], n_classes: int,
+                   device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool,
+                   prepare: Callable[[torch.Tensor], torch.Tensor],
+                   on_batch: Callable[[int], None] = lambda n: None) -> tuple[np.ndarray, np.ndarray]:
+    """(probs (F, V, N, K) float32, ok (N,)): each batch is decoded once and seen by every model, all views at once.
+
+    `prepare` turns the loader's uint8 batch into the models' input (transforms.Normalize with the run's mean/std).
+    """
+    n = len(loader.dataset)
+    out = np.zeros((len(fold_models), len(views), n, n_classes), np.float32)
+    ok = np.ones(n, bool)
+    for x, _, idx, good in loader:
+        x = model_input(x, device, prepare, channels_last)
+        rows = idx.numpy()
+        for f, model in enumerate(fold_models):
+            try:
+                with autocast(device, amp_dtype):
+                    probs = tta.predict_batched(model, x, views)
+            except torch.cuda.OutOfMemoryError:
+                raise KpipeError(f"out of GPU memory: each forward is {len(views)} views x {len(x)} images. "
+                                 "Lower infer.batch_size or use fewer infer.tta views.") from None
+            out[f][:, rows] = probs.cpu().numpy()
+        ok[rows] = good.numpy()
+        on_batch(len(x))
+    return out, ok
