@@ -66,8 +66,8 @@ def test_resume_after_interrupt_finishes_all_epochs(tmp_path: Path, monkeypatch:
     real_step = engine._optimizer_step
     calls = {"n": 0}
 
-    def step_then_stop(st, t):  # Ctrl-C during the 5th optimiser step: 4 steps per epoch, so epoch 2, step 1
-        real_step(st, t)
+    def step_then_stop(st, clip):  # Ctrl-C during the 5th optimiser step: 4 steps per epoch, so epoch 2, step 1
+        real_step(st, clip)
         calls["n"] += 1
         if calls["n"] == 5:
             engine.StopRequested.signum = 2
@@ -126,7 +126,7 @@ def test_oof_comes_from_best_pt_not_the_last_weights(tmp_path: Path, monkeypatch
     from kpipe.data import transforms
 
     # Invert "better" so best.pt keeps epoch 1 while training goes on to epoch 3: best and last differ.
-    monkeypatch.setattr(train, "higher_is_better", lambda metric: False)
+    monkeypatch.setattr(train.metrics, "higher_is_better", lambda metric: False)
     cfg = _setup(tmp_path, ["train.folds=0", "train.epochs=3", "train.lr=0.01"])
     train.run(cfg)
     fdir = paths.run_dir(cfg).root / "fold0"

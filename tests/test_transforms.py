@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 from kpipe.data import transforms as T
 from kpipe.data.image import resize_square
 from kpipe.errors import KpipeError
+from kpipe.registry import AUG_PRESETS
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -18,7 +19,7 @@ def _img(h: int = 50, w: int = 70, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
-@pytest.mark.parametrize("preset", T.PRESETS)
+@pytest.mark.parametrize("preset", AUG_PRESETS.names())
 def test_presets_ship_uint8_chw(preset: str) -> None:
     tf = T.build_train(preset, 32)
     for seed in range(5):

@@ -15,14 +15,27 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kpipe.errors import KpipeError
+from kpipe.registry import AUG_PRESETS, METRICS, OPTIMIZERS, SCHEDULERS, Registry
 
 CMDLINE = "command line"
+
+
+def Choice(registry: Registry) -> AfterValidator:  # noqa: N802 (reads as a type in the schema)
+    """A string key whose value must name an entry of `registry` (errors list the entries)."""
+
+    def check(value: str) -> str:
+        try:
+            return registry.check(value)
+        except KpipeError as e:
+            raise ValueError(str(e).removesuffix(".")) from None
+
+    return AfterValidator(check)
 
 
 class Section(BaseModel):
@@ -75,7 +88,7 @@ class CompetitionConfig(Section):
     sub_id_col: str | None = None  # default: sample_submission's first column
     # "label": one target column holding the class; "proba": one column per class; "auto": from its shape.
     submission_format: Literal["auto", "label", "proba"] = "auto"
-    metric: Literal["accuracy", "macro_f1", "log_loss"] = "accuracy"
+    metric: Annotated[str, Choice(METRICS)] = "accuracy"  # kpipe.eval.metrics
 
 
 class ModelConfig(Section):
@@ -93,7 +106,7 @@ class DataConfig(Section):
     img_size: int | None = None  # default: the model's input size
     mean: list[float] | None = None  # default: the model's normalisation
     std: list[float] | None = None
-    aug: Literal["none", "light", "medium", "heavy"] = "light"
+    aug: Annotated[str, Choice(AUG_PRESETS)] = "light"  # kpipe.data.presets
     hflip: bool = True  # false where a mirror changes the class (digits, text, left/right anatomy)
     batch_aug: bool = False  # flips + resized crop on whole uint8 batches (needs cache); see README
     cache: bool = False  # decode once: images resized to img_size, uint8, memory-mapped
@@ -106,11 +119,11 @@ class DataConfig(Section):
 class TrainConfig(Section):
     epochs: int = Field(10, ge=1)
     folds: list[int] | None = None  # default: every fold in the folds file
-    optimizer: Literal["sgd", "adam", "adamw", "nadam"] = "adamw"
+    optimizer: Annotated[str, Choice(OPTIMIZERS)] = "adamw"  # kpipe.nn.optim
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = 1e-4
     momentum: float = 0.9
-    scheduler: Literal["cosine", "step", "plateau", "none"] = "cosine"
+    scheduler: Annotated[str, Choice(SCHEDULERS)] = "cosine"  # kpipe.nn.optim
     warmup_epochs: int = 0
     step_size: int = 3
     gamma: float = 0.1

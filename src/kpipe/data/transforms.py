@@ -30,45 +30,34 @@ import torch
 import torch.nn.functional as F
 from albumentations.pytorch import ToTensorV2
 
+from kpipe.data.presets import Preset
 from kpipe.errors import KpipeError
-
-PRESETS = ("none", "light", "medium", "heavy")
-
-
-MIN_SCALE = {"light": 0.7, "medium": 0.5, "heavy": 0.3}  # smallest crop share of the image per preset
+from kpipe.registry import AUG_PRESETS
 
 
 def build_train(preset: str, img_size: int, hflip: bool = True) -> A.Compose:
-    """Training pipeline for `preset` (none < light < medium < heavy), ending in a uint8 CHW tensor.
+    """Training pipeline for the `data.aug` preset (kpipe.data.presets), ending in a uint8 CHW tensor.
 
     hflip=False for classes a mirror changes (digits, text, left/right anatomy).
     """
-    if preset not in PRESETS:
-        raise KpipeError(f"data.aug='{preset}' is not one of {', '.join(PRESETS)}.")
-    if preset == "none":
+    p: Preset = AUG_PRESETS.get(preset)
+    if not p.crop:
         return build_eval(img_size)
-    size = (img_size, img_size)
     # area_for_downscale: antialiased (INTER_AREA) when the crop shrinks, bilinear when it grows.
-    min_scale = MIN_SCALE[preset]
     ops: list[Any] = [
-        A.RandomResizedCrop(size=size, scale=(min_scale, 1.0), area_for_downscale="image"),
+        A.RandomResizedCrop(size=(img_size, img_size), scale=(p.min_scale, 1.0), area_for_downscale="image"),
         A.HorizontalFlip(p=0.5 if hflip else 0.0),
     ]
-    if preset == "medium":
-        ops += [
-            A.Affine(rotate=(-15, 15), border_mode=cv2.BORDER_REFLECT_101, p=0.5),
-            A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.5),
-            A.ToGray(p=0.05),
-        ]
-    elif preset == "heavy":
-        ops += [
-            A.Affine(rotate=(-30, 30), shear=(-10, 10), border_mode=cv2.BORDER_REFLECT_101, p=0.7),
-            A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.05, p=0.8),
-            A.ToGray(p=0.1),
-            A.CoarseDropout(
-                num_holes_range=(1, 4), hole_height_range=(0.05, 0.2), hole_width_range=(0.05, 0.2), p=0.5
-            ),
-        ]
+    if p.affine_p:
+        shear = {"shear": (-p.shear, p.shear)} if p.shear else {}
+        ops.append(A.Affine(rotate=(-p.rotate, p.rotate), **shear, border_mode=cv2.BORDER_REFLECT_101, p=p.affine_p))
+    if p.jitter_p:
+        ops.append(A.ColorJitter(brightness=p.jitter, contrast=p.jitter, saturation=p.jitter, hue=p.hue, p=p.jitter_p))
+    if p.gray_p:
+        ops.append(A.ToGray(p=p.gray_p))
+    if p.dropout_p:
+        ops.append(A.CoarseDropout(num_holes_range=(1, 4), hole_height_range=(0.05, 0.2),
+                                   hole_width_range=(0.05, 0.2), p=p.dropout_p))
     return A.Compose([*ops, ToTensorV2()])
 
 
@@ -216,11 +205,10 @@ class BatchAugment:
 
     def __init__(self, preset: str, img_size: int, mean: Sequence[float], std: Sequence[float],
                  hflip: bool = True) -> None:
-        if preset not in PRESETS:
-            raise KpipeError(f"data.aug='{preset}' is not one of {', '.join(PRESETS)}.")
-        self.crop = preset != "none"
-        self.scale = (MIN_SCALE.get(preset, 1.0), 1.0)
-        self.hflip = 0.5 if hflip and preset != "none" else 0.0
+        p: Preset = AUG_PRESETS.get(preset)
+        self.crop = p.crop
+        self.scale = (p.min_scale, 1.0)
+        self.hflip = 0.5 if hflip and p.crop else 0.0
         self.size = img_size
         self.normalize = Normalize(mean, std)
 

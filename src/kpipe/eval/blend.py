@@ -81,7 +81,7 @@ def _coordinate_ascent(
     base = probs if how == "mean" else np.log(np.clip(probs, EPS, 1.0))
     better = 1.0 if metrics.higher_is_better(metric) else -1.0
     w = w0.copy()
-    best = metrics.score_preds(metric, labels, np.einsum("m,mnk->nk", w, base).argmax(1))
+    best = metrics.score(metric, labels, np.einsum("m,mnk->nk", w, base))
     grid = np.linspace(0.0, 1.0, 21)
     for _ in range(rounds):
         improved = False
@@ -90,7 +90,7 @@ def _coordinate_ascent(
             rest = rest / rest.sum() if rest.sum() > 0 else np.full(len(rest), 1.0 / len(rest))
             others = np.einsum("m,mnk->nk", rest, np.delete(base, i, axis=0))
             for g in grid:
-                s = metrics.score_preds(metric, labels, (g * base[i] + (1 - g) * others).argmax(1))
+                s = metrics.score(metric, labels, g * base[i] + (1 - g) * others)
                 if better * (s - best) > 1e-12:
                     best, improved = s, True
                     w = np.insert((1 - g) * rest, i, g)

@@ -10,6 +10,7 @@ Usage: ``torchrun --nproc-per-node 4 -m kpipe train -c configs/exp/resnet50.yaml
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -30,6 +31,12 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def collective_timeout() -> timedelta:
+    """How long a collective waits for a missing rank before failing (KPIPE_DIST_TIMEOUT seconds, default 600):
+    a rank that died or hangs then ends the run with an error instead of a silent, endless wait."""
+    return timedelta(seconds=float(os.environ.get("KPIPE_DIST_TIMEOUT", "600")))
+
+
 def pick_device(device_kind: str) -> torch.device:
     """This process's device for train.device=auto|cpu|cuda (under torchrun, the GPU of LOCAL_RANK)."""
     use_cuda = device_kind == "cuda" or (device_kind == "auto" and torch.cuda.is_available())
@@ -46,13 +53,16 @@ def setup(device_kind: str) -> torch.device:
     """Join the process group when launched by torchrun; return this process's device."""
     device = pick_device(device_kind)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch_dist.is_initialized():
-        torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=collective_timeout())
     return device
 
 
-def teardown() -> None:
+def teardown(ok: bool = True) -> None:
+    """Leave the process group: after a barrier when the run succeeded; at once after an error, since the
+    other ranks may never reach a barrier (torchrun ends them when this process exits non-zero)."""
     if torch_dist.is_initialized():
-        torch_dist.barrier()
+        if ok:
+            torch_dist.barrier()
         torch_dist.destroy_process_group()
 
 

@@ -11,11 +11,10 @@ Usage: see train.py, which drives one FoldState per fold.
 
 from __future__ import annotations
 
-import math
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,40 +52,6 @@ class StopRequested:
         return lambda: [signal.signal(s, h) for s, h in old.items()]  # type: ignore[func-returns-value]
 
 
-def build_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
-    # Frozen parameters stay in the optimiser (they get no grad, so no update) so that
-    # unfreezing later needs no rebuild and resume restores one consistent state.
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.momentum > 0)
-    if t.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=t.lr)
-    if t.optimizer == "nadam":
-        return torch.optim.NAdam(groups, lr=t.lr)
-    return torch.optim.AdamW(groups, lr=t.lr)
-
-
-def build_scheduler(opt: torch.optim.Optimizer, t: TrainConfig, steps_per_epoch: int) -> Any:
-    """cosine (with linear warmup) steps per optimiser step; step and plateau per epoch."""
-    if t.scheduler == "cosine":
-        warm, total = t.warmup_epochs * steps_per_epoch, max(t.epochs * steps_per_epoch, 1)
-
-        def factor(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            progress = (step - warm) / max(total - warm, 1)
-            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-        return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    if t.scheduler == "step":
-        return torch.optim.lr_scheduler.StepLR(opt, step_size=t.step_size, gamma=t.gamma)
-    if t.scheduler == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=t.gamma, patience=t.plateau_patience)
-    return None
-
-
 def amp_settings(device: torch.device, t: TrainConfig) -> tuple[torch.dtype | None, bool]:
     """(autocast dtype or None, whether a grad scaler is needed)."""
     if device.type != "cuda" or not t.amp:
@@ -100,11 +65,60 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
+@dataclass(frozen=True)
+class Precision:
+    """How batches meet the model on this device: autocast dtype, whether a grad scaler is needed, memory format."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    scaler: bool = False
+    channels_last: bool = False
+
+    @classmethod
+    def of(cls, device: torch.device, t: TrainConfig) -> Precision:
+        amp_dtype, scaler = amp_settings(device, t)
+        return cls(device, amp_dtype, scaler, device.type == "cuda" and t.channels_last)
+
+    def autocast(self) -> Any:
+        return autocast(self.device, self.amp_dtype)
+
+    def input(self, x: torch.Tensor, prepare: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+        return model_input(x, self.device, prepare, self.channels_last)
+
+
+@dataclass(frozen=True)
+class Step:
+    """Everything one training step needs besides the fold's state (FoldState)."""
+
+    precision: Precision
+    criterion: nn.Module
+    prepare: Callable[[torch.Tensor], torch.Tensor]  # uint8 batch on the device -> model input
+    n_classes: int
+    mixup: Callable[..., Any] | None = None  # timm's Mixup (mixup/cutmix) or None
+    label_smoothing: float = 0.0
+    accum_steps: int = 1
+    clip_grad: float | None = None
+
+    def batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(model input, target) on the device; with mixup, soft targets for every batch."""
+        x = self.precision.input(x, self.prepare)
+        y = y.to(self.precision.device, non_blocking=True)
+        if self.mixup is None:
+            return x, y
+        if len(x) % 2 == 0:
+            return self.mixup(x, y)
+        # timm's Mixup pairs samples and needs an even batch; an odd one (a short last batch, an odd
+        # data.batch_size) trains unmixed, with the same smoothed soft targets the loss expects.
+        from timm.data.mixup import mixup_target
+
+        return x, mixup_target(y, self.n_classes, lam=1.0, smoothing=self.label_smoothing)
+
+
 @dataclass
 class FoldState:
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: Any
+    scheduler: Any  # nn.optim.Schedule
     scaler: torch.amp.GradScaler
     ema: Any = None
     epoch: int = 0  # the epoch to run next (or in progress)
@@ -161,17 +175,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def train_epoch(
-    st: FoldState,
-    loader: DataLoader,
-    device: torch.device,
-    t: TrainConfig,
-    amp_dtype: torch.dtype | None,
-    criterion: nn.Module,
-    mixup: Callable[..., Any] | None,
-    on_step: Callable[[int, torch.Tensor], None],
-    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> tuple[float, int]:
+def train_epoch(st: FoldState, loader: Iterable[Any], step: Step, on_step: Callable[[int, torch.Tensor], None]
+                ) -> tuple[float, int]:
     """One pass over `loader` (which already skips what a resumed epoch did). Returns (mean loss, images).
 
     on_step(images, loss) gets the step's loss as a 0-d tensor on the device: reading it (float())
@@ -179,43 +184,37 @@ def train_epoch(
     only now and then (a per-step read cost 3 % of resnet50's training speed on an H100).
     """
     train_mode(st.model)  # frozen BatchNorm layers keep their running statistics
-    channels_last = device.type == "cuda" and t.channels_last
-    total, seen, micro = torch.zeros((), device=device), 0, 0
+    total, seen, micro = torch.zeros((), device=step.precision.device), 0, 0
     st.optimizer.zero_grad(set_to_none=True)
     for x, y, _, _ in loader:
-        x = model_input(x, device, prepare, channels_last)
-        y = y.to(device, non_blocking=True)
-        target = y
-        if mixup is not None and len(x) % 2 == 0:
-            x, target = mixup(x, y)
-        with autocast(device, amp_dtype):
-            loss = criterion(st.model(x), target) / t.accum_steps
+        x, target = step.batch(x, y)
+        with step.precision.autocast():
+            loss = step.criterion(st.model(x), target) / step.accum_steps
         st.scaler.scale(loss).backward()
         micro += 1
-        step_loss = loss.detach() * t.accum_steps
+        step_loss = loss.detach() * step.accum_steps
         total += step_loss * len(x)
         seen += len(x)
-        if micro % t.accum_steps == 0:
-            _optimizer_step(st, t)
+        if micro % step.accum_steps == 0:
+            _optimizer_step(st, step.clip_grad)
             on_step(len(x), step_loss)
             if StopRequested.signum is not None:
                 raise Interrupted(StopRequested.signum)
-    if micro % t.accum_steps:
-        _optimizer_step(st, t)
+    if micro % step.accum_steps:
+        _optimizer_step(st, step.clip_grad)
     return float(total) / max(seen, 1), seen
 
 
-def _optimizer_step(st: FoldState, t: TrainConfig) -> None:
-    if t.clip_grad:
+def _optimizer_step(st: FoldState, clip_grad: float | None) -> None:
+    if clip_grad:
         st.scaler.unscale_(st.optimizer)
-        torch.nn.utils.clip_grad_norm_(st.model.parameters(), t.clip_grad)
+        torch.nn.utils.clip_grad_norm_(st.model.parameters(), clip_grad)
     st.scaler.step(st.optimizer)
     st.scaler.update()
     st.optimizer.zero_grad(set_to_none=True)
     if st.ema is not None:
         st.ema.update(st.model)
-    if isinstance(st.scheduler, torch.optim.lr_scheduler.LambdaLR):
-        st.scheduler.step()
+    st.scheduler.after_step()
     st.step_in_epoch += 1
 
 

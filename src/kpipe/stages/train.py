@@ -1,9 +1,14 @@
 """`kpipe train`: train the experiment's folds one after another; keep every fold's OOF.
 
-Writes runs/<exp>/: config.yaml, fold<k>/{best.pt,last.pt,metrics.csv,oof.csv}, oof.csv
-(id, fold, label, p_<class>...), cv.json, and the reports of reports.py. `--resume`
-continues each fold from last.pt (finished folds are skipped); Ctrl-C / SIGTERM save
-last.pt and exit with a line saying how to resume.
+Writes runs/<exp>/ (kpipe.paths.RunDir): config.yaml, fold<k>/{best.pt,last.pt,metrics.csv,oof.csv},
+oof.csv (id, fold, label, p_<class>...), cv.json, and the reports of eval/reports.py. `--resume`
+continues each fold from last.pt (finished folds are skipped); Ctrl-C / SIGTERM save last.pt and
+raise Interrupted, which the CLI turns into the line that resumes the run.
+
+A fold is built (`build_fold`: model, loaders, optimiser, schedule, state restored from last.pt),
+then fitted (`fit`: epochs of train_epoch, validation, checkpoints), then its OOF is written from
+best.pt. Under DDP every rank runs the same code; rank 0 alone writes files, and every rank waits at
+a barrier before it reads a file rank 0 wrote.
 
 Usage: ``kpipe train -c configs/exp/resnet50.yaml --comp demo train.folds=0,2``
 """
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,23 +32,24 @@ from kpipe.data import transforms
 from kpipe.data.folds import load_fold_table
 from kpipe.data.loader import CachedBatches, EpochSampler, ImageDataset, balanced_weights, make_loader
 from kpipe.errors import Interrupted, KpipeError
-from kpipe.eval import reports
-from kpipe.eval.metrics import higher_is_better, score
+from kpipe.eval import metrics, reports
+from kpipe.eval.oof import frame, parse, write_oof
 from kpipe.io import read_csv_ids, write_csv, write_json, write_text, write_yaml
 from kpipe.nn import dist, models
 from kpipe.nn.engine import (
     FoldState,
+    Precision,
+    Step,
     StopRequested,
     Throughput,
-    amp_settings,
-    build_optimizer,
-    build_scheduler,
     load_checkpoint,
     predict,
     save_checkpoint,
     train_epoch,
     unwrap,
 )
+from kpipe.nn.optim import Schedule, build_optimizer
+from kpipe.paths import FoldDir
 
 LOSS_EVERY = 20  # optimiser steps between reads of the loss for the progress bar
 # Keys that may change between a run and its --resume (more epochs, other folds, other workers).
@@ -57,14 +64,14 @@ def seed_everything(seed: int) -> None:
 
 def check_resumable(cfg: Config) -> None:
     """Refuse to mix two different experiments in one run folder."""
-    saved_path = paths.run_dir(cfg).root / "config.yaml"
-    if not saved_path.is_file():
+    run = paths.run_dir(cfg)
+    if not run.config.is_file():
         return
-    saved, now = _flat(load_run_config(paths.run_dir(cfg).root).to_dict()), _flat(cfg.to_dict())
+    saved, now = _flat(load_run_config(run.root).to_dict()), _flat(cfg.to_dict())
     diff = sorted(k for k in saved.keys() | now.keys()
                   if saved.get(k) != now.get(k) and not any(k == r or k.startswith(r + ".") for r in RESUMABLE_CHANGES))
     if diff:
-        raise KpipeError(f"{paths.run_dir(cfg).root} was trained with a different config ({', '.join(diff[:5])}). "
+        raise KpipeError(f"{run.root} was trained with a different config ({', '.join(diff[:5])}). "
                          "Use another experiment name (name=<new>) or delete the folder.")
 
 
@@ -78,34 +85,41 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# ------------------------------------------------------------------ the run
+
+
 def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
     device = dist.setup(cfg.train.device)
+    ok = False
     try:
-        return _run(cfg, resume, device)
+        result = _run(cfg, resume, device)
+        ok = True
+        return result
     finally:
-        dist.teardown()
+        # On an error no barrier: the other ranks may never reach it. torchrun ends them when this one exits.
+        dist.teardown(ok)
 
 
 def _run(cfg: Config, resume: bool, device: torch.device) -> dict[str, Any]:
     df, classes = load_fold_table(cfg)
+    run_dir, folds_csv = paths.run_dir(cfg), paths.folds_csv(cfg)
     n_folds = int(df["fold"].max()) + 1
     fold_ids = cfg.train.folds if cfg.train.folds is not None else list(range(n_folds))
     bad = [k for k in fold_ids if k not in range(n_folds)]
     if bad:
-        raise KpipeError(f"train.folds: {bad} not in {paths.folds_csv(cfg)} (folds 0..{n_folds - 1}).")
-    if any((paths.run_dir(cfg).root / f"fold{k}" / "last.pt").is_file() for k in fold_ids) and not resume:
-        raise KpipeError(f"{paths.run_dir(cfg).root} already has checkpoints. Add --resume to continue it, "
+        raise KpipeError(f"train.folds: {bad} not in {folds_csv} (folds 0..{n_folds - 1}).")
+    if any(run_dir.fold(k).last.is_file() for k in fold_ids) and not resume:
+        raise KpipeError(f"{run_dir.root} already has checkpoints. Add --resume to continue it, "
                          "or name=<new> to start another run, or delete the folder.")
     check_resumable(cfg)
-    folds_hash = hashlib.sha256(paths.folds_csv(cfg).read_bytes()).hexdigest()
-    saved_hash = paths.run_dir(cfg).root / "folds.sha256"
-    if saved_hash.is_file() and saved_hash.read_text().strip() != folds_hash:
-        raise KpipeError(f"{paths.folds_csv(cfg)} changed since {paths.run_dir(cfg).root} was trained (relabelled or re-split?): "
+    folds_hash = hashlib.sha256(folds_csv.read_bytes()).hexdigest()
+    if run_dir.folds_sha256.is_file() and run_dir.folds_sha256.read_text().strip() != folds_hash:
+        raise KpipeError(f"{folds_csv} changed since {run_dir.root} was trained (relabelled or re-split?): "
                          "its folds would mix two label sets. Train under a new name (name=<new>) or delete the run.")
     if dist.is_main():
-        write_yaml(paths.run_dir(cfg).root / "config.yaml", cfg.to_dict())
-        write_text(saved_hash, folds_hash + "\n")
-    cache = _cache(cfg, df, device)
+        write_yaml(run_dir.config, cfg.to_dict())
+        write_text(run_dir.folds_sha256, folds_hash + "\n")
+    cache = _cache(cfg, df)
     stop_restore = StopRequested.install()
     try:
         for k in fold_ids:
@@ -119,7 +133,7 @@ def _run(cfg: Config, resume: bool, device: torch.device) -> dict[str, Any]:
     return finish_run(cfg, df, classes)
 
 
-def _cache(cfg: Config, df: pd.DataFrame, device: torch.device) -> np.ndarray | None:
+def _cache(cfg: Config, df: pd.DataFrame) -> np.ndarray | None:
     if not cfg.data.cache:
         return None
     from kpipe.data import cache
@@ -134,6 +148,199 @@ def _cache(cfg: Config, df: pd.DataFrame, device: torch.device) -> np.ndarray | 
     return cache.open_cache(path, df["path"].tolist(), size)
 
 
+# ------------------------------------------------------------------ one fold: build, fit, OOF
+
+
+@dataclass
+class Fold:
+    """One fold, built and ready to fit: what `fit` and the OOF pass read besides the FoldState."""
+
+    cfg: Config
+    k: int
+    dir: FoldDir
+    classes: list[str]
+    y: np.ndarray  # class index of every row of the fold table
+    data_cfg: dict[str, Any]  # img_size, mean, std: what inference must do the same way
+    model: torch.nn.Module  # the plain model (checkpoints and OOF); FoldState.model may wrap it in DDP
+    sampler: EpochSampler
+    loader: Any  # training batches (DataLoader, or CachedBatches with data.batch_aug)
+    val_loader: Any
+    step: Step
+    normalize: transforms.Normalize  # uint8 batch -> eval input (validation, OOF)
+
+    def checkpoint(self, state: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        return {"model": state, "classes": self.classes, "config": self.cfg.to_dict(), "data_config": self.data_cfg,
+                **extra}
+
+
+def train_fold(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device: torch.device,
+               cache: np.ndarray | None) -> None:
+    fdir = paths.run_dir(cfg).fold(k)
+    if dist.is_main():  # temporaries of a write that a SIGKILL cut short; the real files are intact
+        for stale in fdir.root.glob(".*.tmp"):
+            stale.unlink()
+    ck = load_checkpoint(fdir.last) if fdir.last.is_file() else None
+    if ck is not None and ck["finished"] and fdir.oof.is_file():
+        if dist.is_main():
+            console.print(f"fold {k}: finished earlier, skipped")
+        return
+    fold, st = build_fold(cfg, k, df, classes, device, cache, ck)
+    fit(fold, st)
+    dist.barrier()  # rank 0 has written best.pt: every rank may read it now
+    write_fold_oof(fold, df)
+
+
+def build_fold(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device: torch.device,
+               cache: np.ndarray | None, ck: dict[str, Any] | None) -> tuple[Fold, FoldState]:
+    """Model, loaders, optimiser and schedule for fold k; the state restored from `ck` (last.pt) if given."""
+    t, d = cfg.train, cfg.data
+    seed_everything(t.seed + k)
+    model, data_cfg = _model(cfg, len(classes), device)
+    train_rows = np.flatnonzero(df["fold"].to_numpy() != k)
+    val_rows = np.flatnonzero(df["fold"].to_numpy() == k)
+    if dist.is_main():
+        total, trainable = models.param_counts(model)
+        console.print(f"[bold]fold {k}[/]: {len(train_rows)} train / {len(val_rows)} val images, {cfg.model.name} "
+                      f"at {data_cfg['img_size']} px, {total:,} parameters ({trainable:,} trainable), device {device}")
+    size, mean, std = data_cfg["img_size"], data_cfg["mean"], data_cfg["std"]
+    y, files, pin = df["y"].to_numpy(), df["path"].tolist(), device.type == "cuda"
+    weights = balanced_weights(y[train_rows], len(classes)) if d.balanced_sampling else None
+    sampler = EpochSampler(train_rows, t.seed + k, weights=weights, rank=dist.rank(), world=dist.world())
+    # Drop the last partial batch: a batch of one breaks BatchNorm, and the order reshuffles each epoch.
+    drop_last = len(sampler) > d.batch_size
+    # Loaders ship uint8; `prepare` / `normalize` turn a batch into the model's input on the device.
+    normalize = transforms.Normalize(mean, std)
+    if d.batch_aug:
+        if cache is None:
+            raise KpipeError("data.batch_aug=true needs data.cache=true: it augments whole batches of cached images.")
+        # BatchAugment draws from torch's global RNG: seeded above, saved in last.pt, restored on resume.
+        loader: Any = CachedBatches(cache, y, sampler, d.batch_size, drop_last, pin)
+        prepare: Any = transforms.BatchAugment(d.aug, size, mean, std, hflip=d.hflip)
+    else:
+        tf_train = transforms.build_train(d.aug, size, hflip=d.hflip)
+        tf_train.set_random_seed(t.seed + k)
+        loader = make_loader(ImageDataset(files, y, tf_train, cache), sampler, d.batch_size, d.num_workers,
+                             t.seed + k, pin, drop_last)
+        prepare = normalize
+    val_sampler = EpochSampler(val_rows, 0, shuffle=False, rank=dist.rank(), world=dist.world(), pad=False)
+    if cache is not None:  # cached rows are already the eval pixels (same INTER_AREA resize), if the size matches
+        if tuple(cache.shape[1:3]) != (size, size):
+            raise KpipeError(f"the decode-once cache holds {cache.shape[1]} px images, the model takes {size} px: "
+                             "delete the cache folder (data.cache_dir) and train again.")
+        val_loader: Any = CachedBatches(cache, y, val_sampler, d.batch_size, pin_memory=pin)
+    else:
+        val_loader = make_loader(ImageDataset(files, y, transforms.build_eval(size)), val_sampler, d.batch_size,
+                                 d.num_workers, 0, pin)
+
+    precision = Precision.of(device, t)
+    criterion, mixup = _criterion_and_mixup(cfg, len(classes))
+    step = Step(precision, criterion, prepare, len(classes), mixup, t.label_smoothing, t.accum_steps, t.clip_grad)
+    net: torch.nn.Module = model
+    if dist.world() > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if t.compile:
+        net = torch.compile(net)
+    optimizer = build_optimizer(model, t)
+    steps_per_epoch = max(len(sampler) // d.batch_size // t.accum_steps, 1)
+    st = FoldState(net, optimizer, Schedule(optimizer, t, steps_per_epoch),
+                   torch.amp.GradScaler(device.type, enabled=precision.scaler), ema=_ema(model, t))
+    if ck is not None:
+        st.load_state_dict(ck)
+        if dist.is_main():
+            console.print(f"fold {k}: resumed at epoch {st.epoch + 1}, step {st.step_in_epoch}")
+    fold = Fold(cfg, k, paths.run_dir(cfg).fold(k), classes, y, data_cfg, model, sampler, loader, val_loader,
+                step, normalize)
+    return fold, st
+
+
+def fit(fold: Fold, st: FoldState) -> None:
+    """Epochs until train.epochs or an early stop: train, validate, keep the best, save last.pt every epoch."""
+    cfg, k, t = fold.cfg, fold.k, fold.cfg.train
+    freeze_until, unfreeze_at = cfg.model.freeze_until, cfg.model.unfreeze_epoch
+    if freeze_until and unfreeze_at is not None and st.epoch > unfreeze_at:  # resumed after the unfreeze
+        models.set_frozen(fold.model, freeze_until, False)
+    with _progress() as progress:
+        while st.epoch < t.epochs and not st.finished:
+            epoch = st.epoch
+            if freeze_until and unfreeze_at == epoch:
+                models.set_frozen(fold.model, freeze_until, False)
+                if dist.is_main() and st.step_in_epoch == 0:
+                    console.print(f"fold {k}: unfroze the stages before {freeze_until} at epoch {epoch + 1}")
+            fold.sampler.set_epoch(epoch, start=st.step_in_epoch * cfg.data.batch_size * t.accum_steps)
+            meter = Throughput()
+            bar = progress.add_task(f"fold {k} epoch {epoch + 1}/{t.epochs}", total=len(fold.loader), loss=float("nan"))
+
+            def on_step(n: int, loss: torch.Tensor, meter: Throughput = meter, bar: Any = bar) -> None:
+                meter.add(n * dist.world())
+                # Reading the loss waits for the GPU: the bar's loss is refreshed every LOSS_EVERY steps.
+                shown = {"loss": float(loss)} if st.step_in_epoch % LOSS_EVERY == 1 else {}
+                progress.update(bar, advance=t.accum_steps, **shown)
+
+            try:
+                train_loss, _ = train_epoch(st, fold.loader, fold.step, on_step)
+            except Interrupted:
+                _save_last(fold, st)
+                raise
+            progress.remove_task(bar)
+            row = validate(fold, st)
+            row.update(epoch=epoch + 1, train_loss=train_loss, lr=st.optimizer.param_groups[0]["lr"],
+                       seconds=meter.seconds, images_per_s=meter.rate)
+            end_epoch(fold, st, row)
+    st.finished = True
+    _save_last(fold, st)
+
+
+def validate(fold: Fold, st: FoldState) -> dict[str, Any]:
+    """val_loss (log loss, which the plateau schedule reads), val_<metric> for every registered metric, val_score."""
+    eval_model = st.ema.module if st.ema is not None else unwrap(st.model)
+    idx, probs = gather_predictions(eval_model, fold.val_loader, fold.step.precision, fold.normalize)
+    labels = fold.y[idx]
+    row = {("val_loss" if m == "log_loss" else f"val_{m}"): metrics.score(m, labels, probs) for m in metrics.names()}
+    metric = fold.cfg.competition.metric
+    row["val_score"] = row["val_loss" if metric == "log_loss" else f"val_{metric}"]
+    return row
+
+
+def end_epoch(fold: Fold, st: FoldState, row: dict[str, Any]) -> None:
+    """Keep the best weights, step the schedule, decide on early stopping, write metrics.csv and last.pt."""
+    t, metric, k = fold.cfg.train, fold.cfg.competition.metric, fold.k
+    s = row["val_score"]
+    better = st.best_score is None or (s > st.best_score if metrics.higher_is_better(metric) else s < st.best_score)
+    if better:
+        st.best_score, st.bad_epochs = s, 0
+        if dist.is_main():
+            eval_model = st.ema.module if st.ema is not None else unwrap(st.model)
+            save_checkpoint(fold.dir.best, fold.checkpoint(eval_model.state_dict(), epoch=row["epoch"], score=s))
+    else:
+        st.bad_epochs += 1
+    st.history.append(row)
+    st.scheduler.after_epoch(row["val_loss"])
+    st.epoch, st.step_in_epoch = st.epoch + 1, 0
+    if t.early_stop_patience is not None and st.bad_epochs >= t.early_stop_patience:
+        st.finished = True
+        if dist.is_main():
+            console.print(f"fold {k}: early stop, no better {metric} for {st.bad_epochs} epochs")
+    if dist.is_main():
+        write_csv(fold.dir.metrics, pd.DataFrame(st.history))
+        console.print(f"fold {k} epoch {row['epoch']}/{t.epochs}: train loss {row['train_loss']:.4f}  "
+                      f"val loss {row['val_loss']:.4f}  acc {row['val_accuracy']:.4f}  f1 {row['val_macro_f1']:.4f}"
+                      f"  lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s{'  *best' if better else ''}")
+    _save_last(fold, st)
+
+
+def write_fold_oof(fold: Fold, df: pd.DataFrame) -> None:
+    """The fold's out-of-fold probabilities, from its best checkpoint loaded into the fold's (now done) model."""
+    fold.model.load_state_dict(load_checkpoint(fold.dir.best)["model"])
+    idx, probs = gather_predictions(fold.model, fold.val_loader, fold.step.precision, fold.normalize)
+    if dist.is_main():
+        ids, labels = df["id"].to_numpy()[idx], df["label"].to_numpy()[idx]
+        write_oof(fold.dir.oof, frame(ids, fold.k, labels, probs, fold.classes))
+    dist.barrier()
+
+
+# ------------------------------------------------------------------ helpers
+
+
 def _model(cfg: Config, n_classes: int, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
     model = models.create_from_config(cfg.model, n_classes)
     data_cfg = models.resolve_data_config(model, cfg.data)
@@ -145,76 +352,6 @@ def _model(cfg: Config, n_classes: int, device: torch.device) -> tuple[torch.nn.
     if device.type == "cuda" and cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model, data_cfg
-
-
-def train_fold(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device: torch.device,
-               cache: np.ndarray | None) -> None:
-    fdir = paths.run_dir(cfg).root / f"fold{k}"
-    if dist.is_main():  # temporaries of a write that a SIGKILL cut short; the real files are intact
-        for stale in fdir.glob(".*.tmp"):
-            stale.unlink()
-    last = fdir / "last.pt"
-    ck = load_checkpoint(last) if last.is_file() else None
-    if ck is not None and ck["finished"] and (fdir / "oof.csv").is_file():
-        if dist.is_main():
-            console.print(f"fold {k}: finished earlier, skipped")
-        return
-    t = cfg.train
-    seed_everything(t.seed + k)
-    model, data_cfg = _model(cfg, len(classes), device)
-    total, trainable = models.param_counts(model)
-    train_rows = np.flatnonzero(df["fold"].to_numpy() != k)
-    val_rows = np.flatnonzero(df["fold"].to_numpy() == k)
-    if dist.is_main():
-        console.print(f"[bold]fold {k}[/]: {len(train_rows)} train / {len(val_rows)} val images, {cfg.model.name} "
-                      f"at {data_cfg['img_size']} px, {total:,} parameters ({trainable:,} trainable), device {device}")
-    size, mean, std = data_cfg["img_size"], data_cfg["mean"], data_cfg["std"]
-    y, files, bs = df["y"].to_numpy(), df["path"].tolist(), cfg.data.batch_size
-    weights = balanced_weights(y[train_rows], len(classes)) if cfg.data.balanced_sampling else None
-    sampler = EpochSampler(train_rows, t.seed + k, weights=weights, rank=dist.rank(), world=dist.world())
-    pin = device.type == "cuda"
-    # Drop the last partial batch: a batch of one breaks BatchNorm, and the order reshuffles each epoch.
-    drop_last = len(sampler) > bs
-    # Loaders ship uint8; these turn a batch into the model's input on the device.
-    normalize = transforms.Normalize(mean, std)
-    if cfg.data.batch_aug:
-        if cache is None:
-            raise KpipeError("data.batch_aug=true needs data.cache=true: it augments whole batches of cached images.")
-        # BatchAugment draws from torch's global RNG: seeded above, saved in last.pt, restored on resume.
-        loader: Any = CachedBatches(cache, y, sampler, bs, drop_last, pin)
-        prepare: Any = transforms.BatchAugment(cfg.data.aug, size, mean, std, hflip=cfg.data.hflip)
-    else:
-        tf_train = transforms.build_train(cfg.data.aug, size, hflip=cfg.data.hflip)
-        tf_train.set_random_seed(t.seed + k)
-        loader = make_loader(ImageDataset(files, y, tf_train, cache), sampler, bs, cfg.data.num_workers, t.seed + k,
-                             pin, drop_last)
-        prepare = normalize
-    val_sampler = EpochSampler(val_rows, 0, shuffle=False, rank=dist.rank(), world=dist.world(), pad=False)
-    if cache is not None:  # cached rows are already the eval pixels (same INTER_AREA resize), if the size matches
-        if tuple(cache.shape[1:3]) != (size, size):
-            raise KpipeError(f"the decode-once cache holds {cache.shape[1]} px images, the model takes {size} px: "
-                             "delete the cache folder (data.cache_dir) and train again.")
-        val_loader: Any = CachedBatches(cache, y, val_sampler, bs, pin_memory=pin)
-    else:
-        val_loader = make_loader(ImageDataset(files, y, transforms.build_eval(size)), val_sampler, bs,
-                                 cfg.data.num_workers, 0, pin)
-
-    net = model
-    if dist.world() > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    if t.compile:
-        net = torch.compile(net)
-    steps = max(len(sampler) // cfg.data.batch_size // t.accum_steps, 1)
-    optimizer = build_optimizer(model, t)
-    amp_dtype, need_scaler = amp_settings(device, t)
-    st = FoldState(net, optimizer, build_scheduler(optimizer, t, steps),
-                   torch.amp.GradScaler(device.type, enabled=need_scaler), ema=_ema(model, t))
-    if ck is not None:
-        st.load_state_dict(ck)
-        if dist.is_main():
-            console.print(f"fold {k}: resumed at epoch {st.epoch + 1}, step {st.step_in_epoch}")
-    _fit(cfg, k, st, loader, sampler, val_loader, y, classes, device, amp_dtype, data_cfg, prepare, normalize)
-    _write_fold_oof(cfg, k, df, classes, model, device, amp_dtype, val_loader, normalize)
 
 
 def _ema(model: torch.nn.Module, t: Any) -> Any:
@@ -237,43 +374,10 @@ def _criterion_and_mixup(cfg: Config, n_classes: int) -> tuple[torch.nn.Module, 
     return torch.nn.CrossEntropyLoss(label_smoothing=t.label_smoothing), None
 
 
-def _fit(cfg: Config, k: int, st: FoldState, loader: Any, sampler: EpochSampler, val_loader: Any, y: np.ndarray,
-         classes: list[str], device: torch.device, amp_dtype: Any, data_cfg: dict[str, Any],
-         prepare: Any, normalize: Any) -> None:
-    t, metric = cfg.train, cfg.competition.metric
-    criterion, mixup = _criterion_and_mixup(cfg, len(classes))
-    model = unwrap(st.model)
-    if cfg.model.freeze_until and cfg.model.unfreeze_epoch is not None and st.epoch >= cfg.model.unfreeze_epoch:
-        models.set_frozen(model, cfg.model.freeze_until, False)
-    with _progress() as progress:
-        while st.epoch < t.epochs and not st.finished:
-            epoch = st.epoch
-            if cfg.model.freeze_until and cfg.model.unfreeze_epoch == epoch and st.step_in_epoch == 0:
-                models.set_frozen(model, cfg.model.freeze_until, False)
-                if dist.is_main():
-                    console.print(f"fold {k}: unfroze the stages before {cfg.model.freeze_until} at epoch {epoch + 1}")
-            sampler.set_epoch(epoch, start=st.step_in_epoch * cfg.data.batch_size * t.accum_steps)
-            meter = Throughput()
-            task = progress.add_task(f"fold {k} epoch {epoch + 1}/{t.epochs}", total=len(loader), loss=float("nan"))
-
-            def on_step(n: int, loss: torch.Tensor, meter: Throughput = meter, task: Any = task) -> None:
-                meter.add(n * dist.world())
-                # Reading the loss waits for the GPU: the bar's loss is refreshed every LOSS_EVERY steps.
-                shown = {"loss": float(loss)} if st.step_in_epoch % LOSS_EVERY == 1 else {}
-                progress.update(task, advance=t.accum_steps, **shown)
-
-            try:
-                train_loss, _ = train_epoch(st, loader, device, t, amp_dtype, criterion, mixup, on_step, prepare)
-            except Interrupted:
-                _save_last(cfg, k, st, classes, data_cfg)
-                raise
-            progress.remove_task(task)
-            row = _validate(cfg, st, val_loader, y, device, amp_dtype, normalize)
-            row.update(epoch=epoch + 1, train_loss=train_loss, lr=st.optimizer.param_groups[0]["lr"],
-                       seconds=meter.seconds, images_per_s=meter.rate)
-            _end_epoch(cfg, k, st, row, classes, data_cfg, metric)
-    st.finished = True
-    _save_last(cfg, k, st, classes, data_cfg)
+def _save_last(fold: Fold, st: FoldState) -> None:
+    if dist.is_main():
+        save_checkpoint(fold.dir.last, {**st.state_dict(), "classes": fold.classes, "config": fold.cfg.to_dict(),
+                                        "data_config": fold.data_cfg})
 
 
 def _progress() -> Progress:
@@ -281,102 +385,35 @@ def _progress() -> Progress:
                     TimeRemainingColumn(), console=console, transient=True, disable=not dist.is_main())
 
 
-def _validate(cfg: Config, st: FoldState, val_loader: Any, y: np.ndarray, device: torch.device,
-              amp_dtype: Any, normalize: Any) -> dict[str, Any]:
-    eval_model = st.ema.module if st.ema is not None else unwrap(st.model)
-    idx, probs = gather_predictions(eval_model, val_loader, device, amp_dtype, cfg.train.channels_last, normalize)
-    labels = y[idx]
-    row = {"val_loss": score("log_loss", labels, probs), "val_accuracy": score("accuracy", labels, probs),
-           "val_macro_f1": score("macro_f1", labels, probs)}
-    row["val_score"] = row[f"val_{cfg.competition.metric}"] if cfg.competition.metric != "log_loss" else row["val_loss"]
-    return row
-
-
-def gather_predictions(model: torch.nn.Module, loader: Any, device: torch.device, amp_dtype: Any,
-                       channels_last: bool, prepare: Any) -> tuple[np.ndarray, np.ndarray]:
+def gather_predictions(model: torch.nn.Module, loader: Any, precision: Precision,
+                       prepare: Any) -> tuple[np.ndarray, np.ndarray]:
     """Predictions for every sample of a sharded loader, each exactly once, on every rank."""
-    cl = device.type == "cuda" and channels_last
-    parts = dist.gather_objects(predict(model, loader, device, amp_dtype, cl, prepare))
+    parts = dist.gather_objects(predict(model, loader, precision.device, precision.amp_dtype,
+                                        precision.channels_last, prepare))
     idx = np.concatenate([p[0] for p in parts])
     probs = np.concatenate([p[1] for p in parts if len(p[0])])
     order = np.argsort(idx, kind="stable")
     return idx[order], probs[order]
 
 
-def _end_epoch(cfg: Config, k: int, st: FoldState, row: dict[str, Any], classes: list[str],
-               data_cfg: dict[str, Any], metric: str) -> None:
-    t = cfg.train
-    s = row["val_score"]
-    better = st.best_score is None or (s > st.best_score if higher_is_better(metric) else s < st.best_score)
-    if better:
-        st.best_score, st.bad_epochs = s, 0
-        if dist.is_main():
-            eval_model = st.ema.module if st.ema is not None else unwrap(st.model)
-            save_checkpoint(paths.run_dir(cfg).root / f"fold{k}" / "best.pt",
-                            _payload(cfg, eval_model.state_dict(), classes, data_cfg, row["epoch"], s))
-    else:
-        st.bad_epochs += 1
-    st.history.append(row)
-    if t.scheduler == "step":
-        st.scheduler.step()
-    elif t.scheduler == "plateau":
-        st.scheduler.step(row["val_loss"])
-    st.epoch, st.step_in_epoch = st.epoch + 1, 0
-    if t.early_stop_patience is not None and st.bad_epochs >= t.early_stop_patience:
-        st.finished = True
-        if dist.is_main():
-            console.print(f"fold {k}: early stop, no better {metric} for {st.bad_epochs} epochs")
-    if dist.is_main():
-        write_csv(paths.run_dir(cfg).root / f"fold{k}" / "metrics.csv", pd.DataFrame(st.history))
-        console.print(f"fold {k} epoch {row['epoch']}/{t.epochs}: train loss {row['train_loss']:.4f}  "
-                      f"val loss {row['val_loss']:.4f}  acc {row['val_accuracy']:.4f}  f1 {row['val_macro_f1']:.4f}"
-                      f"  lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s{'  *best' if better else ''}")
-    _save_last(cfg, k, st, classes, data_cfg)
-
-
-def _payload(cfg: Config, state: dict[str, Any], classes: list[str], data_cfg: dict[str, Any], epoch: int,
-             s: float) -> dict[str, Any]:
-    return {"model": state, "classes": classes, "config": cfg.to_dict(), "data_config": data_cfg,
-            "epoch": epoch, "score": s}
-
-
-def _save_last(cfg: Config, k: int, st: FoldState, classes: list[str], data_cfg: dict[str, Any]) -> None:
-    if dist.is_main():
-        save_checkpoint(paths.run_dir(cfg).root / f"fold{k}" / "last.pt",
-                        {**st.state_dict(), "classes": classes, "config": cfg.to_dict(), "data_config": data_cfg})
-
-
-def _write_fold_oof(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], model: torch.nn.Module,
-                    device: torch.device, amp_dtype: Any, val_loader: Any, normalize: Any) -> None:
-    """The fold's out-of-fold probabilities, from its best checkpoint loaded into the fold's (now done) model."""
-    model.load_state_dict(load_checkpoint(paths.run_dir(cfg).root / f"fold{k}" / "best.pt")["model"])
-    idx, probs = gather_predictions(model, val_loader, device, amp_dtype, cfg.train.channels_last, normalize)
-    if dist.is_main():
-        oof = pd.DataFrame({"id": df["id"].to_numpy()[idx], "fold": k, "label": df["label"].to_numpy()[idx]})
-        oof = pd.concat([oof, pd.DataFrame(probs, columns=[f"p_{c}" for c in classes])], axis=1)
-        write_csv(paths.run_dir(cfg).root / f"fold{k}" / "oof.csv", oof)
-    dist.barrier()
-
-
 def finish_run(cfg: Config, df: pd.DataFrame, classes: list[str]) -> dict[str, Any]:
     """Gather the folds' OOF into oof.csv, score it, draw the reports."""
-    parts = [read_csv_ids(p) for p in sorted(paths.run_dir(cfg).root.glob("fold*/oof.csv"))]
-    oof = pd.concat(parts, ignore_index=True).sort_values(["fold", "id"], kind="stable").reset_index(drop=True)
-    pcols = [f"p_{c}" for c in classes]
-    oof[pcols] = oof[pcols].astype(float)
-    oof["fold"] = oof["fold"].astype(int)
-    write_csv(paths.run_dir(cfg).root / "oof.csv", oof)
-    labels = oof["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
-    probs = oof[pcols].to_numpy()
+    run = paths.run_dir(cfg)
+    parts = [read_csv_ids(f.oof) for f in run.fold_dirs() if f.oof.is_file()]
+    table = pd.concat(parts, ignore_index=True).sort_values(["fold", "id"], kind="stable").reset_index(drop=True)
+    oof = parse(table, str(run.oof))
+    write_oof(run.oof, oof.frame())
+    labels = oof.y  # oof.classes are the p_<class> columns train wrote, in `classes` order
     metric = cfg.competition.metric
-    per_fold = {int(f): score(metric, labels[g.index], probs[g.index]) for f, g in oof.groupby("fold")}
-    cv = score(metric, labels, probs)
-    result = {"metric": metric, "cv": cv, "per_fold": per_fold, "n_oof": len(oof),
-              "complete": len(oof) == len(df)}
-    write_json(paths.run_dir(cfg).root / "cv.json", result)
-    reports.write_all(paths.run_dir(cfg).root, oof, classes)
+    per_fold = {int(f): metrics.score(metric, labels[oof.folds == f], oof.probs[oof.folds == f])
+                for f in np.unique(oof.folds)}
+    cv = metrics.score(metric, labels, oof.probs)
+    result = {"metric": metric, "cv": cv, "per_fold": per_fold, "n_oof": len(oof.ids),
+              "complete": len(oof.ids) == len(df)}
+    write_json(run.cv, result)
+    reports.write_all(run.root, oof.frame(), classes)
     folds_txt = "  ".join(f"fold {f}: {s:.4f}" for f, s in per_fold.items())
-    console.print(f"[bold green]CV {metric} = {cv:.4f}[/] over {len(oof)} OOF rows ({folds_txt})")
-    if len(oof) != len(df):
-        console.print(f"[yellow]OOF covers {len(oof)} of {len(df)} train rows: train the other folds for a full CV.")
+    console.print(f"[bold green]CV {metric} = {cv:.4f}[/] over {len(oof.ids)} OOF rows ({folds_txt})")
+    if len(oof.ids) != len(df):
+        console.print(f"[yellow]OOF covers {len(oof.ids)} of {len(df)} train rows: train the other folds for a full CV.")
     return result
