@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kpipe import paths
-from kpipe.config import Config, load_config
+from kpipe.config import Config, PathsConfig, load_config
 from kpipe.console import console, err_console, safe, setup_logging
 from kpipe.errors import Interrupted, KpipeError
 
@@ -153,6 +153,14 @@ def _lb(args: argparse.Namespace) -> int:
     return 0
 
 
+def _runs(args: argparse.Namespace) -> int:
+    from kpipe.stages import runs
+
+    runs.run(args.runs_dir, paths.ledger_csv_in(args.submissions_dir), sort=args.sort, csv=args.csv,
+             names=args.names or None)
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from kpipe.tools import bench
 
@@ -240,6 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
 
     _config_args(add("lb", _lb, "sync the ledger with Kaggle; CV vs public/private table and plot"))
+
+    p = add("runs", _runs, "one table of every run under runs/: model, size, time, CV per fold, TTA, LB scores")
+    p.add_argument("names", nargs="*", metavar="RUN", help="only these runs (folder names under --runs-dir)")
+    p.add_argument("--runs-dir", default=PathsConfig().runs_dir, help="folder holding the run folders")
+    p.add_argument("--submissions-dir", default=PathsConfig().submissions_dir,
+                   help="folder holding ledger.csv (public/private scores)")
+    p.add_argument("--sort", default=None, metavar="COL",
+                   help="sort by a column (numbers: largest first; -COL flips), e.g. cv, wall_s, img_per_s")
+    p.add_argument("--csv", default=None, metavar="FILE", help="also write the table as CSV")
 
     p = add("bench", _bench, "measure loader, inference and training speed (writes bench/results.md)")
     p.add_argument("--out", default="bench", help="output folder")

@@ -11,7 +11,9 @@ Usage: ``kpipe train -c configs/exp/resnet50.yaml --comp demo train.folds=0,2``
 from __future__ import annotations
 
 import hashlib
+import json
 import random
+import time
 from typing import Any
 
 import numpy as np
@@ -109,7 +111,9 @@ def _run(cfg: Config, resume: bool, device: torch.device) -> dict[str, Any]:
     stop_restore = StopRequested.install()
     try:
         for k in fold_ids:
+            t0 = time.perf_counter()
             train_fold(cfg, k, df, classes, device, cache)
+            _record(cfg, k, wall_s=time.perf_counter() - t0)
     except Interrupted as e:
         raise Interrupted(e.signum, dist.is_main()) from None
     finally:
@@ -163,6 +167,7 @@ def train_fold(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device
     seed_everything(t.seed + k)
     model, data_cfg = _model(cfg, len(classes), device)
     total, trainable = models.param_counts(model)
+    _record(cfg, k, params_total=total, params_trainable=trainable)
     train_rows = np.flatnonzero(df["fold"].to_numpy() != k)
     val_rows = np.flatnonzero(df["fold"].to_numpy() == k)
     if dist.is_main():
@@ -215,6 +220,17 @@ def train_fold(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device
             console.print(f"fold {k}: resumed at epoch {st.epoch + 1}, step {st.step_in_epoch}")
     _fit(cfg, k, st, loader, sampler, val_loader, y, classes, device, amp_dtype, data_cfg, prepare, normalize)
     _write_fold_oof(cfg, k, df, classes, model, device, amp_dtype, val_loader, normalize)
+
+
+def _record(cfg: Config, k: int, wall_s: float = 0.0, **facts: int) -> None:
+    """run.json for `kpipe runs`: parameter counts, and each fold's wall seconds (summed over resumes)."""
+    if not dist.is_main():
+        return
+    path = paths.run_dir(cfg).run_json
+    rec = json.loads(path.read_text()) if path.is_file() else {}
+    walls = rec.setdefault("fold_wall_s", {})
+    walls[str(k)] = walls.get(str(k), 0.0) + wall_s
+    write_json(path, {**rec, **facts})
 
 
 def _ema(model: torch.nn.Module, t: Any) -> Any:
