@@ -43,6 +43,10 @@ def write_run(runs: Path, name: str, changes: dict, folds_done: list[int], cv: d
                       "p_b": [0.1, 0.8]}).to_csv(fold / "oof.csv", index=False)
     if cv is not None:
         (root / "cv.json").write_text(json.dumps(cv))
+        good = name == "r18"  # r18 gets every row right; the others miss one class
+        pd.DataFrame({"id": ["0a", "0b", "1a", "1b"], "fold": [0, 0, 1, 1], "label": CLASSES * 2,
+                      "p_a": [0.9, 0.2 if good else 0.6] * 2, "p_b": [0.1, 0.8 if good else 0.4] * 2}
+                     ).to_csv(root / "oof.csv", index=False)
     if facts is not None:
         (root / "run.json").write_text(json.dumps(facts))
     for view in tta:
@@ -122,3 +126,21 @@ def test_cli_runs_prints_and_writes_csv(runs: Path, tmp_path: Path, capsys: pyte
     assert table["run"].tolist() == ["r34_sgd", "r18", "half"]
     assert table["status"].tolist()[-1] == "unfinished 1/2 folds"
     assert cli.main(["runs", "--runs-dir", str(runs), "nope"]) == 2
+
+
+def test_compare_writes_its_pictures(runs: Path) -> None:
+    from kpipe.eval import compare as compare_lib
+    from kpipe.stages import compare
+
+    index = compare.run(runs, ["r34_sgd", "half"], baseline="r18", name="cmp")
+    assert index == runs / "compare" / "cmp" / "index.html"
+    for png in ("cv.png", "time.png", "curves.png", "f1_delta.png"):
+        assert (index.parent / png).read_bytes()[:4] == b"\x89PNG"
+    page = index.read_text()
+    assert "train.optimizer" in page and "baseline: r18" in page and "data.num_workers" not in page
+    assert [r.name for r in paths.run_folders(runs)] == ["half", "r18", "r34_sgd"]  # compare/ is not a run
+    delta = compare_lib.f1_delta(compare.per_class_f1(paths.RunDir(runs / "r34_sgd")),
+                                 compare.per_class_f1(paths.RunDir(runs / "r18")))
+    assert delta.index[0] in CLASSES and delta.iloc[0] < 0 and list(delta) == sorted(delta)
+    with pytest.raises(KpipeError, match="not a run folder"):
+        compare.run(runs, ["nope"])

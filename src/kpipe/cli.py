@@ -161,6 +161,13 @@ def _runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from kpipe.stages import compare
+
+    compare.run(args.runs_dir, args.runs, baseline=args.baseline, name=args.name)
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from kpipe.tools import bench
 
@@ -257,6 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sort", default=None, metavar="COL",
                    help="sort by a column (numbers: largest first; -COL flips), e.g. cv, wall_s, img_per_s")
     p.add_argument("--csv", default=None, metavar="FILE", help="also write the table as CSV")
+
+    p = add("compare", _compare, "pictures of runs side by side: runs/compare/<name>/index.html")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folder names under --runs-dir, or paths")
+    p.add_argument("--baseline", default=None, metavar="RUN", help="per-class F1 is shown minus this run's "
+                                                                    "(default: the first run)")
+    p.add_argument("--name", default=None, help="report folder name (default: the run names joined by __)")
+    p.add_argument("--runs-dir", default=PathsConfig().runs_dir, help="folder holding the run folders")
 
     p = add("bench", _bench, "measure loader, inference and training speed (writes bench/results.md)")
     p.add_argument("--out", default="bench", help="output folder")
