@@ -168,6 +168,14 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from kpipe.tools import sweep
+
+    sweep.run(args.exp, resolve_comp(args.comp), args.overrides, grid_file=Path(args.grid) if args.grid else None,
+              yes=args.yes, max_runs=args.max_runs)
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from kpipe.tools import bench
 
@@ -271,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                                     "(default: the first run)")
     p.add_argument("--name", default=None, help="report folder name (default: the run names joined by __)")
     p.add_argument("--runs-dir", default=PathsConfig().runs_dir, help="folder holding the run folders")
+
+    p = add("sweep", _sweep, "train every combination of a grid ('key=a|b', quoted), one named run each")
+    _config_args(p)
+    p.add_argument("--grid", default=None, metavar="FILE", help="YAML grid: {key: [value, ...], ...}")
+    p.add_argument("--yes", action="store_true", help="train a grid larger than --max-runs")
+    p.add_argument("--max-runs", type=int, default=8, metavar="N", help="largest grid trained without --yes")
 
     p = add("bench", _bench, "measure loader, inference and training speed (writes bench/results.md)")
     p.add_argument("--out", default="bench", help="output folder")
