@@ -110,7 +110,7 @@ def test_partial_cv_and_sorting(runs: Path) -> None:
     df = runs_table.build_table([runs_table.load_run(r) for r in paths.run_folders(runs)], ledger.read(runs / "no"))
     assert df.set_index("run").loc["one_fold", "status"] == "partial 1/1 folds"  # CV over fold 0 only
     assert runs_table.sort_table(df, "cv")["run"].tolist() == ["one_fold", "r34_sgd", "r18", "half"]
-    assert runs_table.sort_table(df, "-cv")["run"].tolist()[:3] == ["r18", "r34_sgd", "one_fold"]
+    assert runs_table.sort_table(df, "cv", reverse=True)["run"].tolist()[:3] == ["r18", "r34_sgd", "one_fold"]
     with pytest.raises(KpipeError, match="--sort nope: no such column"):
         runs_table.sort_table(df, "nope")
 

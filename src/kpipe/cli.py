@@ -157,7 +157,7 @@ def _runs(args: argparse.Namespace) -> int:
     from kpipe.stages import runs
 
     runs.run(args.runs_dir, paths.ledger_csv_in(args.submissions_dir), sort=args.sort, csv=args.csv,
-             names=args.names or None)
+             names=args.names or None, reverse=args.reverse)
     return 0
 
 
@@ -270,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--submissions-dir", default=PathsConfig().submissions_dir,
                    help="folder holding ledger.csv (public/private scores)")
     p.add_argument("--sort", default=None, metavar="COL",
-                   help="sort by a column (numbers: largest first; -COL flips), e.g. cv, wall_s, img_per_s")
+                   help="sort by a column (numbers largest first), e.g. cv, wall_s, img_per_s, params")
+    p.add_argument("--reverse", action="store_true", help="flip --sort (smallest first: log loss, time)")
     p.add_argument("--csv", default=None, metavar="FILE", help="also write the table as CSV")
 
     p = add("compare", _compare, "pictures of runs side by side: runs/compare/<name>/index.html")

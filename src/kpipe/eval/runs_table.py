@@ -192,16 +192,15 @@ def build_table(records: list[RunRecord], ledger: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
-def sort_table(df: pd.DataFrame, column: str | None) -> pd.DataFrame:
-    """Sorted by `column` (descending for numbers, so the best CV comes first; a leading '-' flips it)."""
+def sort_table(df: pd.DataFrame, column: str | None, reverse: bool = False) -> pd.DataFrame:
+    """Sorted by `column`: numbers largest first (the best accuracy on top), text A-Z; `reverse` flips it."""
     if column is None:
         return df
-    ascending_flip = column.startswith("-")
-    col = column.lstrip("-")
+    col = column
     if col not in df.columns:
         raise KpipeError(f"--sort {column}: no such column. Choose one of: {', '.join(df.columns)}.")
     numeric = pd.api.types.is_numeric_dtype(df[col])
-    ascending = not numeric if not ascending_flip else numeric
+    ascending = numeric if reverse else not numeric
     return df.sort_values(col, ascending=ascending, kind="stable", na_position="last").reset_index(drop=True)
 
 

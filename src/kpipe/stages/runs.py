@@ -34,8 +34,8 @@ def table(runs_dir: str | Path, ledger_csv: str | Path, names: list[str] | None 
 
 
 def run(runs_dir: str | Path, ledger_csv: str | Path, sort: str | None = None, csv: str | Path | None = None,
-        names: list[str] | None = None) -> pd.DataFrame:
-    df = runs_table.sort_table(table(runs_dir, ledger_csv, names), sort)
+        names: list[str] | None = None, reverse: bool = False) -> pd.DataFrame:
+    df = runs_table.sort_table(table(runs_dir, ledger_csv, names), sort, reverse)
     if df.empty:
         console.print(f"no runs under {safe(runs_dir)} yet: `kpipe train` writes one per experiment.")
         return df
