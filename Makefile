@@ -20,7 +20,7 @@ RUNS ?= runs/$(notdir $(basename $(EXP)))
 RUN := $(KPIPE)
 CFG := -c $(EXP) --comp $(COMP)
 
-.PHONY: help setup demo test test-fast lint audit folds train relabel infer oof-tta ensemble submit lb bench clean
+.PHONY: help setup demo test test-fast lint audit folds train relabel infer oof-tta ensemble submit lb runs compare sweep bench clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -56,6 +56,15 @@ test: setup ## run the test suite (CPU, a few minutes)
 
 test-fast: setup ## the tests without the slow end-to-end ones
 	$(PY) -m pytest -q -m "not slow"
+
+runs: setup ## one table of every run under runs/ (ARGS="--sort cv --csv runs.csv")
+	$(RUN) runs $(ARGS)
+
+compare: setup ## pictures of runs side by side (RUNS="r18 r34" ARGS="--baseline r18")
+	$(RUN) compare $(RUNS) $(ARGS)
+
+sweep: setup ## train a grid of EXP variants (ARGS="'model.name=resnet10t|resnet18' 'train.optimizer=sgd|adamw'")
+	$(RUN) sweep $(CFG) $(ARGS)
 
 lint: setup ## ruff over src/ and tests/
 	$(VENV)/bin/ruff check src tests

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kpipe import paths
-from kpipe.config import Config, load_config
+from kpipe.config import Config, PathsConfig, load_config
 from kpipe.console import console, err_console, safe, setup_logging
 from kpipe.errors import Interrupted, KpipeError
 
@@ -153,6 +153,29 @@ def _lb(args: argparse.Namespace) -> int:
     return 0
 
 
+def _runs(args: argparse.Namespace) -> int:
+    from kpipe.stages import runs
+
+    runs.run(args.runs_dir, paths.ledger_csv_in(args.submissions_dir), sort=args.sort, csv=args.csv,
+             names=args.names or None, reverse=args.reverse)
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from kpipe.stages import compare
+
+    compare.run(args.runs_dir, args.runs, baseline=args.baseline, name=args.name)
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from kpipe.tools import sweep
+
+    sweep.run(args.exp, resolve_comp(args.comp), args.overrides, grid_file=Path(args.grid) if args.grid else None,
+              yes=args.yes, max_runs=args.max_runs)
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from kpipe.tools import bench
 
@@ -240,6 +263,29 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
 
     _config_args(add("lb", _lb, "sync the ledger with Kaggle; CV vs public/private table and plot"))
+
+    p = add("runs", _runs, "one table of every run under runs/: model, size, time, CV per fold, TTA, LB scores")
+    p.add_argument("names", nargs="*", metavar="RUN", help="only these runs (folder names under --runs-dir)")
+    p.add_argument("--runs-dir", default=PathsConfig().runs_dir, help="folder holding the run folders")
+    p.add_argument("--submissions-dir", default=PathsConfig().submissions_dir,
+                   help="folder holding ledger.csv (public/private scores)")
+    p.add_argument("--sort", default=None, metavar="COL",
+                   help="sort by a column (numbers largest first), e.g. cv, wall_s, img_per_s, params")
+    p.add_argument("--reverse", action="store_true", help="flip --sort (smallest first: log loss, time)")
+    p.add_argument("--csv", default=None, metavar="FILE", help="also write the table as CSV")
+
+    p = add("compare", _compare, "pictures of runs side by side: runs/compare/<name>/index.html")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folder names under --runs-dir, or paths")
+    p.add_argument("--baseline", default=None, metavar="RUN", help="per-class F1 is shown minus this run's "
+                                                                    "(default: the first run)")
+    p.add_argument("--name", default=None, help="report folder name (default: the run names joined by __)")
+    p.add_argument("--runs-dir", default=PathsConfig().runs_dir, help="folder holding the run folders")
+
+    p = add("sweep", _sweep, "train every combination of a grid ('key=a|b', quoted), one named run each")
+    _config_args(p)
+    p.add_argument("--grid", default=None, metavar="FILE", help="YAML grid: {key: [value, ...], ...}")
+    p.add_argument("--yes", action="store_true", help="train a grid larger than --max-runs")
+    p.add_argument("--max-runs", type=int, default=8, metavar="N", help="largest grid trained without --yes")
 
     p = add("bench", _bench, "measure loader, inference and training speed (writes bench/results.md)")
     p.add_argument("--out", default="bench", help="output folder")

@@ -8,6 +8,7 @@ reader can see the whole tree on one screen:
     data/<comp>/audit/           kpipe audit          data/<comp>/relabels.csv, review.html, labels_clean.csv
     folds/<comp>.csv             kpipe folds          folds/<comp>.classes.json, <comp>.excluded.csv
     runs/<exp>/                  kpipe train          (RunDir: config.yaml, fold<k>/, oof.csv, cv.json ...)
+    runs/compare/<name>/         kpipe compare        (index.html and its PNGs)
     runs/ensembles/<exp>.json    kpipe ensemble       predictions/<name>/   kpipe infer
     submissions/<name>.csv       kpipe infer          submissions/<name>.json (sidecar), ledger.csv
     cache/<comp>/<px>/<split>.npy  decode-once image cache
@@ -131,6 +132,11 @@ class RunDir:
         return self.root / "cv.json"
 
     @property
+    def run_json(self) -> Path:
+        """Facts of the run that the config does not hold: parameter counts, wall time per fold."""
+        return self.root / "run.json"
+
+    @property
     def oof_tta_dir(self) -> Path:
         return self.root / "oof_tta"
 
@@ -146,6 +152,24 @@ class RunDir:
 
 def run_dir(cfg: Config) -> RunDir:
     return RunDir(Path(cfg.paths.runs_dir) / cfg.name)
+
+
+# Folders under runs_dir that hold no training run.
+NOT_RUNS = ("ensembles", "compare")
+
+
+def run_folders(runs_dir: str | Path) -> list[RunDir]:
+    """Every training run under runs_dir (a folder with a config.yaml), by name."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        return []
+    return [RunDir(p) for p in sorted(root.iterdir())
+            if p.is_dir() and p.name not in NOT_RUNS and (p / "config.yaml").is_file()]
+
+
+def compare_dir(runs_dir: str | Path, name: str) -> Path:
+    """`kpipe compare`'s report: runs/compare/<name>/index.html and its PNGs."""
+    return Path(runs_dir) / "compare" / name
 
 
 def ensemble_json(cfg: Config) -> Path:
@@ -169,4 +193,8 @@ def sidecar(submission: Path) -> Path:
 
 
 def ledger_csv(cfg: Config) -> Path:
-    return Path(cfg.paths.submissions_dir) / "ledger.csv"
+    return ledger_csv_in(cfg.paths.submissions_dir)
+
+
+def ledger_csv_in(submissions_dir: str | Path) -> Path:
+    return Path(submissions_dir) / "ledger.csv"

@@ -16,7 +16,9 @@ Usage: ``kpipe train -c configs/exp/resnet50.yaml --comp demo train.folds=0,2``
 from __future__ import annotations
 
 import hashlib
+import json
 import random
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,7 +125,9 @@ def _run(cfg: Config, resume: bool, device: torch.device) -> dict[str, Any]:
     stop_restore = StopRequested.install()
     try:
         for k in fold_ids:
+            t0 = time.perf_counter()
             train_fold(cfg, k, df, classes, device, cache)
+            _record(cfg, k, wall_s=time.perf_counter() - t0)
     except Interrupted as e:
         raise Interrupted(e.signum, dist.is_main()) from None
     finally:
@@ -198,8 +202,9 @@ def build_fold(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device
     model, data_cfg = _model(cfg, len(classes), device)
     train_rows = np.flatnonzero(df["fold"].to_numpy() != k)
     val_rows = np.flatnonzero(df["fold"].to_numpy() == k)
+    total, trainable = models.param_counts(model)
+    _record(cfg, k, params_total=total, params_trainable=trainable)
     if dist.is_main():
-        total, trainable = models.param_counts(model)
         console.print(f"[bold]fold {k}[/]: {len(train_rows)} train / {len(val_rows)} val images, {cfg.model.name} "
                       f"at {data_cfg['img_size']} px, {total:,} parameters ({trainable:,} trainable), device {device}")
     size, mean, std = data_cfg["img_size"], data_cfg["mean"], data_cfg["std"]
@@ -352,6 +357,17 @@ def _model(cfg: Config, n_classes: int, device: torch.device) -> tuple[torch.nn.
     if device.type == "cuda" and cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model, data_cfg
+
+
+def _record(cfg: Config, k: int, wall_s: float = 0.0, **facts: int) -> None:
+    """run.json for `kpipe runs`: parameter counts, and each fold's wall seconds (summed over resumes)."""
+    if not dist.is_main():
+        return
+    path = paths.run_dir(cfg).run_json
+    rec = json.loads(path.read_text()) if path.is_file() else {}
+    walls = rec.setdefault("fold_wall_s", {})
+    walls[str(k)] = walls.get(str(k), 0.0) + wall_s
+    write_json(path, {**rec, **facts})
 
 
 def _ema(model: torch.nn.Module, t: Any) -> Any:

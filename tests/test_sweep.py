@@ -1,0 +1,59 @@
+"""`kpipe sweep`: grid parsing and naming, and a tiny sweep that skips finished runs and resumes a killed one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import TINY_EXP
+from kpipe import paths
+from kpipe.errors import KpipeError
+from kpipe.tools import sweep
+
+
+def test_axes_names_and_combinations(tmp_path: Path) -> None:
+    fixed, axes = sweep.split_overrides(["train.folds=0,1", "model.name=resnet10t|test_resnet",
+                                         "train.optimizer=sgd|adamw"])
+    assert fixed == ["train.folds=0,1"]
+    combos = sweep.combinations(axes)
+    assert combos[1] == {"model.name": "resnet10t", "train.optimizer": "adamw"} and len(combos) == 4
+    assert sweep.run_name("exp", combos[0]) == "exp__model.name=resnet10t__train.optimizer=sgd"
+    assert sweep.run_name("exp", {"train.folds": "[0, 1]", "x": "a/b"}) == "exp__train.folds=0_1__x=a_b"
+    grid = tmp_path / "g.yaml"
+    grid.write_text(yaml.safe_dump({"train.folds": [[0, 1], [0]], "model.name": ["a"]}))
+    assert sweep.read_grid(grid) == {"train.folds": ["[0, 1]", "[0]"], "model.name": ["a"]}
+    with pytest.raises(KpipeError, match="bad grid axis"):
+        sweep.split_overrides(["model.name=a|"])
+
+
+def test_sweep_trains_skips_and_resumes(tmp_path: Path, tiny_comp: Path) -> None:
+    from kpipe.config import load_config
+    from kpipe.stages import folds
+
+    exp = tmp_path / "tiny_exp.yaml"
+    exp.write_text(yaml.safe_dump(TINY_EXP))
+    fixed = [f"paths.{k}={tmp_path / k.split('_')[0]}" for k in
+             ("data_root", "folds_dir", "runs_dir", "predictions_dir", "submissions_dir")]
+    fixed.append(f"data.cache_dir={tmp_path / 'cache'}")
+    folds.run(load_config(exp, tiny_comp, fixed))
+    grid = ["train.optimizer=sgd|adamw"]
+    with pytest.raises(KpipeError, match="more than --max-runs 1"):
+        sweep.run(str(exp), str(tiny_comp), [*fixed, *grid], max_runs=1)
+    names = sweep.run(str(exp), str(tiny_comp), [*fixed, *grid])
+    assert names == ["tiny_exp__train.optimizer=sgd", "tiny_exp__train.optimizer=adamw"]
+    runs = [paths.RunDir(tmp_path / "runs" / n) for n in names]
+    assert all(sweep.is_finished(r) for r in runs)
+    assert set(json.loads(runs[0].run_json.read_text())) >= {"params_total", "fold_wall_s"}
+    # A finished run is left alone; a killed one (fold 1 and cv.json lost) is resumed, fold 0 kept.
+    done_cv = runs[0].cv.stat().st_mtime_ns
+    fold0 = runs[1].fold(0).last.stat().st_mtime_ns
+    runs[1].cv.unlink()
+    for f in runs[1].fold(1).root.iterdir():
+        f.unlink()
+    sweep.run(str(exp), str(tiny_comp), [*fixed, *grid])
+    assert runs[0].cv.stat().st_mtime_ns == done_cv
+    assert runs[1].fold(0).last.stat().st_mtime_ns == fold0
+    assert sweep.is_finished(runs[1]) and runs[1].fold(1).oof.is_file()
