@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -62,3 +63,37 @@ def test_two_process_ddp_matches_single_process(tmp_path: Path) -> None:
     result = infer.run(ddp_cfg)  # checkpoints written under DDP load in one process
     sub = pd.read_csv(Path(ddp_cfg.paths.submissions_dir) / "ddp.csv", dtype=str)
     assert len(sub) == 6 and result is not None
+
+
+def _torchrun(tmp_path: Path, fault: str, extra: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+    """Fold 0 of a 1-epoch run under torchrun (2 processes, gloo) with a fault planted by tests/ddp_entry.py."""
+    comp = write_competition(tmp_path, n_per_class=6)
+    cfg = tiny_config(tmp_path, comp, exp=EXP)
+    folds.run(cfg)
+    exp_path = tmp_path / "ddp.yaml"
+    exp_path.write_text(yaml.safe_dump(EXP))
+    where = [f"paths.{k}={v}" for k, v in cfg.paths.model_dump().items()] + [f"data.cache_dir={cfg.data.cache_dir}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(Path(__file__).parent / "ddp_entry.py"), "train", "-c", str(exp_path), "--comp", str(comp),
+           "name=ddp", "train.folds=0", "train.epochs=1", "data.batch_size=2", *where, *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KPIPE_TEST_FAULT": fault,
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    start = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    return proc, time.monotonic() - start
+
+
+def test_ranks_wait_for_rank0s_checkpoint_before_reading_it(tmp_path: Path) -> None:
+    """Rank 0 writes best.pt slowly; rank 1 must not read it before it exists (it used to, then hung)."""
+    proc, _ = _torchrun(tmp_path, "slow_checkpoint", [])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    oof = pd.read_csv(tmp_path / "runs" / "ddp" / "fold0" / "oof.csv", dtype={"id": str})
+    val = pd.read_csv(tmp_path / "folds" / "tiny.csv", dtype={"id": str}).query("fold == 0")["id"]
+    assert oof["id"].is_unique and sorted(oof["id"]) == sorted(val)
+
+
+def test_an_error_on_one_rank_ends_every_rank_with_its_message(tmp_path: Path) -> None:
+    proc, seconds = _torchrun(tmp_path, "raise_on_rank1", [])
+    assert proc.returncode != 0
+    assert "planted failure on rank 1" in proc.stdout + proc.stderr
+    assert seconds < 60, f"the run took {seconds:.0f} s to end after rank 1 failed"
