@@ -184,8 +184,8 @@ def open_cache(
 ) -> np.memmap:
     """Open a finished cache read-only. With paths and img_size, also check it is not stale.
 
-    DataLoader workers should each call this (without paths: cheap) on first use rather than
-    receive the array from the parent: a memmap pickled to a spawned worker is copied in full.
+    A `loader.ImageDataset` over the returned memmap pickles it as a reference, so a DataLoader
+    worker started with `spawn` maps the file again rather than receiving a copy of it.
     """
     cache_file = Path(cache_file)
     index = _read_json(_aux(cache_file, ".index.json"))
