@@ -3,7 +3,11 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-PYTHON ?= python3
+# The interpreter that creates .venv: the first of these on PATH that is Python >= 3.11 (kaggle 2.2.x
+# and kagglesdk need 3.11). Override with PYTHON=/path/to/python3.12.
+PY_CANDIDATES := python3.13 python3.12 python3.11 python3
+PY_OK := import sys; sys.exit(sys.version_info < (3, 11))
+PYTHON ?= $(firstword $(foreach p,$(PY_CANDIDATES),$(shell $(p) -c '$(PY_OK)' >/dev/null 2>&1 && echo $(p))))
 VENV   := .venv
 PY     := $(VENV)/bin/python
 KPIPE  := $(VENV)/bin/kpipe
@@ -20,7 +24,7 @@ RUNS ?= runs/$(notdir $(basename $(EXP)))
 RUN := $(KPIPE)
 CFG := -c $(EXP) --comp $(COMP)
 
-.PHONY: help setup demo test test-fast lint audit folds train relabel infer oof-tta ensemble submit lb runs compare sweep bench clean
+.PHONY: help setup check-python demo test test-fast lint audit folds train relabel infer oof-tta ensemble submit lb runs compare sweep bench clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -31,10 +35,24 @@ setup: $(STAMP) ## create .venv and install kpipe with its dependencies (quick w
 # Re-runs only when pyproject.toml changes. torch comes from the registry's regular (CUDA) build:
 # it runs on CPU too, and the registry's torchvision only loads against it.
 $(STAMP): pyproject.toml
+	@$(MAKE) --no-print-directory check-python PYTHON="$(PYTHON)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[dev]"
 	@touch $@
+
+check-python: ## stop unless PYTHON (default: found on PATH) is Python >= 3.11, naming what was found
+	@if [ -z "$(PYTHON)" ] || ! $(PYTHON) -c '$(PY_OK)' >/dev/null 2>&1; then \
+	  echo "kpipe needs Python >= 3.11 (kaggle 2.2.x and kagglesdk require it). Found:" >&2; \
+	  found=0; for p in $(or $(PYTHON),$(PY_CANDIDATES)); do \
+	    v=$$($$p -c 'import sys; print(sys.version.split()[0])' 2>/dev/null) || continue; \
+	    found=1; echo "  $$p ($$(command -v $$p)): Python $$v" >&2; \
+	  done; \
+	  [ $$found = 1 ] || echo "  none: no $(or $(PYTHON),$(PY_CANDIDATES)) on PATH" >&2; \
+	  echo "Install Python 3.11 or newer (Ubuntu 22.04: sudo apt install python3.11 python3.11-venv;" \
+	       "or pyenv install 3.11), then run make again, or name it: make setup PYTHON=/path/to/python3.11" >&2; \
+	  exit 1; \
+	fi
 
 DEMO := -c configs/exp/demo.yaml --comp demo
 DEMO_ACCEPT ?= 0.5

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -119,3 +121,30 @@ def test_cache_file_for_and_empty(tmp_path: Path) -> None:
     assert paths.cache_file(cfg, 64, "train") == tmp_path / "demo" / "64" / "train.npy"
     with pytest.raises(KpipeError, match="no images"):
         cache.build_cache([], SIZE, tmp_path / "x.npy")
+
+
+WAITS_FOR_LOCK = """
+import sys, threading, time
+sys.modules["fcntl"] = None  # as on Windows: `import fcntl` raises ImportError
+from pathlib import Path
+from kpipe.data import cache
+from kpipe.io import exclusive
+target, images = Path(sys.argv[1]), sys.argv[2:]
+with exclusive(target.with_name(target.stem + ".lock")):  # another rank is building
+    builder = threading.Thread(target=cache.build_cache, args=(images, 16, target))
+    builder.start()
+    time.sleep(1.0)
+    print("built while locked" if target.exists() else "waited")
+builder.join(timeout=60)
+print("built" if target.exists() else "not built")
+"""
+
+
+def test_build_waits_for_the_lock_without_fcntl(tmp_path: Path) -> None:
+    """A second builder of one cache waits for the first on every OS (Windows has no fcntl)."""
+    images = _images(tmp_path / "img", 3)
+    target = tmp_path / "c" / "train.npy"
+    out = subprocess.run([sys.executable, "-c", WAITS_FOR_LOCK, str(target), *images],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["waited", "built"]

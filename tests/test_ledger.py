@@ -155,3 +155,20 @@ def test_provenance_and_default_message(tmp_path: Path) -> None:
     (tmp_path / "r50.json").write_text("{not json")
     with pytest.raises(KpipeError, match="r50.json: not valid JSON"):
         ledger.provenance(sub)
+
+
+NO_FCNTL = """
+import sys
+sys.modules["fcntl"] = None  # as on Windows: `import fcntl` raises ImportError
+from kpipe.kaggle import ledger
+ledger.append(sys.argv[1], [{"competition": "c", "message": "from a machine without fcntl"}])
+print(len(ledger.read(sys.argv[1])))
+"""
+
+
+def test_ledger_works_without_fcntl(tmp_path: Path) -> None:
+    """Windows has no fcntl: the ledger (and its lock) must not need it."""
+    path = tmp_path / "ledger.csv"
+    out = subprocess.run([sys.executable, "-c", NO_FCNTL, str(path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1" and ledger.read(path)["message"].tolist() == ["from a machine without fcntl"]

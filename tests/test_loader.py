@@ -1,11 +1,16 @@
-"""loader.CachedBatches: whole batches from the cache, in the sampler's order, resumable and sharded."""
+"""loader.CachedBatches: whole batches from the cache, in the sampler's order, resumable and sharded;
+ImageDataset pickles the cache as a reference to its file."""
 
 from __future__ import annotations
+
+import pickle
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from kpipe.data.loader import CachedBatches, EpochSampler
+from kpipe.data import transforms
+from kpipe.data.loader import CachedBatches, EpochSampler, ImageDataset
 
 ARR = np.random.default_rng(0).integers(0, 256, (10, 4, 5, 3), dtype=np.uint8)  # the cache: NHWC rows
 LABELS = np.arange(10) % 3
@@ -45,3 +50,29 @@ def test_drop_last_resume_and_shards() -> None:
         seen += _cat(list(CachedBatches(ARR, None, shard, 2)), 2).tolist()
     assert sorted(seen) == rows.tolist()  # each row once across the ranks
     assert set(_cat(list(CachedBatches(ARR, None, shard, 2)), 1).tolist()) == {-1}  # no labels (test images)
+
+
+def test_dataset_over_the_cache_pickles_as_a_reference(tmp_path: Path) -> None:
+    """A `spawn` DataLoader worker gets the dataset pickled: the cache must travel as its file, not its bytes."""
+    arr = np.random.default_rng(1).integers(0, 256, (64, 64, 64, 3), dtype=np.uint8)  # 786 KB
+    np.save(tmp_path / "train.npy", arr)
+    mapped = np.load(tmp_path / "train.npy", mmap_mode="r")  # as cache.build_cache / open_cache return it
+    tf = transforms.build_eval(64)
+    ds = ImageDataset([f"img{i}.png" for i in range(64)], np.arange(64) % 3, tf, mapped)
+    blob = pickle.dumps(ds)
+    assert len(blob) < 20_000, f"{len(blob)} bytes pickled: the cache went along"
+    back = pickle.loads(blob)
+    assert isinstance(back.cache, np.memmap) and not back.cache.flags.writeable
+    np.testing.assert_array_equal(back.cache, arr)
+    for i in (0, 17, 63):
+        torch.testing.assert_close(back[i][0], ds[i][0])
+        assert back[i][1:] == ds[i][1:]
+
+
+def test_dataset_over_a_view_or_an_array_pickles_its_data(tmp_path: Path) -> None:
+    np.save(tmp_path / "train.npy", ARR)
+    mapped = np.load(tmp_path / "train.npy", mmap_mode="r")
+    tf = transforms.build_eval(4)
+    for cache in (mapped[3:7], mapped[::2], ARR):  # not a whole-file mapping: its rows go by value
+        ds = ImageDataset(["x"] * len(cache), None, tf, cache)
+        np.testing.assert_array_equal(pickle.loads(pickle.dumps(ds)).cache, cache)

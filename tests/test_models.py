@@ -247,3 +247,20 @@ def test_weights_in_hub_formats(tmp_path: Path) -> None:
     save_file(src.state_dict(), str(tmp_path / "model.safetensors"))
     dst = models.create("test_resnet", 3, weights=tmp_path / "model.safetensors")
     assert torch.equal(dst.layer2[0].conv1.weight, src.layer2[0].conv1.weight)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet10t", "test_resnet", "googlenet", "resnet18.a1_in1k",
+                                  "efficientnet_b0"])
+def test_default_input_size_equals_the_built_model(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    mcfg = ModelConfig(name=name, pretrained=False)
+    built = models.resolve_data_config(models.create_from_config(mcfg, 3), DataConfig())["img_size"]
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("a model was built"))
+    monkeypatch.setattr(torchvision.models, "googlenet", lambda *a, **k: pytest.fail("a model was built"))
+    assert models.default_input_size(mcfg) == built
+
+
+def test_default_input_size_names_a_wrong_model() -> None:
+    with pytest.raises(KpipeError, match="resnet18"):
+        models.default_input_size(ModelConfig(name="resnet81"))
+    with pytest.raises(KpipeError, match="bogus"):
+        models.default_input_size(ModelConfig(name="resnet18.bogus"))

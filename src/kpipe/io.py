@@ -3,6 +3,9 @@
 Every file kpipe writes goes to a temporary file in the same folder, is flushed and
 fsync'ed, then renamed over the target: a reader (or a run killed half-way) sees the old
 file or the new one, never a torn one.
+Read-modify-write sequences that several processes may run at once (the ledger, a cache build
+shared by DDP ranks) hold `exclusive(lock_file)`, an OS file lock that works on Linux, macOS
+and Windows (the `filelock` package).
 Usage: ``with atomic_path(out / "oof.csv") as tmp: df.to_csv(tmp)``.
 """
 
@@ -19,6 +22,7 @@ from typing import Any
 
 import pandas as pd
 import yaml
+from filelock import FileLock
 
 
 def _umask_mode() -> int:
@@ -49,6 +53,20 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_file` (created, left in place, always empty) until the block ends.
+
+    Other processes wait for it; so does another thread of this process. The lock lives in its own
+    file because an atomic replace swaps the locked file's inode, and a lock on the old one would not
+    stop a process that opened the new one.
+    """
+    lock_file = Path(lock_file)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(lock_file):
+        yield
 
 
 def _check_writer(path: Path) -> None:

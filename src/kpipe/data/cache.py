@@ -9,7 +9,8 @@ cache is stale and is rebuilt.
 Building is resumable and atomic: rows are filled in chunks into `<name>.npy.partial` and
 `<name>.progress.json` records how many are done after each chunk is flushed, so a killed
 build carries on where it stopped; the finished file is renamed into place and only then is
-the index written. A lock file makes a second process (another DDP rank) wait for the first.
+the index written. A lock file (`io.exclusive`) makes a second process (another DDP rank) wait
+for the first, on every OS.
 
 Unreadable images never become silent zeros: their rows are zero-filled but listed in the
 index under "failed", and `build_cache` raises (on_error="raise", for training) or logs a
@@ -20,13 +21,12 @@ Usage: ``arr = build_cache(df.path.tolist(), 224, paths.cache_file(cfg, 224, "tr
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
@@ -35,12 +35,7 @@ import numpy as np
 
 from kpipe.data.image import ImageReadError, read_rgb, resize_square
 from kpipe.errors import KpipeError, preview
-from kpipe.io import write_json
-
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks; concurrent builders of one cache are not guarded there
-    fcntl = None  # type: ignore[assignment]
+from kpipe.io import exclusive, write_json
 
 log = logging.getLogger(__name__)
 
@@ -78,20 +73,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-@contextlib.contextmanager
-def _locked(cache_file: Path) -> Iterator[None]:
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    if fcntl is None:
-        yield
-        return
-    with open(_aux(cache_file, ".lock"), "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _load_one(path: str, img_size: int) -> np.ndarray | str:
     """The resized image, or the reason it cannot be read."""
     try:
@@ -120,7 +101,7 @@ def build_cache(
     stats = _source_stats(paths)
     sig = _signature(paths, img_size, stats)
     index_file = _aux(cache_file, ".index.json")
-    with _locked(cache_file):
+    with exclusive(_aux(cache_file, ".lock")):
         index = _read_json(index_file)
         if not (index and index.get("signature") == sig and cache_file.is_file()):
             index_file.unlink(missing_ok=True)  # a stale index must never vouch for a new file
@@ -203,8 +184,8 @@ def open_cache(
 ) -> np.memmap:
     """Open a finished cache read-only. With paths and img_size, also check it is not stale.
 
-    DataLoader workers should each call this (without paths: cheap) on first use rather than
-    receive the array from the parent: a memmap pickled to a spawned worker is copied in full.
+    A `loader.ImageDataset` over the returned memmap pickles it as a reference, so a DataLoader
+    worker started with `spawn` maps the file again rather than receiving a copy of it.
     """
     cache_file = Path(cache_file)
     index = _read_json(_aux(cache_file, ".index.json"))

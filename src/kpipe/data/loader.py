@@ -6,7 +6,9 @@ One Dataset reads either the decode-once cache (uint8, memory-mapped) or the ima
 from the cache, and data.batch_aug, which augments on the consumer side): it slices the memmap
 in the training process, since workers would only add the cost of passing each batch back.
 Every loader yields (uint8 NCHW images, labels, dataset indices, ok flags); the consumer
-normalises (transforms.Normalize). The sampler owns the epoch's order, seeded by (seed, epoch),
+normalises (transforms.Normalize). A dataset over the cache memmap pickles as the file's name and
+layout, so a worker started with `spawn` (macOS, Windows) maps the file itself instead of receiving a
+copy of every image. The sampler owns the epoch's order, seeded by (seed, epoch),
 so a run resumed mid-epoch replays the same order and skips what was done, and a DDP rank takes
 its own shard (class-balanced sampling too).
 
@@ -15,6 +17,7 @@ Usage: ``ds = ImageDataset(paths, labels, tf); dl = make_loader(ds, EpochSampler
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -52,6 +55,17 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for a `spawn` worker: a whole-file memmap goes as a reference, not as its bytes."""
+        state = self.__dict__.copy()
+        state["cache"] = _MappedRef.of(self.cache) or self.cache
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state["cache"], _MappedRef):
+            state["cache"] = state["cache"].open()
+        self.__dict__.update(state)
+
     def _image(self, i: int) -> tuple[np.ndarray, bool]:
         if self.cache is not None:
             # A copy: the memmap is read-only, and a tensor over it (ToTensorV2 of an unresized row) must not be.
@@ -69,6 +83,29 @@ class ImageDataset(Dataset):
         x = self.transform(image=img)["image"]
         y = int(self.labels[i]) if self.labels is not None else -1
         return x, y, i, ok
+
+
+class _MappedRef:
+    """Where a read-only memmap's bytes live (file, offset, shape, dtype, order): enough to map it again."""
+
+    def __init__(self, filename: str, offset: int, shape: tuple[int, ...], dtype: np.dtype, order: str) -> None:
+        self.filename, self.offset, self.shape, self.dtype, self.order = filename, offset, shape, dtype, order
+
+    @staticmethod
+    def of(arr: np.ndarray | None) -> _MappedRef | None:
+        """The reference of a memmap that maps its file directly (not a slice or view of one), else None."""
+        if not (isinstance(arr, np.memmap) and isinstance(arr.base, mmap.mmap) and arr.filename):
+            return None
+        if arr.flags.c_contiguous:
+            order = "C"
+        elif arr.flags.f_contiguous:
+            order = "F"
+        else:
+            return None
+        return _MappedRef(arr.filename, arr.offset, arr.shape, arr.dtype, order)
+
+    def open(self) -> np.memmap:
+        return np.memmap(self.filename, self.dtype, "r", self.offset, self.shape, self.order)
 
 
 class EpochSampler(Sampler[int]):

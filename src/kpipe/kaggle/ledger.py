@@ -1,10 +1,9 @@
 """The submissions ledger: one CSV row per Kaggle submission, with what produced it and its scores.
 
 `submissions/ledger.csv` has a fixed column list (`COLUMNS`). Every change is a
-read-modify-write under an exclusive `fcntl.flock` on `ledger.csv.lock`, finished by an
-atomic replace, so two kpipe processes appending at once both land and a reader never sees
-a torn file. The lock lives in its own file because the atomic replace swaps the CSV's inode:
-a lock held on the old CSV would not stop a process that opened the new one.
+read-modify-write under an exclusive lock on `ledger.csv.lock` (`io.exclusive`, on every OS),
+finished by an atomic replace, so two kpipe processes appending at once both land and a reader
+never sees a torn file.
 `provenance` gives a submission's sha256 and its sidecar's runs/CV, `git_state` the commit;
 `merge_remote` (pure) folds Kaggle's submission list into the ledger; `render_table` and
 `plot_cv_vs_lb` show it.
@@ -13,15 +12,13 @@ Usage: ``ledger.append(paths.ledger_csv(cfg), [row]); df = ledger.read(path)``
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import math
 import os
 import subprocess
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from datetime import datetime, timedelta, timezone
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +27,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kpipe.errors import KpipeError
-from kpipe.io import atomic_path, read_csv_ids, write_csv
+from kpipe.io import atomic_path, exclusive, read_csv_ids, write_csv
 
 COLUMNS: tuple[str, ...] = (
     "time_utc",  # ISO 8601, UTC, when the submission was made
@@ -56,7 +53,7 @@ MATCH_WINDOW = timedelta(minutes=10)
 
 
 def now_utc() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def parse_time(text: str) -> datetime | None:
@@ -67,7 +64,7 @@ def parse_time(text: str) -> datetime | None:
         t = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         return None
-    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 def _cell(value: Any) -> str:
@@ -109,22 +106,10 @@ def read(path: str | os.PathLike[str]) -> pd.DataFrame:
     return df[list(COLUMNS)]
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The lock file only ever stays empty: it exists to carry the flock.
-    with open(path.with_name(path.name + ".lock"), "a") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
 def transact(path: str | os.PathLike[str], fn: Callable[[pd.DataFrame], pd.DataFrame]) -> pd.DataFrame:
     """Replace the ledger with fn(ledger), atomically and exclusively; return the new ledger."""
     path = Path(path)
-    with _locked(path):
+    with exclusive(path.with_name(path.name + ".lock")):
         new = fn(read(path))[list(COLUMNS)]
         write_csv(path, new)
     return new
@@ -280,7 +265,7 @@ def local_provenance(sub: Mapping[str, str], sub_dir: Path) -> dict[str, Any]:
     if not local.is_file() or when is None:
         return {}
     size_ok = not sub.get("total_bytes") or int(sub["total_bytes"]) == local.stat().st_size
-    mtime = datetime.fromtimestamp(local.stat().st_mtime, timezone.utc)
+    mtime = datetime.fromtimestamp(local.stat().st_mtime, UTC)
     if not size_ok or mtime > when + timedelta(minutes=1):  # rewritten since: not what was uploaded
         return {}
     return {"file": str(local), **provenance(local)}

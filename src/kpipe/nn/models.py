@@ -7,6 +7,7 @@ with parameters (timm ResNets: conv1, bn1, layer1..layer4, fc; GoogLeNet: conv1,
 conv3, inception3, inception4, inception5, fc); `freeze_until="layer4"` freezes every stage
 before layer4. Frozen BatchNorm layers must also stop updating their running statistics:
 call `train_mode(model)` instead of `model.train()` at the start of every epoch.
+`default_input_size` reads the input size from timm's pretrained config without building anything.
 Usage: ``model = create("resnet50", 5, pretrained=True, freeze_until="layer4")``.
 """
 
@@ -24,7 +25,7 @@ import torch
 import torchvision
 from timm.data.constants import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.layers import get_act_layer
-from timm.models import get_pretrained_cfg
+from timm.models import PretrainedCfg, get_pretrained_cfg
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -39,6 +40,16 @@ ACTS = ("default", "relu", "leaky_relu", "silu")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # torchvision's GoogLeNet weights carry auxiliary heads that kpipe does not build.
 _IGNORED_KEYS = ("aux1.", "aux2.")
+# GoogLeNet's preprocessing, in timm's pretrained-config form (see _googlenet for the 0.5 stats).
+GOOGLENET_CFG: dict[str, Any] = {
+    "input_size": (3, 224, 224),
+    "interpolation": "bilinear",
+    "mean": IMAGENET_INCEPTION_MEAN,
+    "std": IMAGENET_INCEPTION_STD,
+    "crop_pct": 0.875,
+    "classifier": "fc",
+    "first_conv": "conv1.conv",
+}
 
 
 def create(
@@ -90,7 +101,24 @@ def create_from_config(mcfg: ModelConfig, num_classes: int) -> nn.Module:
     )
 
 
-def _timm_model(name: str, num_classes: int, download: bool, act: str, drop_rate: float) -> nn.Module:
+def default_input_size(mcfg: ModelConfig) -> int:
+    """The input side the model was made for, read from timm's pretrained config without building it.
+
+    Equals `resolve_data_config(create_from_config(mcfg, n), DataConfig())["img_size"]`: what the data
+    pipeline needs before the model exists (the cache's size), at no cost of building a network.
+    """
+    if mcfg.name == GOOGLENET:
+        return int(GOOGLENET_CFG["input_size"][-1])
+    _check_timm_name(mcfg.name)
+    try:
+        cfg = get_pretrained_cfg(mcfg.name)
+    except RuntimeError as e:  # a known architecture with an unknown tag
+        raise KpipeError(f"model.name='{mcfg.name}': {e}") from None
+    # A model with no registered pretrained config gets timm's default one when it is built.
+    return int((cfg if cfg is not None else PretrainedCfg()).input_size[-1])
+
+
+def _check_timm_name(name: str) -> None:
     if not timm.is_model(name):
         names = [*timm.list_models(), GOOGLENET]
         close = difflib.get_close_matches(name.lower(), names, n=3, cutoff=0.6)
@@ -99,6 +127,10 @@ def _timm_model(name: str, num_classes: int, download: bool, act: str, drop_rate
             f"model.name='{name}' is neither a timm model nor googlenet.{hint} "
             "List timm models with: python -c \"import timm; print(timm.list_models('*resnet*'))\""
         )
+
+
+def _timm_model(name: str, num_classes: int, download: bool, act: str, drop_rate: float) -> nn.Module:
+    _check_timm_name(name)
     kwargs: dict[str, Any] = {"num_classes": num_classes}
     # Only pass options that differ from the model's own default, so models without them still build.
     act_cls = get_act_layer(act) if act != "default" else None
@@ -176,15 +208,7 @@ def _googlenet(num_classes: int, download: bool, act: str, drop_rate: float) -> 
     # The torchvision weights expect (x - 0.5) / 0.5 inputs: with transform_input=True torchvision
     # converts ImageNet-normalised inputs to exactly that inside forward(). Declaring the 0.5 stats
     # here gives the same numbers with one normalisation step. Read by timm's resolve_model_data_config.
-    model.pretrained_cfg = {
-        "input_size": (3, 224, 224),
-        "interpolation": "bilinear",
-        "mean": IMAGENET_INCEPTION_MEAN,
-        "std": IMAGENET_INCEPTION_STD,
-        "crop_pct": 0.875,
-        "classifier": "fc",
-        "first_conv": "conv1.conv",
-    }
+    model.pretrained_cfg = dict(GOOGLENET_CFG)
     return model
 
 

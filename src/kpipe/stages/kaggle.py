@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -180,7 +180,7 @@ def submit(cfg: Config, path: Path, message: str | None, wait: bool = False, for
         raise KpipeError(f"no submissions left today for '{slug}' (Kaggle's daily limit; it resets at "
                          f"00:00 UTC). {path} was not uploaded.")
     commit, dirty = ledger.git_state()
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     ref = _upload(api, path, message, slug, backoff, started)
     row = ledger.make_row({
         **prov, "time_utc": _iso(started), "competition": slug, "file": str(path), "message": message,
@@ -230,7 +230,7 @@ def remaining(api: Any, slug: str, backoff: Backoff) -> int | None:
                         what="reading the competition", slug=slug, backoff=backoff)
         if not comp.max_daily_submissions:
             return None
-        today = datetime.now(timezone.utc).date().isoformat()
+        today = datetime.now(UTC).date().isoformat()
         used = sum(s["time_utc"].startswith(today) for s in list_submissions(api, slug, backoff))
         return max(0, comp.max_daily_submissions - used)
     except KaggleError as e:
@@ -276,8 +276,8 @@ def _request(cls: type[T], **fields: Any) -> T:
 
 
 def _iso(t: datetime) -> str:
-    t = t if t.tzinfo else t.replace(tzinfo=timezone.utc)  # Kaggle's times are naive UTC
-    return t.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    t = t if t.tzinfo else t.replace(tzinfo=UTC)  # Kaggle's times are naive UTC
+    return t.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _remote_row(sub: Any) -> dict[str, str]:
