@@ -56,6 +56,11 @@ def clean_labels_csv(cfg: Config) -> Path:
     return work_dir(cfg) / "labels_clean.csv"
 
 
+def lock_file(path: Path) -> Path:
+    """The lock beside a file that several writers change in place (relabels.csv.lock)."""
+    return path.with_name(path.name + ".lock")
+
+
 # ------------------------------------------------------------------ folds
 
 
