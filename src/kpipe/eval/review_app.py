@@ -128,7 +128,8 @@ document.addEventListener("keydown", (ev) => {
   else return;
   ev.preventDefault();
 });
-for (const id of ["f-class", "f-score", "f-undecided"]) $(id).addEventListener("input", render);
+for (const id of ["f-class", "f-score", "f-undecided"])
+  for (const ev of ["input", "change"]) $(id).addEventListener(ev, render);
 refresh();
 """
 
