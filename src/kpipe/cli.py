@@ -112,6 +112,13 @@ def _review(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain(args: argparse.Namespace) -> int:
+    from kpipe.stages import explain
+
+    explain.run(config_from(args), fold=args.fold, images=args.images)
+    return 0
+
+
 def _infer(args: argparse.Namespace) -> int:
     from kpipe.stages import infer
 
@@ -217,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("review", _review, "decide relabels with a click: serve relabels.csv's suspects on 127.0.0.1")
     _config_args(p)
     p.add_argument("--port", type=int, default=None, help="port to listen on (default: a free one, printed)")
+
+    p = add("explain", _explain, "look inside a run: filters, feature maps, Grad-CAM, top losses -> runs/<exp>/explain/")
+    _config_args(p)
+    p.add_argument("--fold", type=int, default=None, help="which fold's model (default: the first trained fold)")
+    p.add_argument("--images", type=int, default=8, help="validation images per picture (default 8)")
 
     p = add("infer", _infer, "predict the test set (TTA, folds, runs) and write a validated submission")
     _config_args(p)

@@ -8,6 +8,7 @@ reader can see the whole tree on one screen:
     data/<comp>/audit/           kpipe audit          data/<comp>/relabels.csv, review.html, labels_clean.csv
     folds/<comp>.csv             kpipe folds          folds/<comp>.classes.json, <comp>.excluded.csv
     runs/<exp>/                  kpipe train          (RunDir: config.yaml, fold<k>/, oof.csv, cv.json ...)
+    runs/<exp>/explain/          kpipe explain        index.html and its PNGs
     runs/ensembles/<exp>.json    kpipe ensemble       predictions/<name>/   kpipe infer
     submissions/<name>.csv       kpipe infer          submissions/<name>.json (sidecar), ledger.csv
     cache/<comp>/<px>/<split>.npy  decode-once image cache
@@ -141,6 +142,15 @@ class RunDir:
 
     def oof_tta(self, view: str) -> Path:
         return self.oof_tta_dir / f"{view}.csv"
+
+    @property
+    def explain_dir(self) -> Path:
+        """`kpipe explain`'s report: index.html and its PNGs."""
+        return self.root / "explain"
+
+    @property
+    def explain_html(self) -> Path:
+        return self.explain_dir / "index.html"
 
     def fold(self, k: int) -> FoldDir:
         return FoldDir(self.root / f"fold{k}")
