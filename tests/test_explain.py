@@ -67,7 +67,7 @@ def test_model_without_conv_says_what_is_unsupported() -> None:
     with pytest.raises(KpipeError, match="no Conv2d.*filters picture is unsupported"):
         ex.first_conv(nn.Sequential(nn.Flatten(), nn.Linear(3, 2)))
     with pytest.raises(KpipeError, match="Grad-CAM and feature maps are unsupported"):
-        ex.last_map_stage(nn.Sequential(nn.Flatten(), nn.Linear(3, 2)), {})
+        ex.cam_stage(nn.Sequential(nn.Flatten(), nn.Linear(3, 2)), {})
 
 
 class _Images(HTMLParser):

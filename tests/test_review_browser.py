@@ -111,3 +111,18 @@ def test_click_key_reload_agree_with_the_csv(browser: Any, server: review.Review
     score.clear()
     score.send_keys("0.75")
     WebDriverWait(browser, 5).until(lambda d: set(shown(d)) == {"cat_000", "dog_001"})
+
+
+def test_explain_report_images_load(browser: Any, tmp_path: Any) -> None:
+    """The explain page opened from disk (file://): every picture on it loads."""
+    from conftest import tiny_config, write_competition
+    from kpipe.stages import explain, folds, train
+
+    cfg = tiny_config(tmp_path, write_competition(tmp_path, n_per_class=6))
+    folds.run(cfg)
+    train.run(cfg)
+    page = explain.run(cfg, images=3).explain_html
+    browser.get(page.resolve().as_uri())
+    loaded = "return [...document.images].every(i => i.complete && i.naturalWidth > 0) && document.images.length"
+    n = WebDriverWait(browser, 10).until(lambda d: d.execute_script(loaded))
+    assert n >= 10  # filters, 2 Grad-CAM grids, feature maps of every stage

@@ -109,13 +109,18 @@ def strongest_maps(fmap: torch.Tensor, n: int = 8) -> list[np.ndarray]:
     return [to_uint8(a[c]) for c in order]
 
 
-def last_map_stage(model: nn.Module, outs: dict[str, torch.Tensor]) -> str:
-    """The deepest stage that gives a 4-D map (Grad-CAM's layer); the head (fc, classifier) gives 2-D."""
+def cam_stage(model: nn.Module, outs: dict[str, torch.Tensor], min_side: int = 4) -> str:
+    """Grad-CAM's layer: the deepest stage whose map is at least min_side wide (else the deepest 4-D one).
+
+    At small inputs (32-128 px) the last stage is 1x1 to 4x4 and its map says nothing about where;
+    the head (fc, classifier) gives 2-D outputs and is never a candidate.
+    """
     if not outs:
         raise KpipeError(f"{type(model).__name__}: no stage gives a (N, C, H, W) feature map "
                          f"(stages: {', '.join(models.stage_names(model))}); Grad-CAM and feature maps are "
                          "unsupported for it.")
-    return list(outs)[-1]
+    wide = [s for s, t in outs.items() if min(t.shape[-2:]) >= min_side]
+    return wide[-1] if wide else list(outs)[-1]
 
 
 def grad_cam(model: nn.Module, stage: str, x: torch.Tensor, class_idx: list[int]) -> np.ndarray:

@@ -69,6 +69,8 @@ def run(cfg: Config, fold: int | None = None, images: int = 8) -> RunDir:
     oof: Oof = read_oof(run_dir.oof)
     model, k, dc = _model(run_dir, fold, oof.classes)
     out = run_dir.explain_dir
+    for old in [*out.glob("maps_*.png"), *out.glob("gradcam_*.png")]:  # a smaller --images leaves none behind
+        old.unlink()
     files = dict(zip(*(load_train(cfg).df[c] for c in ("id", "path")), strict=True))
     losses = ex.top_losses(oof, len(oof.ids))
     mine = losses[(losses["fold"] == k) & losses["id"].isin(files)] if oof.folds is not None else losses.iloc[:0]
@@ -84,7 +86,7 @@ def run(cfg: Config, fold: int | None = None, images: int = 8) -> RunDir:
     sample = mine.sort_values("id").head(images)  # a fixed sample of the fold's validation images
     x, rgb = _batch([files[i] for i in sample["id"]], dc)
     outs = ex.stage_outputs(model, x)
-    cam_stage = ex.last_map_stage(model, outs)
+    layer = ex.cam_stage(model, outs)
     figs = []
     for stage, fmap in outs.items():
         for j, image_id in enumerate(sample["id"][:4]):
@@ -98,11 +100,11 @@ def run(cfg: Config, fold: int | None = None, images: int = 8) -> RunDir:
     index = {c: i for i, c in enumerate(oof.classes)}
     figs = []
     for what, col in (("given", "label"), ("predicted", "predicted")):
-        cams = ex.grad_cam(model, cam_stage, x, [index[c] for c in top[col]])
+        cams = ex.grad_cam(model, layer, x, [index[c] for c in top[col]])
         pics = [ex.overlay(rgb[j], cams[j]) for j in range(len(top))]
         fname = f"gradcam_{what}.png"
         write_bytes(out / fname, ex.png(ex.tile(pics, cols=min(8, len(pics)), cell=128)))
-        figs.append(_figure(fname, f"Grad-CAM ({cam_stage}) toward the {what} class, in table order"))
+        figs.append(_figure(fname, f"Grad-CAM ({layer}) toward the {what} class, in table order"))
     sections.append((f"Grad-CAM on fold {k}'s top-loss validation images", "".join(figs)
                      + ex.table_html(top[["id", "label", "predicted", "p_label", "p_pred", "loss"]])))
     sections.append(("Top losses over the whole OOF", ex.table_html(losses.head(max(images, 16)))))
