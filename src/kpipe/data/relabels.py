@@ -137,6 +137,11 @@ class UnknownId(KpipeError):
     """A decision for an id relabels.csv does not hold (the file was re-made, or the id is made up)."""
 
 
+def locked(path: Path) -> FileLock:
+    """Hold this around every read-change-write of relabels.csv (`kpipe relabel` and the review server)."""
+    return FileLock(str(paths.lock_file(path)), timeout=LOCK_TIMEOUT_S)
+
+
 def set_decision(path: Path, image_id: str, decision: str, suggested: str | None = None) -> pd.DataFrame:
     """Set the decision (and optionally the suggested class) of one id's rows; every other row stays as read.
 
@@ -145,7 +150,7 @@ def set_decision(path: Path, image_id: str, decision: str, suggested: str | None
     """
     if decision not in DECISIONS:
         raise KpipeError(f"decision '{decision}' is not one of accept, drop, keep or empty.")
-    with FileLock(str(paths.lock_file(path)), timeout=LOCK_TIMEOUT_S):
+    with locked(path):
         table = read_relabels(path)
         if table is None:
             raise KpipeError(f"{path} does not exist. Run `kpipe relabel` first to write it.")
