@@ -201,7 +201,7 @@ def _snapshot(folder: Path, skip: set[str] = frozenset()) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file() and p.relative_to(folder).parts[0] not in skip}
 
 
-KPIPE_OWN = {"relabels.csv", "review.html", "labels_clean.csv", "audit"}
+KPIPE_OWN = {"relabels.csv", "relabels.csv.lock", "review.html", "labels_clean.csv", "audit"}
 
 
 class _Links(HTMLParser):

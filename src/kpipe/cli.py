@@ -105,6 +105,20 @@ def _relabel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _review(args: argparse.Namespace) -> int:
+    from kpipe.stages import review
+
+    review.run(config_from(args), port=args.port)
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from kpipe.stages import explain
+
+    explain.run(config_from(args), fold=args.fold, images=args.images)
+    return 0
+
+
 def _infer(args: argparse.Namespace) -> int:
     from kpipe.stages import infer
 
@@ -229,6 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept suggestions whose score is at least SCORE")
     p.add_argument("--apply", action="store_true", help="build the cleaned labels folds/train read from now on")
     p.add_argument("--quick", action="store_true", help="no run yet: train a small CV model first to get OOF")
+
+    p = add("review", _review, "decide relabels with a click: serve relabels.csv's suspects on 127.0.0.1")
+    _config_args(p)
+    p.add_argument("--port", type=int, default=None, help="port to listen on (default: a free one, printed)")
+
+    p = add("explain", _explain, "look inside a run: filters, feature maps, Grad-CAM, top losses -> runs/<exp>/explain/")
+    _config_args(p)
+    p.add_argument("--fold", type=int, default=None, help="which fold's model (default: the first trained fold)")
+    p.add_argument("--images", type=int, default=8, help="validation images per picture (default 8)")
 
     p = add("infer", _infer, "predict the test set (TTA, folds, runs) and write a validated submission")
     _config_args(p)

@@ -8,6 +8,7 @@ reader can see the whole tree on one screen:
     data/<comp>/audit/           kpipe audit          data/<comp>/relabels.csv, review.html, labels_clean.csv
     folds/<comp>.csv             kpipe folds          folds/<comp>.classes.json, <comp>.excluded.csv
     runs/<exp>/                  kpipe train          (RunDir: config.yaml, fold<k>/, oof.csv, cv.json ...)
+    runs/<exp>/explain/          kpipe explain        index.html and its PNGs
     runs/compare/<name>/         kpipe compare        (index.html and its PNGs)
     runs/ensembles/<exp>.json    kpipe ensemble       predictions/<name>/   kpipe infer
     submissions/<name>.csv       kpipe infer          submissions/<name>.json (sidecar), ledger.csv
@@ -55,6 +56,11 @@ def review_html(cfg: Config) -> Path:
 
 def clean_labels_csv(cfg: Config) -> Path:
     return work_dir(cfg) / "labels_clean.csv"
+
+
+def lock_file(path: Path) -> Path:
+    """The lock beside a file that several writers change in place (relabels.csv.lock)."""
+    return path.with_name(path.name + ".lock")
 
 
 # ------------------------------------------------------------------ folds
@@ -142,6 +148,15 @@ class RunDir:
 
     def oof_tta(self, view: str) -> Path:
         return self.oof_tta_dir / f"{view}.csv"
+
+    @property
+    def explain_dir(self) -> Path:
+        """`kpipe explain`'s report: index.html and its PNGs."""
+        return self.root / "explain"
+
+    @property
+    def explain_html(self) -> Path:
+        return self.explain_dir / "index.html"
 
     def fold(self, k: int) -> FoldDir:
         return FoldDir(self.root / f"fold{k}")

@@ -4,6 +4,8 @@ relabels.csv (id, given, suggested, score, decision, source, and a person's own 
 `kpipe relabel` and by the review page, and edited by people: this module is its one reader and writer.
 decision: accept = move to `suggested`, drop = leave the image out, keep = label is right, empty = undecided.
 labels_clean.csv (id, label, action in {relabel, drop}) is what `kpipe folds` applies.
+The review server changes one row at a time with `set_decision`: under a file lock it re-reads the
+file, changes that id's rows only and writes atomically, so two tabs never lose each other's decisions.
 Usage: ``table = read_relabels(paths.relabels_csv(cfg)); write_relabels(path, accept_above_threshold(table, 0.9))``
 """
 
@@ -13,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from filelock import FileLock
 
+from kpipe import paths
 from kpipe.errors import KpipeError, preview
 from kpipe.io import read_csv_ids, write_csv
 
@@ -124,3 +128,37 @@ def write_relabels(path: Path, df: pd.DataFrame) -> None:
     s = pd.to_numeric(df["score"], errors="coerce")
     columns = [*COLUMNS, *[c for c in df.columns if c not in COLUMNS]]
     write_csv(path, df.assign(score=[f"{v:.4f}" if pd.notna(v) else "" for v in s])[columns].fillna(""))
+
+
+LOCK_TIMEOUT_S = 30.0
+
+
+class UnknownId(KpipeError):
+    """A decision for an id relabels.csv does not hold (the file was re-made, or the id is made up)."""
+
+
+def locked(path: Path) -> FileLock:
+    """Hold this around every read-change-write of relabels.csv (`kpipe relabel` and the review server)."""
+    return FileLock(str(paths.lock_file(path)), timeout=LOCK_TIMEOUT_S)
+
+
+def set_decision(path: Path, image_id: str, decision: str, suggested: str | None = None) -> pd.DataFrame:
+    """Set the decision (and optionally the suggested class) of one id's rows; every other row stays as read.
+
+    The file is re-read under the lock, so a decision another writer saved a moment ago is kept.
+    The caller checks that `suggested` is a known class; an id the table does not hold is refused.
+    """
+    if decision not in DECISIONS:
+        raise KpipeError(f"decision '{decision}' is not one of accept, drop, keep or empty.")
+    with locked(path):
+        table = read_relabels(path)
+        if table is None:
+            raise KpipeError(f"{path} does not exist. Run `kpipe relabel` first to write it.")
+        hit = table["id"] == image_id
+        if not hit.any():
+            raise UnknownId(f"{path}: no row with id '{image_id}'. Reload the page: the file may have been re-made.")
+        table.loc[hit, "decision"] = decision
+        if suggested is not None:
+            table.loc[hit, "suggested"] = suggested
+        write_relabels(path, table)
+    return table

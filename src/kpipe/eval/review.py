@@ -50,8 +50,8 @@ def fmt_score(score: Any) -> str:
 
 
 
-def thumbnail_uri(path: str, size: int = THUMB_PX) -> str:
-    """The image shrunk to fit size x size as a data: URI (PNG when tiny, where JPEG would smear it)."""
+def thumbnail_bytes(path: str, size: int = THUMB_PX) -> tuple[str, bytes]:
+    """(mime type, encoded bytes) of the image shrunk to fit size x size: PNG when tiny, where JPEG would smear it."""
     rgb = read_rgb(path)
     h, w = rgb.shape[:2]
     if max(h, w) > size:
@@ -61,7 +61,13 @@ def thumbnail_uri(path: str, size: int = THUMB_PX) -> str:
     ok, buf = cv2.imencode(".png" if png else ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok:
         raise ImageReadError(path, "could not encode a thumbnail")
-    return f"data:image/{'png' if png else 'jpeg'};base64,{base64.b64encode(buf.tobytes()).decode('ascii')}"
+    return ("image/png" if png else "image/jpeg"), buf.tobytes()
+
+
+def thumbnail_uri(path: str, size: int = THUMB_PX) -> str:
+    """The thumbnail as a data: URI, for a page that must open without a server."""
+    mime, data = thumbnail_bytes(path, size)
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 def file_href(path: str, page_dir: Path) -> str:
@@ -144,13 +150,17 @@ def render_review(table: pd.DataFrame, paths: dict[str, str], examples: dict[str
             f"<code>kpipe folds</code> and train a new experiment.</p>{more}{''.join(parts)}</body></html>\n")
 
 
+def pick_examples(table: pd.DataFrame, train_df: pd.DataFrame, oof: Oof | None, n: int = 4) -> dict[str, list[str]]:
+    """Examples per class, never a suspect: confidently-correct OOF rows, or any rows when there is no OOF."""
+    if oof is not None:
+        return exemplars(oof.ids, oof.labels, oof.probs, oof.classes, set(table["id"]), n)
+    rest = train_df[~train_df["id"].isin(set(table["id"]))]
+    return {c: g["id"].head(n).tolist() for c, g in rest.groupby("label")}
+
+
 def write_review(page: Path, table: pd.DataFrame, train_df: pd.DataFrame, oof: Oof | None,
                  csv_name: str = "relabels.csv", n_examples: int = 4) -> None:
     """review.html next to relabels.csv; examples are confidently-correct OOF rows (any rows without OOF)."""
-    if oof is not None:
-        examples = exemplars(oof.ids, oof.labels, oof.probs, oof.classes, set(table["id"]), n_examples)
-    else:
-        rest = train_df[~train_df["id"].isin(set(table["id"]))]
-        examples = {c: g["id"].head(n_examples).tolist() for c, g in rest.groupby("label")}
+    examples = pick_examples(table, train_df, oof, n_examples)
     files = dict(zip(train_df["id"], train_df["path"], strict=True))
     write_text(page, render_review(table, files, examples, page.parent, csv_name))

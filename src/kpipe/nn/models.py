@@ -356,6 +356,12 @@ def stage_names(model: nn.Module) -> list[str]:
     return list(_stages(model))
 
 
+def stage_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Each stage's last top-level module, input to output: its output is the stage's (for hooks)."""
+    base = unwrap(model)
+    return {stage: getattr(base, children[-1]) for stage, children in _stages(base).items()}
+
+
 def set_frozen(model: nn.Module, freeze_until: str | None, frozen: bool) -> None:
     """Freeze (or unfreeze) every stage before `freeze_until`; None touches nothing.
 

@@ -74,7 +74,7 @@ def load_run(run: str, classes: list[str], device: torch.device) -> RunModels:
 
 def data_config(ck: dict[str, Any], model: nn.Module, rcfg: Config) -> dict[str, Any]:
     # Older checkpoints without data_config: resolve it the way train did.
-    dc = ck.get("data_config") or models.resolvedata_config(model, rcfg.data)
+    dc = ck.get("data_config") or models.resolve_data_config(model, rcfg.data)
     return {"img_size": int(dc["img_size"]), "mean": [float(v) for v in dc["mean"]],
             "std": [float(v) for v in dc["std"]]}
 

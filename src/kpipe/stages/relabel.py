@@ -34,6 +34,7 @@ from kpipe.data.relabels import (
     COLUMNS,
     accept_above_threshold,
     build_clean_labels,
+    locked,
     merge_relabels,
     read_relabels,
     write_relabels,
@@ -88,25 +89,26 @@ def run(cfg: Config, run_dir: str | Path | None = None, accept_above: float | No
         apply: bool = False) -> pd.DataFrame:
     """Suggest (from OOF, when there is a run), merge with the decisions made, write the page, maybe apply."""
     csv_path = paths.relabels_csv(cfg)
-    existing = read_relabels(csv_path)
-    source = RunDir(Path(run_dir)) if run_dir is not None else paths.run_dir(cfg)
-    ing = load_train(cfg)
-    oof = None
-    if source.oof.is_file() or existing is None:
-        oof = read_oof(source.oof, "Train first (`kpipe train`), point --run at a run folder, "
-                                   "or use --quick to train a small model for this.")
-        fresh = find_suspects(oof.ids, oof.labels, oof.probs, oof.classes)
-        table = merge_relabels(existing, fresh)
-        console.print(f"{len(fresh)} suspects among {len(oof.ids)} out-of-fold predictions of {safe(source.root)}")
-    else:  # a person's own table (e.g. manual rows only) still reviews and applies
-        table = existing
-        console.print(f"[yellow]no {safe(source.oof)}: using {safe(csv_path)} as it is, no new suggestions")
-    if accept_above is not None:
-        before = int((table["decision"] == "accept").sum())
-        table = accept_above_threshold(table, accept_above)
-        console.print(f"--accept-above {accept_above}: {int((table['decision'] == 'accept').sum()) - before} "
-                      "more rows accepted")
-    write_relabels(csv_path, table)
+    with locked(csv_path):  # a click on the review page meanwhile is not lost
+        existing = read_relabels(csv_path)
+        source = RunDir(Path(run_dir)) if run_dir is not None else paths.run_dir(cfg)
+        ing = load_train(cfg)
+        oof = None
+        if source.oof.is_file() or existing is None:
+            oof = read_oof(source.oof, "Train first (`kpipe train`), point --run at a run folder, "
+                                       "or use --quick to train a small model for this.")
+            fresh = find_suspects(oof.ids, oof.labels, oof.probs, oof.classes)
+            table = merge_relabels(existing, fresh)
+            console.print(f"{len(fresh)} suspects among {len(oof.ids)} out-of-fold predictions of {safe(source.root)}")
+        else:  # a person's own table (e.g. manual rows only) still reviews and applies
+            table = existing
+            console.print(f"[yellow]no {safe(source.oof)}: using {safe(csv_path)} as it is, no new suggestions")
+        if accept_above is not None:
+            before = int((table["decision"] == "accept").sum())
+            table = accept_above_threshold(table, accept_above)
+            console.print(f"--accept-above {accept_above}: {int((table['decision'] == 'accept').sum()) - before} "
+                          "more rows accepted")
+        write_relabels(csv_path, table)
     write_review(paths.review_html(cfg), table, ing.df, oof, csv_path.name)
     _print_top(table, csv_path, paths.review_html(cfg))
     if apply:
