@@ -92,7 +92,7 @@ class Step:
 
     precision: Precision
     criterion: nn.Module
-    prepare: Callable[[torch.Tensor], torch.Tensor]  # uint8 batch on the device -> model input
+    prepare: Callable[[torch.Tensor], torch.Tensor] | None  # uint8 batch on the device -> model input
     n_classes: int
     mixup: Callable[..., Any] | None = None  # timm's Mixup (mixup/cutmix) or None
     label_smoothing: float = 0.0

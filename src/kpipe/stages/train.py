@@ -142,9 +142,7 @@ def _cache(cfg: Config, df: pd.DataFrame) -> np.ndarray | None:
         return None
     from kpipe.data import cache
 
-    size = cfg.data.img_size or models.resolve_data_config(
-        models.create_from_config(cfg.model.model_copy(update={"pretrained": False, "weights": None}), 2),
-        cfg.data)["img_size"]
+    size = cfg.data.img_size or models.default_input_size(cfg.model)  # the model's own, without building it
     path = paths.cache_file(cfg, size, "train")
     if dist.is_main():
         cache.build_cache(df["path"].tolist(), size, path)

@@ -29,6 +29,7 @@ from kpipe.data import transforms
 from kpipe.data.image import read_rgb
 from kpipe.data.loader import CachedBatches, EpochSampler, ImageDataset, make_loader
 from kpipe.nn import engine, models, predict, tta
+from kpipe.nn.optim import Schedule, build_optimizer
 from kpipe.tools.bench.harness import Case, Plan, cpus, sync
 from kpipe.tools.bench.images import N_CLASSES
 
@@ -268,16 +269,16 @@ def _batches(size: int, batch: int, steps: int, device: torch.device, channels_l
 
 def kpipe_train_step(model: nn.Module, device: torch.device, t: TrainConfig) -> Callable[[list[tuple]], float]:
     """engine.train_epoch as train.py drives it: kpipe's optimiser groups, schedule, scaler, AMP policy."""
-    opt = engine.build_optimizer(model, t)
-    amp_dtype, need_scaler = engine.amp_settings(device, t)
-    st = engine.FoldState(model, opt, engine.build_scheduler(opt, t, 10),
-                          torch.amp.GradScaler(device.type, enabled=need_scaler))
-    criterion = nn.CrossEntropyLoss()
+    opt = build_optimizer(model, t)
+    precision = engine.Precision.of(device, t)
+    st = engine.FoldState(model, opt, Schedule(opt, t, 10), torch.amp.GradScaler(device.type, enabled=precision.scaler))
+    # The batches are already float on the device (the step alone is measured): nothing to prepare.
+    step = engine.Step(precision, nn.CrossEntropyLoss(), None, N_CLASSES)
 
     def run(batches: list[tuple]) -> float:
         sync(device)
         t0 = time.perf_counter()
-        _, seen = engine.train_epoch(st, batches, device, t, amp_dtype, criterion, None, lambda n, loss: None)
+        _, seen = engine.train_epoch(st, batches, step, lambda n, loss: None)
         sync(device)
         return seen / (time.perf_counter() - t0)
 
