@@ -10,16 +10,21 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import cv2
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from conftest import tiny_config, write_competition
-from kpipe import cli
+from conftest import draw, tiny_config, write_competition
+from kpipe import cli, paths
+from kpipe.config import relative_name
+from kpipe.data import ingest
 from kpipe.errors import KpipeError
+from kpipe.io import read_csv_ids
 from kpipe.nn import checkpoint, models, predict
 from kpipe.nn.engine import load_checkpoint, save_checkpoint
-from kpipe.stages import folds
+from kpipe.stages import folds, infer
 from test_infer import make_run
 
 
@@ -99,3 +104,70 @@ def test_checkpoint_round_trip_is_plain_data(tmp_path: Path) -> None:
     assert (np.random.rand(), random.random(), torch.rand(1).item()) == expect
     with pytest.raises(TypeError, match="checkpoint"):
         save_checkpoint(tmp_path / "y.pt", {"model": {}, "bad": object()})
+
+
+# ------------------------------------------------------------------ 2. every path stays inside its root
+
+
+def test_train_ids_that_leave_the_folder_are_refused(tmp_path: Path) -> None:
+    comp = write_competition(tmp_path)
+    cfg = tiny_config(tmp_path, comp)
+    data = paths.data_dir(cfg)
+    secret = tmp_path / "secret.png"  # a readable image outside the data folder
+    cv2.imwrite(str(secret), np.zeros((32, 32, 3), np.uint8))
+    (data / "secret.png").write_bytes(secret.read_bytes())  # one level up from train/
+    escaping = ["../secret", str(secret), "sub/../../secret.png", str(secret.with_suffix(""))]
+    table = read_csv_ids(data / "train.csv")
+    extra = pd.DataFrame({"id": escaping, "label": "cat"})
+    pd.concat([table, extra]).to_csv(data / "train.csv", index=False)
+    ing = ingest.load_train(cfg)
+    assert not ing.df["path"].str.contains("secret").any() and len(ing.df) == len(table)
+    refused = ing.excluded.set_index("id").loc[escaping, "reason"]
+    assert (refused == ingest.OUTSIDE).all()
+    problem = next(p for p in ing.problems if p.kind == "ids outside the image folder")
+    assert problem.severity == "error" and set(problem.ids) == set(escaping)
+    assert ingest.leaves_folder("..\\x") and ingest.leaves_folder("C:\\x") and ingest.leaves_folder("a\0b")
+    assert not ingest.leaves_folder("sub/abc.jpg") and not ingest.leaves_folder("a..b") and not ingest.leaves_folder("x:1")
+
+
+def test_test_ids_that_leave_the_folder_get_the_prior(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    comp = write_competition(tmp_path)
+    cfg = tiny_config(tmp_path, comp, ["name=a"])
+    folds.run(cfg)
+    make_run(cfg)
+    data = paths.data_dir(cfg)
+    cv2.imwrite(str(data / "outside.png"), draw(0, np.random.default_rng(0)))  # data/tiny/outside.png exists
+    sample = read_csv_ids(data / "sample_submission.csv")
+    escaping = ["../outside", str(data / "outside")]
+    pd.concat([sample, pd.DataFrame({"id": escaping, "label": "cat"})]).to_csv(data / "sample_submission.csv",
+                                                                                 index=False)
+    test = ingest.load_test(cfg)
+    assert test.set_index("id").loc[escaping, "path"].eq("").all()
+    assert [p.kind for p in ingest.check_test(test, cfg)] == ["test ids outside the image folder"]
+    result = infer.run(cfg)
+    sub = read_csv_ids(result["submission"])
+    assert sub["id"].tolist() == [*sample["id"], *escaping]  # no test row dropped
+    prior = infer.class_prior(read_csv_ids(paths.folds_csv(cfg))["label"].tolist(), ingest.load_classes(cfg))
+    probs = read_csv_ids(Path(result["predictions"]) / "probs.csv").set_index("id").astype(float)
+    np.testing.assert_allclose(probs.loc[escaping].to_numpy(), np.tile(prior, (2, 1)), atol=1e-6)
+    reasons = read_csv_ids(Path(result["predictions"]) / "unreadable.csv").set_index("id")["reason"]
+    assert (reasons.loc[escaping] == ingest.OUTSIDE).all()
+    assert "2 refused: id outside the test folder" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override", ["name=../evil", "infer.name=a/b", "competition.name=..", "name=x\x1b[2J",
+                                      "infer.name=/abs"])
+def test_output_names_must_be_plain(tmp_path: Path, override: str) -> None:
+    comp = write_competition(tmp_path)
+    with pytest.raises(KpipeError, match="must be a plain name"):
+        tiny_config(tmp_path, comp, [override])
+
+
+def test_download_file_must_stay_in_the_data_folder(tmp_path: Path) -> None:
+    from kpipe.stages import kaggle
+
+    cfg = tiny_config(tmp_path, write_competition(tmp_path))
+    for bad in ["../x.csv", "/etc/passwd", "a/../../x"]:
+        with pytest.raises(KpipeError, match="kaggle download --file"):
+            kaggle.download(cfg, file=bad)
+    assert relative_name("train/1.jpg", "f") == "train/1.jpg"

@@ -313,17 +313,20 @@ def summarize(tables: dict[str, pd.DataFrame], truncated: bool, **params: Any) -
 
 def collect_items(cfg: Config) -> pd.DataFrame:
     """Every train and test file of the competition: id, split, label, path, reason (preset when there is no file)."""
-    from kpipe.data.ingest import load_test, load_train
+    from kpipe.data.ingest import OUTSIDE, load_test, load_train
 
     ing = load_train(cfg)
     ex = ing.excluded.reindex(columns=["id", "label", "path", "reason"]).fillna("")
     has_file = ex["path"] != ""  # e.g. zero-byte files ingest left out: the audit still lists them
-    lost = ~has_file & ex["reason"].str.contains("not found")
+    lost = ~has_file & (ex["reason"].str.contains("not found") | (ex["reason"] == OUTSIDE))
+    test = load_test(cfg)
+    refused = test["reason"] == OUTSIDE  # never inspected: its id would name a file outside the test folder
     frames = [
         ing.df[["id", "label", "path"]].assign(split="train", reason="", detail=""),
         ex.loc[has_file, ["id", "label", "path"]].assign(split="train", reason="", detail=""),
         ex.loc[lost, ["id", "label", "path"]].assign(split="train", reason="missing", detail="ingest: " + ex.loc[lost, "reason"]),
-        load_test(cfg)[["id", "path"]].assign(split="test", label="", reason="", detail=""),
+        test.loc[~refused, ["id", "path"]].assign(split="test", label="", reason="", detail=""),
+        test.loc[refused, ["id", "path"]].assign(split="test", label="", reason="missing", detail="ingest: " + OUTSIDE),
     ]
     return pd.concat(frames, ignore_index=True)[["id", "split", "label", "path", "reason", "detail"]]
 

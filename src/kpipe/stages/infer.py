@@ -31,7 +31,7 @@ from rich.table import Table
 
 from kpipe import paths
 from kpipe.config import Config
-from kpipe.console import console
+from kpipe.console import console, safe
 from kpipe.data import ingest, transforms
 from kpipe.data.folds import load_fold_table
 from kpipe.errors import KpipeError, preview
@@ -183,7 +183,7 @@ def run(cfg: Config, runs: list[str] | None = None) -> dict[str, Any]:
     _warn_unreadable(test, ok)
     name = cfg.infer.name or cfg.name
     out_dir = paths.predictions_dir(cfg, name)
-    write_predictions(out_dir, ids, classes, final, members, test.loc[bad, ["id", "found"]])
+    write_predictions(out_dir, ids, classes, final, members, test.loc[bad, ["id", "found", "reason"]])
     sub_path = paths.submission_csv(cfg, name)
     write_submission(cfg, final, ids, classes, sub_path)
     cv_value, cv_source = _cv(cfg, plan)
@@ -204,10 +204,12 @@ def _warn_unreadable(test: pd.DataFrame, ok: np.ndarray) -> None:
     bad = test.loc[~ok]
     if bad.empty:
         return
-    missing = int((~bad["found"]).sum())
+    outside = bad.loc[bad["reason"] == ingest.OUTSIDE, "id"].tolist()
+    missing = int((~bad["found"]).sum()) - len(outside)
+    refused = f", {len(outside)} refused: id outside the test folder" if outside else ""
     console.print(f"[yellow]warning: {len(bad)} test images could not be read ({missing} missing, "
-                  f"{len(bad) - missing} not decodable): {preview(bad['id'].tolist())}. They get the class prior "
-                  "of the training labels; see unreadable.csv beside probs.csv.", soft_wrap=True)
+                  f"{len(bad) - missing - len(outside)} not decodable{refused}):[/] {safe(preview(bad['id'].tolist()))}. "
+                  "They get the class prior of the training labels; see unreadable.csv beside probs.csv.", soft_wrap=True)
 
 
 def write_predictions(out_dir: Path, ids: list[str], classes: list[str], final: np.ndarray,
@@ -229,7 +231,7 @@ def write_predictions(out_dir: Path, ids: list[str], classes: list[str], final: 
             np.save(fh, m.probs.astype(np.float32))
         index.append({"run": m.run, "fold": m.fold, "view": m.view, "file": rel})
     write_json(out_dir / "members.json", index)
-    reasons = np.where(unreadable["found"].to_numpy(bool), "not decodable", "file not found")
+    reasons = np.where(unreadable["found"].to_numpy(bool), "not decodable", unreadable["reason"].astype(str))
     write_csv(out_dir / "unreadable.csv", pd.DataFrame({"id": unreadable["id"].tolist(), "reason": reasons}))
 
 

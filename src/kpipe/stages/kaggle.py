@@ -34,7 +34,7 @@ from kagglesdk.competitions.types.competition_api_service import (
 from rich.markup import escape
 
 from kpipe import paths
-from kpipe.config import Config
+from kpipe.config import Config, relative_name
 from kpipe.console import console
 from kpipe.errors import KpipeError
 from kpipe.eval.metrics import higher_is_better
@@ -75,7 +75,7 @@ def is_complete(dest: Path, slug: str) -> bool:
 def download(cfg: Config, force: bool = False, *, file: str | None = None) -> Path:
     """Fetch the competition's files (or one `file`) into paths.data_dir(cfg), unzipped; skip what is there."""
     slug, dest = kaggle_slug(cfg), paths.data_dir(cfg)
-    target = dest if file is None else dest / file
+    target = dest if file is None else dest / relative_name(file, "kaggle download --file")
     if not force and (is_complete(dest, slug) if file is None else target.exists()):
         print(f"{target}: already downloaded from '{slug}'; pass --force to download again.")
         return target
