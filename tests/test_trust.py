@@ -8,6 +8,8 @@ Each test here fails with its fix reverted.
 from __future__ import annotations
 
 import os
+import tracemalloc
+import zlib
 from pathlib import Path
 
 import cv2
@@ -19,7 +21,7 @@ import torch
 from conftest import draw, tiny_config, write_competition
 from kpipe import cli, paths
 from kpipe.config import relative_name
-from kpipe.data import ingest
+from kpipe.data import dedup, image, ingest
 from kpipe.errors import KpipeError
 from kpipe.io import read_csv_ids
 from kpipe.nn import checkpoint, models, predict
@@ -171,3 +173,104 @@ def test_download_file_must_stay_in_the_data_folder(tmp_path: Path) -> None:
         with pytest.raises(KpipeError, match="kaggle download --file"):
             kaggle.download(cfg, file=bad)
     assert relative_name("train/1.jpg", "f") == "train/1.jpg"
+
+
+# ------------------------------------------------------------------ 3. bounded memory
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A ~70-byte PNG whose header claims width x height RGB pixels (its data is one empty zlib stream)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_is_an_image_read_error(tmp_path: Path) -> None:
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_claiming(40000, 40000))
+    assert len(bomb.read_bytes()) < 100
+    with pytest.raises(image.ImageReadError, match="bomb.png: cannot read image: too large"):
+        image.read_rgb(bomb)
+
+
+def test_pixel_limit_is_checked_before_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    big = tmp_path / "big.png"
+    cv2.imwrite(str(big), np.zeros((100, 120, 3), np.uint8))
+    assert image.read_rgb(big).shape == (100, 120, 3)  # under the default limit
+    monkeypatch.setenv("KPIPE_MAX_PIXELS", "10000")
+
+    def no_decode(*_: object) -> None:
+        raise AssertionError("decoded an image over the pixel limit")
+
+    monkeypatch.setattr(image.cv2, "imdecode", no_decode)
+    with pytest.raises(image.ImageReadError, match=r"120 x 100 = 12,000 pixels, over the limit of 10,000"):
+        image.read_rgb(big)
+    monkeypatch.setenv("KPIPE_MAX_PIXELS", "lots")
+    with pytest.raises(KpipeError, match="KPIPE_MAX_PIXELS"):
+        image.read_rgb(big)
+
+
+def test_every_opencv_error_is_an_image_read_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ok = tmp_path / "ok.png"
+    cv2.imwrite(str(ok), np.zeros((8, 8, 3), np.uint8))
+
+    def choke(*_: object) -> None:
+        raise cv2.error("OpenCV(5.0.0) error: (-215:Assertion failed) pixels <= CV_IO_MAX_IMAGE_PIXELS")
+
+    monkeypatch.setattr(image.cv2, "imdecode", choke)
+    with pytest.raises(image.ImageReadError, match="ok.png: cannot read image: OpenCV cannot decode it"):
+        image.read_rgb(ok)
+
+
+def test_infer_gives_a_decompression_bomb_the_prior(tmp_path: Path) -> None:
+    comp = write_competition(tmp_path)
+    cfg = tiny_config(tmp_path, comp, ["name=a"])
+    folds.run(cfg)
+    make_run(cfg)
+    (paths.data_dir(cfg) / "test" / "t001.png").write_bytes(_png_claiming(40000, 40000))
+    result = infer.run(cfg)
+    assert result["unreadable"] == ["t001"]
+    prior = infer.class_prior(read_csv_ids(paths.folds_csv(cfg))["label"].tolist(), ingest.load_classes(cfg))
+    probs = read_csv_ids(Path(result["predictions"]) / "probs.csv").set_index("id").astype(float)
+    np.testing.assert_allclose(probs.loc["t001"].to_numpy(), prior, atol=1e-6)
+
+
+def test_identical_class_pairs_do_not_grow_with_its_square() -> None:
+    """5,000 identical thumbnails: the old expansion built 12.5 M pairs (>400 MB) even to list 10."""
+    n = 5000
+    thumbs = np.zeros((n + 2, 32, 32), np.uint8)
+    thumbs[-2:] = np.arange(1024, dtype=np.uint8).reshape(32, 32)  # a second, small class
+    g = dedup.dup_graph(np.zeros(n + 2, np.uint64), thumbs, threshold=0, min_similarity=0.97)
+    for max_pairs, expect in [(10, 10), (dedup.MAX_PAIRS, n - 1 + 1)]:
+        tracemalloc.start()
+        a, b, d, s, truncated = dedup.expand_pairs(g, max_pairs)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert len(a) == expect and truncated == (max_pairs == 10) and peak < 20e6
+        assert (a < b).all() and len(set(zip(a.tolist(), b.tolist(), strict=True))) == len(a)
+    # The star still links every member to the first one (what leakage and groups read).
+    assert set(b[a == 0].tolist()) == set(range(1, n))
+    # A small class keeps all its pairs.
+    g = dedup.dup_graph(np.zeros(4, np.uint64), np.zeros((4, 32, 32), np.uint8), 0, 0.97)
+    assert len(dedup.expand_pairs(g)[0]) == 6
+
+
+def test_audit_lists_an_identical_class_once_with_its_size(tmp_path: Path) -> None:
+    from kpipe.stages import audit
+
+    comp = write_competition(tmp_path)
+    cfg = tiny_config(tmp_path, comp)
+    data = paths.data_dir(cfg)
+    blank = cv2.imencode(".png", np.zeros((32, 32, 3), np.uint8))[1].tobytes()
+    ids = [f"blank{i:03d}" for i in range(dedup.BIG_CLASS + 6)]
+    for i in ids:
+        (data / "train" / f"{i}.png").write_bytes(blank)
+    table = read_csv_ids(data / "train.csv")
+    pd.concat([table, pd.DataFrame({"id": ids, "label": "cat"})]).to_csv(data / "train.csv", index=False)
+    summary = audit.run(cfg, workers=1)
+    classes = read_csv_ids(paths.work_dir(cfg) / "audit" / "identical_classes.csv")
+    assert classes.iloc[0][["first_id", "size", "train", "test"]].tolist() == ["blank000", str(len(ids)), str(len(ids)),
+                                                                               "0"]
+    assert summary["largest_identical_class"] == len(ids) and summary["largest_group"] == len(ids)
