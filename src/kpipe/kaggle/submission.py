@@ -113,6 +113,13 @@ def make_submission(
             "Check competition.test_dir and image_ext against sample_submission."
         )
     p = probs[pred[want].to_numpy()]
+    finite = np.isfinite(p).all(axis=1)
+    if not finite.all():  # argmax would turn a NaN row into the first class without a word
+        raise KpipeError(
+            f"{int((~finite).sum())} of {len(want)} rows have probabilities that are not finite (NaN or inf): "
+            f"{preview([want[i] for i in np.flatnonzero(~finite)])}. No submission written. A model produced them "
+            "(training diverged?): find it in predictions/<name>/members/ and re-train or leave that run out."
+        )
     out: dict[str, object] = {}
     for col in sample.columns:
         if col == id_col:

@@ -68,7 +68,7 @@ def run(
     ref, members = load_members(run_dirs, include_tta)
     index = {c: i for i, c in enumerate(ref.classes)}
     labels = np.array([index[label] for label in ref.labels])
-    result = fit([mb.probs for mb in members], labels, metric, how)
+    result = fit([mb.probs for mb in members], labels, metric, how, names=[f"{mb.name} OOF" for mb in members])
     equal = metrics.score(metric, labels, blend([mb.probs for mb in members], np.ones(len(members)), how))
     report: dict[str, Any] = {
         "metric": metric,
