@@ -7,7 +7,10 @@ Each test here fails with its fix reverted.
 
 from __future__ import annotations
 
+import json
 import os
+import threading
+import time
 import tracemalloc
 import zlib
 from pathlib import Path
@@ -19,8 +22,9 @@ import pytest
 import torch
 
 from conftest import draw, tiny_config, write_competition
+from fake_kaggle import FakeKaggle
 from kpipe import cli, paths
-from kpipe.config import relative_name
+from kpipe.config import CompetitionConfig, Config, relative_name
 from kpipe.data import dedup, image, ingest
 from kpipe.errors import KpipeError
 from kpipe.io import read_csv_ids
@@ -28,6 +32,9 @@ from kpipe.nn import checkpoint, models, predict
 from kpipe.nn.engine import load_checkpoint, save_checkpoint
 from kpipe.stages import folds, infer
 from test_infer import make_run
+from test_kaggle import TRUTH, write_sub
+from test_kaggle import cfg as kaggle_cfg  # noqa: F401  (fixtures: test_kaggle's config and fake Kaggle)
+from test_kaggle import fake as kaggle_server  # noqa: F401
 
 
 def _where(root: Path) -> list[str]:
@@ -274,3 +281,113 @@ def test_audit_lists_an_identical_class_once_with_its_size(tmp_path: Path) -> No
     assert classes.iloc[0][["first_id", "size", "train", "test"]].tolist() == ["blank000", str(len(ids)), str(len(ids)),
                                                                                "0"]
     assert summary["largest_identical_class"] == len(ids) and summary["largest_group"] == len(ids)
+
+
+# ------------------------------------------------------------------ 4. nothing wrong reaches the leaderboard
+
+
+def test_nan_model_is_an_error_naming_the_run_not_a_submission(tmp_path: Path) -> None:
+    comp = write_competition(tmp_path)
+    cfg = tiny_config(tmp_path, comp, ["name=a"])
+    folds.run(cfg)
+    run = make_run(cfg)
+    best = run / "fold1" / "best.pt"
+    ck = torch.load(best, weights_only=True)
+    ck["model"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in ck["model"].items()}
+    torch.save(ck, best)
+    with pytest.raises(KpipeError, match=r"a/fold1/best.pt, TTA view identity.*not finite"):
+        infer.run(cfg)
+    assert not paths.submission_csv(cfg, "a").exists()
+
+
+def test_nan_probabilities_never_become_a_label() -> None:
+    from kpipe.kaggle import submission
+
+    comp = CompetitionConfig(name="c")
+    sample = pd.DataFrame({"id": ["x", "y"], "label": ["cat", "cat"]})
+    probs = np.array([[0.2, 0.8], [np.nan, np.nan]])
+    with pytest.raises(KpipeError, match=r"1 of 2 rows .* not finite.*'y'"):
+        submission.make_submission(probs, ["x", "y"], ["cat", "dog"], sample, comp)
+
+
+def test_non_finite_weights_and_oof_are_refused(tmp_path: Path) -> None:
+    from kpipe.eval import blend
+
+    p = np.full((4, 2), 0.5)
+    for w in ([np.nan, 1.0], [np.inf, 1.0], [-1.0, 2.0]):
+        with pytest.raises(KpipeError, match="blend weights must be finite"):
+            blend.blend([p, p], np.array(w))
+    bad = p.copy()
+    bad[2, 1] = np.nan
+    with pytest.raises(KpipeError, match=r"runs/b \[identity\] OOF: 1 of 4 rows"):
+        blend.fit([p, bad], np.array([0, 1, 0, 1]), "accuracy", names=["runs/a [identity] OOF", "runs/b [identity] OOF"])
+    # An ensemble JSON with a NaN weight: NaN > 0 is False, so it used to drop its member silently.
+    comp = write_competition(tmp_path)
+    cfg = tiny_config(tmp_path, comp, ["name=a"])
+    folds.run(cfg)
+    run = make_run(cfg)
+    weights = tmp_path / "weights.json"
+    weights.write_text(json.dumps({"metric": "accuracy", "how": "mean", "cv_blend": 0.7, "classes": ["cat", "dog", "fox"],
+                                   "members": [{"run": str(run), "view": "identity", "weight": 0.5},
+                                               {"run": str(run), "view": "hflip", "weight": float("nan")}]}))
+    with pytest.raises(KpipeError, match=r"weights.json: member .* \[hflip\] has weight nan"):
+        infer.make_plan(cfg.model_copy(update={"infer": cfg.infer.model_copy(update={"ensemble_weights": str(weights)})}),
+                        None, ["cat", "dog", "fox"])
+
+
+def test_submit_refuses_a_sidecar_of_another_csv(tmp_path: Path) -> None:
+    from kpipe.kaggle import ledger
+    from kpipe.stages import kaggle
+
+    comp = write_competition(tmp_path)
+    cfg = tiny_config(tmp_path, comp, ["name=a"])
+    folds.run(cfg)
+    make_run(cfg)
+    result = infer.run(cfg)
+    sub = Path(result["submission"])
+    side = json.loads(paths.sidecar(sub).read_text())
+    assert side["sha256"] == ledger.sha256_file(sub)
+    ledger.check_sidecar(sub)  # matches: fine
+    # A later infer killed after writing the CSV and before its sidecar: a new CSV beside the old sidecar.
+    table = read_csv_ids(sub)
+    table["label"] = table["label"].iloc[::-1].to_numpy() if table["label"].nunique() > 1 else "dog"
+    if ledger.sha256_file(sub) == side["sha256"]:
+        table.loc[0, "label"] = "fox" if table.loc[0, "label"] != "fox" else "cat"
+    table.to_csv(sub, index=False)
+    with pytest.raises(KpipeError, match=r"a.json records sha256 .* but a.csv has sha256 .*Nothing was uploaded"):
+        kaggle.submit(cfg, sub, "m")
+    assert not paths.ledger_csv(cfg).exists()
+    assert ledger.provenance(sub) == {"sha256": ledger.sha256_file(sub)}  # its runs/CV are not this file's
+
+
+def test_two_concurrent_submits_of_one_file_upload_once(kaggle_cfg: Config, kaggle_server: FakeKaggle,  # noqa: F811
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg, fake = kaggle_cfg, kaggle_server
+    from kpipe.kaggle import ledger
+    from kpipe.stages import kaggle
+
+    path = write_sub(cfg, "one", TRUTH)
+    real_upload = kaggle._upload
+
+    def slow_upload(*args: object, **kwargs: object) -> str:  # widen the window between check and append
+        time.sleep(0.5)
+        return real_upload(*args, **kwargs)
+
+    monkeypatch.setattr(kaggle, "_upload", slow_upload)
+    start, outcomes = threading.Barrier(2), []
+
+    def submit(msg: str) -> None:
+        start.wait()
+        try:
+            kaggle.submit(cfg, path, msg, wait=False, force=False)
+            outcomes.append("uploaded")
+        except KpipeError as e:
+            outcomes.append(str(e))
+
+    threads = [threading.Thread(target=submit, args=(m,)) for m in ("first", "second")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert outcomes.count("uploaded") == 1 and "byte-identical" in "".join(outcomes)
+    assert len(fake.uploads) == 1 and len(ledger.read(paths.ledger_csv(cfg))) == 1
