@@ -23,7 +23,7 @@ import torch
 
 from conftest import draw, tiny_config, write_competition
 from fake_kaggle import FakeKaggle
-from kpipe import cli, paths
+from kpipe import cli, console, paths
 from kpipe.config import CompetitionConfig, Config, relative_name
 from kpipe.data import dedup, image, ingest
 from kpipe.errors import KpipeError
@@ -391,3 +391,28 @@ def test_two_concurrent_submits_of_one_file_upload_once(kaggle_cfg: Config, kagg
         t.join(timeout=60)
     assert outcomes.count("uploaded") == 1 and "byte-identical" in "".join(outcomes)
     assert len(fake.uploads) == 1 and len(ledger.read(paths.ledger_csv(cfg))) == 1
+
+
+# ------------------------------------------------------------------ 5. user strings are data
+
+
+def test_markup_and_escape_codes_in_labels_and_ids_stay_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    labels = ["[/]x", "dog\x1b[2J\x1b]0;pwned\x07", "[bold red]fox"]
+    comp = write_competition(tmp_path, labels=labels)
+    data = tmp_path / "data" / "tiny"
+    table = read_csv_ids(data / "train.csv")
+    table.loc[len(table)] = ["ghost\x1b[31m[/]", labels[0]]  # a row without an image: listed in a problem
+    table.to_csv(data / "train.csv", index=False)
+    exp = tmp_path / "tiny_exp.yaml"
+    tiny_config(tmp_path, comp)  # writes the experiment file
+    for stage in ("audit", "folds"):
+        assert cli.main([stage, "-c", str(exp), "--comp", str(comp), *_where(tmp_path)]) == 0, stage
+    # A submission whose cells carry escape codes and markup: the validator lists them as data.
+    sub = tmp_path / "sub.csv"
+    pd.DataFrame({"id": ["t000\x1b[2J", "[/]t001"], "label": ["[/]x", "cat\x1b]0;x\x07"]}).to_csv(sub, index=False)
+    assert cli.main(["validate-submission", str(sub), "-c", str(exp), "--comp", str(comp), *_where(tmp_path)]) == 1
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "\x1b" not in text and "\x07" not in text and "[/]t001" in text
+    assert "[/]x" in text and "[bold red]fox" in text  # shown as written, not interpreted
+    assert console.safe("a\x1b[2Jb\x9bc[/]") == "a?[2Jb?c\\[/]"

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from rich.markup import escape
 from rich.table import Table
 
+from kpipe.console import safe
 from kpipe.errors import KpipeError
 from kpipe.io import atomic_path, read_csv_ids, write_csv
 
@@ -377,7 +377,7 @@ def render_table(df: pd.DataFrame, higher_is_better: bool, title: str) -> Table:
     for idx, row in df.iterrows():
         status = row["status"] + (f": {row['error'][:40]}" if row["error"] else "")
         scores = [_score_cell(row[c], idx == best[c]) for c in ("cv", "public_score", "private_score")]
-        text = [escape(t) for t in (Path(row["file"]).name, row["message"][:30], status)]  # user text, not markup
+        text = [safe(t) for t in (Path(row["file"]).name, row["message"][:30], status)]  # user text, not markup
         table.add_row(row["kaggle_ref"], row["time_utc"][5:16].replace("T", " "), text[0], text[1],
                       "kpipe" if row["source"] == "kpipe" else "ext", text[2], *scores)
     return table

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from kpipe.config import CompetitionConfig, Config
-from kpipe.console import console
+from kpipe.console import console, plain
 from kpipe.data import ingest
 from kpipe.errors import KpipeError, Problem, preview
 from kpipe.io import read_csv_ids
@@ -312,7 +312,7 @@ def run_validate(cfg: Config, path: str | Path) -> int:
     problems = validate_file(path, cfg)
     for p in problems:
         style = "red" if p.severity == "error" else "yellow"
-        console.print(p.render(), style=style, markup=False, highlight=False)
+        console.print(plain(p.render()), style=style, markup=False, highlight=False)
     errors = sum(p.severity == "error" for p in problems)
     if errors:
         console.print(

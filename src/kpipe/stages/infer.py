@@ -32,7 +32,7 @@ from rich.table import Table
 
 from kpipe import paths
 from kpipe.config import Config
-from kpipe.console import console, safe
+from kpipe.console import console, plain, safe
 from kpipe.data import ingest, transforms
 from kpipe.data.folds import load_fold_table
 from kpipe.errors import KpipeError, preview
@@ -253,7 +253,7 @@ def write_submission(cfg: Config, probs: np.ndarray, ids: list[str], classes: li
     problems = submission.validate_submission(sub, sample, classes, c.sub_id_col, c.submission_format)
     for p in problems:
         if p.severity != "error":
-            console.print(p.render(), style="yellow", markup=False, highlight=False)
+            console.print(plain(p.render()), style="yellow", markup=False, highlight=False)
     errors = [p.render() for p in problems if p.severity == "error"]
     if errors:
         raise KpipeError(f"refusing to write {path}: it would not match sample_submission:\n  " + "\n  ".join(errors))

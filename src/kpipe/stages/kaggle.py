@@ -35,7 +35,7 @@ from rich.markup import escape
 
 from kpipe import paths
 from kpipe.config import Config, relative_name
-from kpipe.console import console
+from kpipe.console import console, plain
 from kpipe.errors import KpipeError
 from kpipe.eval.metrics import higher_is_better
 from kpipe.io import write_json
@@ -149,7 +149,7 @@ def _check_submission(path: Path, cfg: Config) -> None:
     problems = validate_file(path, cfg)
     for p in problems:
         if p.severity != "error":
-            print(p.render(), file=sys.stderr)
+            print(plain(p.render()), file=sys.stderr)
     errors = [p.render() for p in problems if p.severity == "error"]
     if errors:
         raise KpipeError(f"{path}: not a valid submission for '{cfg.competition.name}', so nothing was "
