@@ -61,7 +61,8 @@ def write_sub(cfg: Config, name: str, labels: list[str], cv: float | None = 0.9)
     path = out / f"{name}.csv"
     pd.DataFrame({"id": TEST_IDS, "label": labels}).to_csv(path, index=False)
     if cv is not None:
-        (out / f"{name}.json").write_text(json.dumps({"runs": ["runs/a", "runs/b"], "cv": cv, "metric": "accuracy"}))
+        (out / f"{name}.json").write_text(json.dumps({"runs": ["runs/a", "runs/b"], "cv": cv, "metric": "accuracy",
+                                                      "sha256": ledger.sha256_file(path)}))
     return path
 
 

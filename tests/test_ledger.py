@@ -149,7 +149,8 @@ def test_provenance_and_default_message(tmp_path: Path) -> None:
     sub.write_text("id,label\n1,a\n")
     assert ledger.default_message(sub) == "r50"
     assert ledger.provenance(sub) == {"sha256": ledger.sha256_file(sub)}
-    (tmp_path / "r50.json").write_text(json.dumps({"runs": ["runs/r50", "runs/b3"], "cv": 0.91234, "metric": "accuracy"}))
+    (tmp_path / "r50.json").write_text(json.dumps({"runs": ["runs/r50", "runs/b3"], "cv": 0.91234, "metric": "accuracy",
+                                                   "sha256": ledger.sha256_file(sub)}))
     assert ledger.default_message(sub) == "r50: runs r50+b3, CV 0.9123 accuracy"
     assert ledger.provenance(sub)["runs"] == ["runs/r50", "runs/b3"]
     (tmp_path / "r50.json").write_text("{not json")

@@ -12,6 +12,7 @@ Usage: ``cfg = load_config("configs/exp/demo.yaml", "configs/competition/demo.ya
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -24,6 +25,28 @@ from kpipe.errors import KpipeError
 from kpipe.registry import AUG_PRESETS, METRICS, OPTIMIZERS, SCHEDULERS, Registry
 
 CMDLINE = "command line"
+_UNSAFE_CHARS = re.compile(r"[/\\\x00-\x1f\x7f]")
+
+
+def plain_name(value: str) -> str:
+    """A name kpipe turns into a file or folder name (runs/<name>/, submissions/<name>.csv): one path
+    component, so no output lands outside its folder. ValueError (pydantic's message) otherwise."""
+    if not value or value in (".", "..") or _UNSAFE_CHARS.search(value) or value != value.strip():
+        raise ValueError("must be a plain name such as 'b0_384' (one file-name part: no '/', '\\', '.' or '..' "
+                         "alone, control characters or surrounding spaces), because it becomes a file or folder name")
+    return value
+
+
+def relative_name(value: str, what: str) -> str:
+    """A relative path that stays inside its folder ('train/1.jpg' yes; '../x', '/x' no), or a KpipeError."""
+    parts = re.split(r"[\\/]", value)
+    if not value or value.startswith(("/", "\\")) or ".." in parts or re.search(r"[\x00-\x1f\x7f]", value):
+        raise KpipeError(f"{what} {value!r}: must be a path inside the competition's data folder "
+                         "(no leading '/', no '..' parts, no control characters).")
+    return value
+
+
+PlainName = Annotated[str, AfterValidator(plain_name)]
 
 
 def Choice(registry: Registry) -> AfterValidator:  # noqa: N802 (reads as a type in the schema)
@@ -71,7 +94,7 @@ def _is_list_type(tp: Any) -> bool:
 class CompetitionConfig(Section):
     """Where a competition's files are and what they mean."""
 
-    name: str
+    name: PlainName
     data_dir: str | None = None  # default: <paths.data_root>/<name>
     kaggle_slug: str | None = None  # default: name
     layout: Literal["csv", "folders"] = "csv"  # labels from train_csv, or from class folders under train_dir
@@ -156,7 +179,7 @@ class InferConfig(Section):
     agg: Literal["mean", "geomean"] = "mean"
     batch_size: int = 64
     ensemble_weights: str | None = None  # JSON written by `kpipe ensemble`
-    name: str | None = None  # default: the experiment name
+    name: PlainName | None = None  # default: the experiment name
 
 
 class PathsConfig(Section):
@@ -170,7 +193,7 @@ class PathsConfig(Section):
 class Config(Section):
     """The whole resolved config. Written beside every output as config.yaml."""
 
-    name: str = "default"  # experiment name; default: the experiment file's stem
+    name: PlainName = "default"  # experiment name; default: the experiment file's stem
     competition: CompetitionConfig
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()

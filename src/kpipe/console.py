@@ -28,7 +28,12 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 def safe(text: object) -> str:
     """User text as inert data for rich: markup escaped, control characters shown as '?'."""
-    return escape(_CONTROL.sub("?", str(text)))
+    return escape(plain(text))
+
+
+def plain(text: object) -> str:
+    """User text for plain print() or markup=False output: control characters (terminal escapes) shown as '?'."""
+    return _CONTROL.sub("?", str(text))
 
 
 def warn(message: str) -> None:
@@ -44,7 +49,7 @@ def print_problems(problems: list[Problem]) -> None:
     """Ingest problems, one line each: errors red (rows left out), warnings yellow (rows kept)."""
     for p in problems:
         style = "red" if p.severity == "error" else "yellow"
-        console.print(_CONTROL.sub("?", p.render()), style=style, markup=False, soft_wrap=True)
+        console.print(plain(p.render()), style=style, markup=False, soft_wrap=True)
 
 
 def setup_logging(level: int = logging.INFO) -> None:

@@ -18,6 +18,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 MAX_PAIRS = 2_000_000  # cap on listed pairs (a few thousand blank images would make millions); groups stay exact
+BIG_CLASS = 64  # an identical class larger than this is listed as a star (n - 1 pairs), not all n^2 / 2
 
 
 def popcount64(x: np.ndarray) -> np.ndarray:
@@ -110,27 +111,50 @@ def expand_pairs(
     """Item pairs (a < b) that are duplicates: (a, b, distance, similarity, truncated).
 
     Listing stops at `max_pairs` (truncated=True): identical thumbnails first, then by distance.
+    Memory is O(max_pairs + items), whatever the class sizes: a class of identical thumbnails larger
+    than BIG_CLASS is listed as a star (its first member with each other member, n - 1 pairs, not
+    n^2 / 2; the audit's identical_classes.csv lists it once with its size), and each piece is cut to the pairs
+    still allowed before it is built.
     """
-    sizes = np.array([len(m) for m in g.members], dtype=np.int64)
-    total = int((sizes * (sizes - 1) // 2).sum() + (sizes[g.ci] * sizes[g.cj]).sum())
     chunks: list[tuple[np.ndarray, np.ndarray, int, float]] = []
-    count = 0
-    for m in g.members:
-        if len(m) > 1 and count < max_pairs:
-            a, b = np.triu_indices(len(m), 1)
-            chunks.append((m[a], m[b], 0, 1.0))
-            count += len(a)
-    for k in np.argsort(g.cd, kind="stable"):
+    count, truncated = 0, False
+    pieces = [(m, None, 0, 1.0) for m in g.members if len(m) > 1]
+    pieces += [(g.members[g.ci[k]], g.members[g.cj[k]], int(g.cd[k]), float(g.cs[k]))
+               for k in np.argsort(g.cd, kind="stable")]
+    for mi, mj, dist, sim in pieces:
         if count >= max_pairs:
+            truncated = True
             break
-        mi, mj = g.members[g.ci[k]], g.members[g.cj[k]]
-        chunks.append((np.repeat(mi, len(mj)), np.tile(mj, len(mi)), int(g.cd[k]), float(g.cs[k])))
-        count += len(mi) * len(mj)
-    x = np.concatenate([np.empty(0, np.int64)] + [c[0] for c in chunks])[:max_pairs]
-    y = np.concatenate([np.empty(0, np.int64)] + [c[1] for c in chunks])[:max_pairs]
-    d = np.concatenate([np.empty(0, np.uint8)] + [np.full(len(c[0]), c[2], np.uint8) for c in chunks])[:max_pairs]
-    s = np.concatenate([np.empty(0, np.float32)] + [np.full(len(c[0]), c[3], np.float32) for c in chunks])[:max_pairs]
-    return np.minimum(x, y), np.maximum(x, y), d, s, total > max_pairs
+        a, b, n = _class_pairs(mi, max_pairs - count) if mj is None else _cross_pairs(mi, mj, max_pairs - count)
+        truncated |= n > len(a)
+        chunks.append((a, b, dist, sim))
+        count += len(a)
+    x = np.concatenate([np.empty(0, np.int64)] + [c[0] for c in chunks])
+    y = np.concatenate([np.empty(0, np.int64)] + [c[1] for c in chunks])
+    d = np.concatenate([np.empty(0, np.uint8)] + [np.full(len(c[0]), c[2], np.uint8) for c in chunks])
+    s = np.concatenate([np.empty(0, np.float32)] + [np.full(len(c[0]), c[3], np.float32) for c in chunks])
+    return np.minimum(x, y), np.maximum(x, y), d, s, truncated
+
+
+def _class_pairs(m: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(a, b, pairs to list) inside one identical class, at most `limit` built: all pairs up to BIG_CLASS
+    members, else the star from its first member."""
+    if len(m) > BIG_CLASS:
+        rest = m[1 : 1 + limit]
+        return np.full(len(rest), m[0], np.int64), rest, len(m) - 1
+    a, b = np.triu_indices(len(m), 1)  # at most BIG_CLASS^2 / 2 pairs
+    return m[a[:limit]], m[b[:limit]], len(a)
+
+
+def _cross_pairs(mi: np.ndarray, mj: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(a, b, pairs to list) between two near-duplicate classes, at most `limit` built: every pair when both
+    are small, else two stars (each class's first member with every member of the other)."""
+    if len(mi) <= BIG_CLASS and len(mj) <= BIG_CLASS:
+        a, b = np.repeat(mi, len(mj)), np.tile(mj, len(mi))  # at most BIG_CLASS^2 pairs
+        return a[:limit], b[:limit], len(a)
+    a = np.concatenate([np.full(len(mj), mi[0], np.int64), mi[1:]])
+    b = np.concatenate([mj, np.full(len(mi) - 1, mj[0], np.int64)])
+    return a[:limit], b[:limit], len(a)
 
 
 def connected_groups(names: Sequence[str], a: np.ndarray, b: np.ndarray) -> list[str]:

@@ -5,7 +5,10 @@ OpenCV decodes (fast, releases the GIL); the file is read with Python and handed
 `IMREAD_UNCHANGED` to keep 16-bit depth and alpha, which also makes OpenCV ignore EXIF
 orientation, so the orientation tag is read with PIL (header only, ~25 us) and applied here.
 Truncated JPEG/PNG files are caught by a cheap end-marker check (~1 us), because some
-OpenCV builds return a partly grey image for them instead of failing.
+OpenCV builds return a partly grey image for them instead of failing. Memory is bounded: the
+header's width x height is checked against `max_pixels()` (default 100 megapixels, environment
+variable KPIPE_MAX_PIXELS) before any pixel is decoded, since a 24 KB PNG can claim 40000 x 40000;
+every decoder failure, OpenCV's cv2.error included, is an ImageReadError (infer: the class prior).
 Usage: ``rgb = read_rgb("data/comp/train/001.jpg")``; ``info = probe(path)``.
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,7 @@ from kpipe.errors import KpipeError
 # Parallelism comes from processes/threads above OpenCV instead.
 cv2.setNumThreads(1)
 
+DEFAULT_MAX_PIXELS = 100_000_000  # 100 Mpx: 300 MB as RGB uint8; the largest real photos are ~50 Mpx
 EXIF_ORIENTATION = 0x0112
 _JPEG_SOI = b"\xff\xd8"
 _PNG_SIG = b"\x89PNG\r\n\x1a\n"
@@ -55,12 +60,63 @@ def read_rgb(path: str | os.PathLike[str]) -> np.ndarray:
     """
     buf = _read_bytes(path)
     _check_complete(path, buf)
-    arr = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_UNCHANGED)
-    if arr is None:
-        arr = _decode_with_pil(path, buf)  # formats this OpenCV build lacks (e.g. GIF on old builds)
-    else:
-        arr = _to_rgb8(path, arr)
+    _check_pixels(path, buf)
+    try:
+        arr = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_UNCHANGED)
+        if arr is None:
+            arr = _decode_with_pil(path, buf)  # formats this OpenCV build lacks (e.g. GIF on old builds)
+        else:
+            if arr.shape[0] * arr.shape[1] > max_pixels():  # a format whose header PIL could not read
+                raise ImageReadError(path, f"too large: {arr.shape[1]} x {arr.shape[0]} pixels, over the limit of "
+                                     f"{max_pixels():,} (set KPIPE_MAX_PIXELS to raise it)")
+            arr = _to_rgb8(path, arr)
+    except cv2.error as e:  # e.g. a size OpenCV's own limit refuses, or data its codec chokes on
+        raise ImageReadError(path, f"OpenCV cannot decode it ({_first_line(e)})") from None
+    except MemoryError:
+        raise ImageReadError(path, "out of memory while decoding it") from None
     return np.ascontiguousarray(apply_orientation(arr, _orientation(buf)))
+
+
+def max_pixels() -> int:
+    """Largest width x height read_rgb decodes: KPIPE_MAX_PIXELS (an integer), else DEFAULT_MAX_PIXELS."""
+    raw = os.environ.get("KPIPE_MAX_PIXELS", "").strip()
+    if not raw:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(float(raw))
+    except ValueError:
+        raise KpipeError(f"KPIPE_MAX_PIXELS={raw!r}: expected a number of pixels, e.g. 100000000.") from None
+    if value <= 0:
+        raise KpipeError(f"KPIPE_MAX_PIXELS={raw!r}: must be positive.")
+    return value
+
+
+def _check_pixels(path: str | os.PathLike[str], buf: bytes) -> None:
+    """Refuse an image whose header claims more than max_pixels(), before decoding it.
+
+    PIL's open reads only the header (lazy). Formats PIL does not identify fall through to the
+    decoders, which refuse what they cannot read; the result is checked again after decoding.
+    """
+    limit = max_pixels()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(buf)) as im:
+                width, height = im.size
+    except Image.DecompressionBombError as e:  # PIL's own refusal (> 179 Mpx) also comes from the header
+        raise ImageReadError(path, f"too large: {_first_line(e)}; the limit is {limit:,} pixels "
+                             "(KPIPE_MAX_PIXELS)") from None
+    # Anything else PIL cannot make of the header is for the decoders below to judge.
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
+        return
+    if width * height > limit:
+        raise ImageReadError(path, f"too large: {width} x {height} = {width * height:,} pixels, over the limit of "
+                             f"{limit:,} (set KPIPE_MAX_PIXELS to raise it)")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
 
 
 def _read_bytes(path: str | os.PathLike[str]) -> bytes:
@@ -138,11 +194,22 @@ def _on_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
 def _decode_with_pil(path: str | os.PathLike[str], buf: bytes) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(buf)) as im:
+            if im.width * im.height > max_pixels():  # a format only PIL knows: checked before decoding too
+                raise ImageReadError(path, f"too large: {im.width} x {im.height} pixels, over the limit of "
+                                     f"{max_pixels():,} (set KPIPE_MAX_PIXELS to raise it)")
             rgba = np.asarray(im.convert("RGBA"))
     except UnidentifiedImageError:
         raise ImageReadError(path, "not an image (or a format neither OpenCV nor PIL decodes)") from None
-    except (OSError, ValueError, SyntaxError) as e:  # PIL's ways of saying "corrupt"
-        raise ImageReadError(path, f"corrupt image ({e})") from None
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(path, f"too large: {_first_line(e)}") from None
+    except MemoryError:
+        raise ImageReadError(path, "out of memory while decoding it") from None
+    # PIL says "corrupt" with many exception types (OSError, ValueError, SyntaxError, struct.error, ...);
+    # each is a finding about this file, reported with the decoder's message.
+    except Exception as e:
+        raise ImageReadError(path, f"corrupt image ({type(e).__name__}: {e})") from None
     return _on_white(rgba[:, :, :3], rgba[:, :, 3])
 
 

@@ -26,6 +26,7 @@ from kpipe.config import Config
 from kpipe.errors import KpipeError, Problem
 from kpipe.io import read_csv_ids, write_json
 
+OUTSIDE = "id outside the image folder"  # the reason ingest gives for an id that leaves its folder
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 
@@ -64,10 +65,21 @@ def index_folder(folder: Path) -> tuple[dict[str, str], dict[str, list[str]]]:
     return by_name, by_stem
 
 
+def leaves_folder(image_id: str) -> bool:
+    """True for an id that would name a file outside its image folder when joined to it: absolute
+    ("/etc/x", "C:\\x", "\\\\host\\x"), a ".." part ("../x", "a/../../x", "..\\x"), or a NUL byte."""
+    parts = re.split(r"[\\/]", image_id)
+    return (os.path.isabs(image_id) or image_id.startswith("\\") or bool(re.match(r"[A-Za-z]:[\\/]", image_id))
+            or ".." in parts or "\0" in image_id)
+
+
 def resolve_file(
     image_id: str, folder: Path, by_name: dict[str, str], by_stem: dict[str, list[str]], image_ext: str | None
 ) -> str | None:
-    """The file an id names: exact name, id + configured extension, or id + a unique image extension."""
+    """The file an id names: exact name, id + configured extension, or id + a unique image extension.
+    None when there is none, or when the id would leave `folder` (see leaves_folder: such ids are never joined)."""
+    if leaves_folder(image_id):
+        return None
     if image_ext:
         name = image_id if image_id.endswith(image_ext) else image_id + image_ext
         return by_name.get(name) or _nested(folder, name)
@@ -196,6 +208,20 @@ def _ingest_csv(cfg: Config, train_dir: Path) -> Ingest:
     df, dup_problems, dup_dropped = dedupe_ids(df)
     problems += dup_problems
     excluded.append(dup_dropped.assign(label=""))
+    outside = df["id"].map(leaves_folder).astype(bool)
+    if outside.any():
+        problems.append(
+            Problem(
+                "ids outside the image folder",
+                f"{int(outside.sum())} ids of {csv_path.name} are absolute paths or contain '..', so they would name "
+                f"files outside {train_dir}; refused and left out",
+                f"Ids must name files inside {comp.train_dir}/ (e.g. 'abc' or 'sub/abc.jpg'). Fix or remove the rows.",
+                "error",
+                tuple(df.loc[outside, "id"]),
+            )
+        )
+        excluded.append(df.loc[outside, ["id", "label"]].assign(reason=OUTSIDE))
+        df = df[~outside]
     by_name, by_stem = index_folder(train_dir)
     df = df.assign(path=[resolve_file(i, train_dir, by_name, by_stem, comp.image_ext) for i in df["id"]])
     lost = df["path"].isna()
@@ -308,7 +334,8 @@ def sample_id_col(cfg: Config, sample: pd.DataFrame) -> str:
 
 
 def load_test(cfg: Config) -> pd.DataFrame:
-    """Test ids in sample_submission order with their files; `found` is False where no file exists.
+    """Test ids in sample_submission order with their files; `found` is False where no file exists
+    (`reason` "file not found") or the id would leave the test folder (reason OUTSIDE, empty path).
 
     Every id keeps its row: inference predicts the class prior for ids it cannot read.
     """
@@ -320,18 +347,30 @@ def load_test(cfg: Config) -> pd.DataFrame:
     by_name, by_stem = index_folder(test_dir)
     files = [resolve_file(i, test_dir, by_name, by_stem, cfg.competition.image_ext) for i in ids]
     found = [f is not None for f in files]
-    files = [f if f is not None else str(test_dir / i) for f, i in zip(files, ids, strict=True)]
-    return pd.DataFrame({"id": ids.tolist(), "path": files, "found": found})
+    outside = [leaves_folder(i) for i in ids]
+    reason = [OUTSIDE if o else "" if f else "file not found" for f, o in zip(found, outside, strict=True)]
+    # An id that leaves the folder is never joined to it: its path stays empty, so nothing reads it.
+    files = [f if f is not None else "" if o else str(test_dir / i) for f, i, o in zip(files, ids, outside, strict=True)]
+    return pd.DataFrame({"id": ids.tolist(), "path": files, "found": found, "reason": reason})
 
 
 def check_test(test: pd.DataFrame, cfg: Config) -> list[Problem]:
-    missing = tuple(test.loc[~test["found"], "id"])
-    if not missing:
-        return []
-    return [Problem("test ids without an image",
-                    f"{len(missing)} ids of {cfg.competition.sample_submission} have no file in {cfg.competition.test_dir}/",
-                    "They still get a submission row (the class prior). Check competition.test_dir / image_ext.",
-                    "warning", missing)]
+    outside = test["reason"] == OUTSIDE
+    missing = tuple(test.loc[~test["found"] & ~outside, "id"])
+    problems = []
+    if outside.any():
+        problems.append(Problem("test ids outside the image folder",
+                                f"{int(outside.sum())} ids of {cfg.competition.sample_submission} are absolute paths or "
+                                f"contain '..'; refused (never read)",
+                                "They still get a submission row (the class prior). Check the sample submission.",
+                                "warning", tuple(test.loc[outside, "id"])))
+    if missing:
+        problems.append(Problem("test ids without an image",
+                                f"{len(missing)} ids of {cfg.competition.sample_submission} have no file in "
+                                f"{cfg.competition.test_dir}/",
+                                "They still get a submission row (the class prior). Check competition.test_dir / image_ext.",
+                                "warning", missing))
+    return problems
 
 
 # ------------------------------------------------------------------ class list

@@ -16,6 +16,7 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import logsumexp
 
+from kpipe.errors import KpipeError
 from kpipe.eval import metrics
 from kpipe.nn.tta import aggregate
 
@@ -27,7 +28,20 @@ ZERO_WEIGHT = 1e-6  # optimiser dust below this is set to exactly 0
 
 def blend(probs_list: list[np.ndarray], weights: np.ndarray, how: str = "mean") -> np.ndarray:
     """Weighted mean (or renormalised weighted geometric mean) of (N, K) probability arrays."""
-    return aggregate(np.stack(probs_list), how, np.asarray(weights, dtype=np.float64), eps=EPS)
+    w = np.asarray(weights, dtype=np.float64)
+    if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise KpipeError(f"blend weights must be finite, non-negative and not all 0; got {w.tolist()}. "
+                         "Re-run `kpipe ensemble` to fit them again.")
+    return aggregate(np.stack(probs_list), how, w, eps=EPS)
+
+
+def check_finite(probs: np.ndarray, what: str) -> None:
+    """KpipeError naming `what` (a run, a file) when its (N, K) probabilities hold NaN or inf."""
+    bad = ~np.isfinite(np.asarray(probs, dtype=np.float64)).all(axis=-1)
+    if bad.any():
+        raise KpipeError(f"{what}: {int(bad.sum())} of {bad.size} rows have probabilities that are not finite "
+                         f"(NaN or inf), first at row {int(np.flatnonzero(bad)[0])}. The model that wrote them "
+                         "probably diverged: re-train it, or leave it out.")
 
 
 def _log_loss_and_grad(
@@ -107,8 +121,12 @@ class Fit:
     log_loss: float
 
 
-def fit(oof_probs: list[np.ndarray], labels: np.ndarray, metric: str, how: str = "mean") -> Fit:
-    """Fit blend weights on OOF and say which candidate won; see the module docstring."""
+def fit(oof_probs: list[np.ndarray], labels: np.ndarray, metric: str, how: str = "mean",
+        names: list[str] | None = None) -> Fit:
+    """Fit blend weights on OOF and say which candidate won; see the module docstring.
+    `names` (one per member) name a member whose OOF holds NaN or inf in the KpipeError."""
+    for i, p in enumerate(oof_probs):
+        check_finite(p, names[i] if names else f"ensemble member {i}")
     probs = np.stack([np.asarray(p, dtype=np.float64) for p in oof_probs])
     labels = np.asarray(labels, dtype=np.int64)
     m = probs.shape[0]

@@ -18,7 +18,7 @@ import pandas as pd  # noqa: E402
 from rich.table import Table  # noqa: E402
 from sklearn.metrics import confusion_matrix  # noqa: E402
 
-from kpipe.console import console
+from kpipe.console import console, safe
 from kpipe.eval.metrics import per_class_report  # noqa: E402
 from kpipe.io import atomic_path, write_csv  # noqa: E402
 
@@ -95,6 +95,6 @@ def write_all(run_dir: Path, oof: pd.DataFrame, classes: list[str]) -> pd.DataFr
     for col in report.columns:
         table.add_column(col, justify="left" if col == "class" else "right")
     for _, r in report.sort_values("f1").head(30).iterrows():
-        table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.tolist()])
+        table.add_row(*[f"{v:.3f}" if isinstance(v, float) else safe(v) for v in r.tolist()])
     console.print(table)
     return report

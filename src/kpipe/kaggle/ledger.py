@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from rich.markup import escape
 from rich.table import Table
 
+from kpipe.console import safe
 from kpipe.errors import KpipeError
 from kpipe.io import atomic_path, exclusive, read_csv_ids, write_csv
 
@@ -42,7 +42,7 @@ COLUMNS: tuple[str, ...] = (
     "metric",
     "source",  # "kpipe" or "external" (made with the kaggle CLI or the website)
     "kaggle_ref",  # Kaggle's submission id
-    "status",  # pending / complete / error
+    "status",  # uploading (kpipe submit in progress, or cut off) / pending / complete / error
     "public_score",
     "private_score",
     "error",  # Kaggle's error description for a submission it could not score
@@ -134,7 +134,43 @@ def update_ref(path: str | os.PathLike[str], competition: str, ref: str, values:
 
 
 def find_sha(df: pd.DataFrame, competition: str, sha256: str) -> pd.DataFrame:
+    """Rows that submitted (or are submitting) these bytes to this competition."""
     return df[(df["competition"] == competition) & (df["sha256"] == sha256)]
+
+
+def reserve(path: str | os.PathLike[str], row: Mapping[str, Any], force: bool = False) -> pd.DataFrame:
+    """The duplicate check and the append, under one lock: the earlier rows with row's sha256 for its
+    competition when there are any and not `force` (nothing written), else append `row` (status
+    "uploading" until `settle`) and return no rows. Two concurrent submits of one file: one wins."""
+    path, new = Path(path), make_row({**row, "status": "uploading"})
+    with exclusive(path.with_name(path.name + ".lock")):
+        df = read(path)
+        same = find_sha(df, new["competition"], new["sha256"])
+        if len(same) and not force:
+            return same
+        write_csv(path, pd.concat([df, pd.DataFrame([new], columns=list(COLUMNS))], ignore_index=True))
+    return same.iloc[0:0]
+
+
+def release(path: str | os.PathLike[str], row: Mapping[str, Any]) -> pd.DataFrame:
+    """Drop the row `reserve` wrote for `row` (nothing was uploaded)."""
+    key = make_row(row)
+    return transact(path, lambda df: df[~((df["competition"] == key["competition"]) & (df["sha256"] == key["sha256"])
+                                          & (df["time_utc"] == key["time_utc"]) & (df["status"] == "uploading"))])
+
+
+def settle(path: str | os.PathLike[str], row: Mapping[str, Any], values: Mapping[str, Any]) -> pd.DataFrame:
+    """Set `values` on the row `reserve` wrote for `row` (same competition, sha256 and time, still uploading)."""
+    key, cells = make_row(row), {k: v for k, v in make_row(values).items() if k in values}
+
+    def apply(df: pd.DataFrame) -> pd.DataFrame:
+        hit = ((df["competition"] == key["competition"]) & (df["sha256"] == key["sha256"])
+               & (df["time_utc"] == key["time_utc"]) & (df["status"] == "uploading"))
+        for k, v in cells.items():
+            df.loc[hit, k] = v
+        return df
+
+    return transact(path, apply)
 
 
 # ------------------------------------------------------------------ sync with Kaggle (pure)
@@ -231,7 +267,7 @@ def git_state(cwd: Path | None = None) -> tuple[str, str]:
 
 def provenance(path: Path) -> dict[str, Any]:
     """sha256 of a submission file, and runs, cv and metric from the sidecar JSON `kpipe infer`
-    writes beside it (submissions/<name>.json); no sidecar leaves those empty."""
+    writes beside it (submissions/<name>.json); no sidecar, or one recording another sha256, leaves those empty."""
     out: dict[str, Any] = {"sha256": sha256_file(path)}
     side = path.with_suffix(".json")
     if not side.is_file():
@@ -240,8 +276,30 @@ def provenance(path: Path) -> dict[str, Any]:
         data = json.loads(side.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise KpipeError(f"{side}: not valid JSON ({e}). It is the sidecar of {path.name}; fix or delete it.") from None
+    if data.get("sha256") != out["sha256"]:  # the sidecar describes other bytes: its runs and CV are not this file's
+        return out
     runs = data.get("runs") or []
     return {**out, "runs": [runs] if isinstance(runs, str) else runs, "cv": data.get("cv"), "metric": data.get("metric")}
+
+
+def check_sidecar(path: Path) -> None:
+    """KpipeError when a submission's sidecar JSON does not record this file's sha256: the CSV was rewritten
+    after it (an infer killed between the two writes, or an edit), so its runs and CV would be wrong."""
+    side = path.with_suffix(".json")
+    if not side.is_file():
+        return
+    try:
+        recorded = json.loads(side.read_text(encoding="utf-8")).get("sha256")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise KpipeError(f"{side}: not a valid sidecar ({e}). It is the sidecar of {path.name}; re-run "
+                         "`kpipe infer` to write both again, or delete it to submit without provenance.") from None
+    actual = sha256_file(path)
+    if recorded != actual:
+        said = f"records sha256 {recorded[:12]}…" if isinstance(recorded, str) else "records no sha256 (older kpipe)"
+        raise KpipeError(f"{side} {said}, but {path.name} has sha256 {actual[:12]}…: the sidecar describes another "
+                         "file (was infer stopped between writing the CSV and its sidecar, or the CSV edited?), so "
+                         "its runs and CV would go into the ledger wrongly. Nothing was uploaded. Re-run `kpipe infer` "
+                         "to write both again, or delete the sidecar to submit without provenance.")
 
 
 def default_message(path: Path) -> str:
@@ -293,7 +351,7 @@ def render_table(df: pd.DataFrame, higher_is_better: bool, title: str) -> Table:
     for idx, row in df.iterrows():
         status = row["status"] + (f": {row['error'][:40]}" if row["error"] else "")
         scores = [_score_cell(row[c], idx == best[c]) for c in ("cv", "public_score", "private_score")]
-        text = [escape(t) for t in (Path(row["file"]).name, row["message"][:30], status)]  # user text, not markup
+        text = [safe(t) for t in (Path(row["file"]).name, row["message"][:30], status)]  # user text, not markup
         table.add_row(row["kaggle_ref"], row["time_utc"][5:16].replace("T", " "), text[0], text[1],
                       "kpipe" if row["source"] == "kpipe" else "ext", text[2], *scores)
     return table

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from kpipe.config import CompetitionConfig, Config
-from kpipe.console import console
+from kpipe.console import console, plain
 from kpipe.data import ingest
 from kpipe.errors import KpipeError, Problem, preview
 from kpipe.io import read_csv_ids
@@ -113,6 +113,13 @@ def make_submission(
             "Check competition.test_dir and image_ext against sample_submission."
         )
     p = probs[pred[want].to_numpy()]
+    finite = np.isfinite(p).all(axis=1)
+    if not finite.all():  # argmax would turn a NaN row into the first class without a word
+        raise KpipeError(
+            f"{int((~finite).sum())} of {len(want)} rows have probabilities that are not finite (NaN or inf): "
+            f"{preview([want[i] for i in np.flatnonzero(~finite)])}. No submission written. A model produced them "
+            "(training diverged?): find it in predictions/<name>/members/ and re-train or leave that run out."
+        )
     out: dict[str, object] = {}
     for col in sample.columns:
         if col == id_col:
@@ -305,7 +312,7 @@ def run_validate(cfg: Config, path: str | Path) -> int:
     problems = validate_file(path, cfg)
     for p in problems:
         style = "red" if p.severity == "error" else "yellow"
-        console.print(p.render(), style=style, markup=False, highlight=False)
+        console.print(plain(p.render()), style=style, markup=False, highlight=False)
     errors = sum(p.severity == "error" for p in problems)
     if errors:
         console.print(

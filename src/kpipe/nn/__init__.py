@@ -1,7 +1,8 @@
 """Neural-network library: models, the training engine, optimisers and schedules, TTA, prediction, DDP.
 
 models (timm and torchvision backbones behind one interface: stages, freezing, preprocessing),
-engine (one epoch, checkpoints, precision), optim (optimiser and scheduler registries), tta (views as
-batched tensor ops), predict (a run's fold models on images), dist (the few places DDP differs).
+engine (one epoch, checkpoints, precision), checkpoint (best.pt / last.pt hold data, never code),
+optim (optimiser and scheduler registries), tta (views as batched tensor ops), predict (a run's fold
+models on images), dist (the few places DDP differs).
 May import the foundation and kpipe.data.
 """

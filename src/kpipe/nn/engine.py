@@ -11,7 +11,6 @@ Usage: see train.py, which drives one FoldState per fold.
 
 from __future__ import annotations
 
-import random
 import signal
 import time
 from collections.abc import Callable, Iterable
@@ -29,6 +28,7 @@ from torch.utils.data import DataLoader
 from kpipe.config import TrainConfig
 from kpipe.errors import Interrupted
 from kpipe.io import atomic_path
+from kpipe.nn import checkpoint
 from kpipe.nn.models import train_mode
 
 
@@ -141,7 +141,7 @@ class FoldState:
             "bad_epochs": self.bad_epochs,
             "finished": self.finished,
             "history": self.history,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "rng": checkpoint.rng_state(),  # tensors and ints: last.pt loads with weights_only=True
         }
 
     def load_state_dict(self, ck: dict[str, Any]) -> None:
@@ -154,9 +154,7 @@ class FoldState:
             self.ema.load_state_dict(ck["ema"])
         for k in ("epoch", "step_in_epoch", "best_score", "bad_epochs", "finished", "history"):
             setattr(self, k, ck[k])
-        torch.set_rng_state(ck["rng"]["torch"])
-        np.random.set_state(ck["rng"]["numpy"])
-        random.setstate(ck["rng"]["python"])
+        checkpoint.set_rng_state(ck["rng"])
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -166,13 +164,14 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Tensors and plain values only (numpy turned into tensors / numbers), so load_checkpoint can refuse pickles."""
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        torch.save(checkpoint.to_plain(payload), tmp)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    # weights_only=False: our own files carry optimiser state and RNG states (numpy arrays).
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """Read with weights_only=True: a file that would run code when unpickled is a KpipeError naming it."""
+    return checkpoint.load(path)
 
 
 def train_epoch(st: FoldState, loader: Iterable[Any], step: Step, on_step: Callable[[int, torch.Tensor], None]

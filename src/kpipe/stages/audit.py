@@ -8,8 +8,11 @@ of 32x32 thumbnails) within train, within test and across train<->test (leakage)
 that carry different labels. Train duplicates form groups (connected components) that
 `kpipe folds` keeps inside one fold; train rows found unreadable are left out by `kpipe folds`.
 Writes <work_dir>/audit/: images.csv, unreadable.csv, modes.csv, odd_sizes.csv,
-exact_duplicates.csv, near_duplicates.csv, leakage.csv, label_conflicts.csv, groups.csv,
-summary.json.
+exact_duplicates.csv, near_duplicates.csv, leakage.csv, identical_classes.csv (each class of
+identical thumbnails once, with its size), label_conflicts.csv, groups.csv, summary.json.
+Memory stays linear in the number of images: a class of thousands of identical (e.g. blank) images
+is listed once with its size and as a star of pairs, never as all its n^2 / 2 pairs (dedup.BIG_CLASS),
+and no image over the decode pixel limit (image.max_pixels) is decoded.
 
 Usage: ``kpipe audit --comp demo`` or ``summary = audit.run(cfg, threshold=6)``.
 """
@@ -35,6 +38,7 @@ from kpipe import paths
 from kpipe.config import Config
 from kpipe.console import console
 from kpipe.data.dedup import MAX_PAIRS, DupGraph, connected_groups, dup_graph, expand_pairs, train_group_edges
+from kpipe.data.image import max_pixels
 from kpipe.io import write_csv, write_json
 
 NEAR_THRESHOLD = 6  # max pHash Hamming distance (of 64 bits): a resized, re-encoded copy mostly scores 0-4
@@ -95,6 +99,9 @@ def _decode(data: bytes) -> tuple[dict[str, Any], np.ndarray]:
         raise _Unreadable("decode_error", f"{type(e).__name__}: {e}") from None
     fmt, mode = img.format or "unknown", img.mode
     width, height = img.size
+    if width * height > max_pixels():  # from the header, before any pixel is decoded (read_rgb's limit)
+        raise _Unreadable("too_large", f"{width} x {height} = {width * height:,} pixels, over the limit of "
+                          f"{max_pixels():,} (KPIPE_MAX_PIXELS)")
     if not is_complete(data, fmt):
         raise _Unreadable("truncated", f"{fmt} data ends before its end marker ({len(data)} bytes)")
     try:
@@ -241,10 +248,23 @@ def audit_tables(
         "near_duplicates": pairs.loc[~pairs["exact"], ["id_a", "split_a", "id_b", "split_b", "distance", "similarity",
                                                        "label_a", "label_b"]],
         "leakage": leakage[["train_id", "test_id", "train_label", "distance", "similarity", "exact"]],
+        "identical_classes": _identical_classes(good, g),
         "label_conflicts": _label_conflicts(groups),
         "groups": groups[["id", "group"]],
     }
     return {k: v.reset_index(drop=True) for k, v in tables.items()}, truncated
+
+
+def _identical_classes(good: pd.DataFrame, g: DupGraph) -> pd.DataFrame:
+    """One row per class of identical thumbnails (2+ images), largest first: its first id, its size, how many
+    are train / test and how many labels its train images carry. A class of 20,000 blank images is one row."""
+    df = good[["id", "split", "label"]].assign(cls=g.inverse, train=good["split"] == "train",
+                                               test=good["split"] == "test")
+    df["train_label"] = df["label"].where(df["train"])
+    out = df.groupby("cls", sort=False).agg(first_id=("id", "first"), size=("id", "size"), train=("train", "sum"),
+                                            test=("test", "sum"), labels=("train_label", "nunique"))
+    out = out[out["size"] > 1].sort_values(["size", "first_id"], ascending=[False, True], kind="stable")
+    return out.astype({"size": int, "train": int, "test": int, "labels": int})
 
 
 def _train_groups(items: pd.DataFrame, good: pd.DataFrame, g: DupGraph) -> pd.DataFrame:
@@ -299,6 +319,7 @@ def summarize(tables: dict[str, pd.DataFrame], truncated: bool, **params: Any) -
         "near_duplicate_pairs": {k: int((near_kind == k).sum()) for k in ("train-train", "test-test", "train-test")},
         "leakage_pairs": len(tables["leakage"]),
         "leaked_test_ids": int(tables["leakage"]["test_id"].nunique()),
+        "largest_identical_class": int(tables["identical_classes"]["size"].max()) if len(tables["identical_classes"]) else 0,
         "label_conflict_groups": int(tables["label_conflicts"]["group"].nunique()),
         "label_conflict_ids": len(tables["label_conflicts"]),
         "duplicate_groups": int((group_sizes > 1).sum()),
@@ -313,17 +334,20 @@ def summarize(tables: dict[str, pd.DataFrame], truncated: bool, **params: Any) -
 
 def collect_items(cfg: Config) -> pd.DataFrame:
     """Every train and test file of the competition: id, split, label, path, reason (preset when there is no file)."""
-    from kpipe.data.ingest import load_test, load_train
+    from kpipe.data.ingest import OUTSIDE, load_test, load_train
 
     ing = load_train(cfg)
     ex = ing.excluded.reindex(columns=["id", "label", "path", "reason"]).fillna("")
     has_file = ex["path"] != ""  # e.g. zero-byte files ingest left out: the audit still lists them
-    lost = ~has_file & ex["reason"].str.contains("not found")
+    lost = ~has_file & (ex["reason"].str.contains("not found") | (ex["reason"] == OUTSIDE))
+    test = load_test(cfg)
+    refused = test["reason"] == OUTSIDE  # never inspected: its id would name a file outside the test folder
     frames = [
         ing.df[["id", "label", "path"]].assign(split="train", reason="", detail=""),
         ex.loc[has_file, ["id", "label", "path"]].assign(split="train", reason="", detail=""),
         ex.loc[lost, ["id", "label", "path"]].assign(split="train", reason="missing", detail="ingest: " + ex.loc[lost, "reason"]),
-        load_test(cfg)[["id", "path"]].assign(split="test", label="", reason="", detail=""),
+        test.loc[~refused, ["id", "path"]].assign(split="test", label="", reason="", detail=""),
+        test.loc[refused, ["id", "path"]].assign(split="test", label="", reason="missing", detail="ingest: " + OUTSIDE),
     ]
     return pd.concat(frames, ignore_index=True)[["id", "split", "label", "path", "reason", "detail"]]
 
@@ -372,6 +396,7 @@ def print_summary(s: dict[str, Any], out: Path) -> None:
     if s["pairs_truncated"]:
         console.print(f"[yellow]pair listings cut at {s['max_pairs']:,} rows[/] (groups are complete).")
     if s["largest_group"] > max(20, 0.01 * s["images"]["train"]):
-        console.print(f"[yellow]one duplicate group holds {s['largest_group']} train images[/]: look at near_duplicates.csv; "
-                      "if they are look-alikes, not copies, raise --min-similarity or lower --threshold.")
+        console.print(f"[yellow]one duplicate group holds {s['largest_group']} train images[/]: look at "
+                      "identical_classes.csv and near_duplicates.csv; if they are look-alikes, not copies, raise "
+                      "--min-similarity or lower --threshold.")
     console.print(f"written to {out}/ (unreadable.csv and groups.csv are read by `kpipe folds`)")

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from kpipe import paths
 from kpipe.config import Config
-from kpipe.console import console
+from kpipe.console import console, safe
 from kpipe.eval import metrics
 from kpipe.eval.blend import blend, fit
 from kpipe.eval.oof import load_members
@@ -68,7 +68,7 @@ def run(
     ref, members = load_members(run_dirs, include_tta)
     index = {c: i for i, c in enumerate(ref.classes)}
     labels = np.array([index[label] for label in ref.labels])
-    result = fit([mb.probs for mb in members], labels, metric, how)
+    result = fit([mb.probs for mb in members], labels, metric, how, names=[f"{mb.name} OOF" for mb in members])
     equal = metrics.score(metric, labels, blend([mb.probs for mb in members], np.ones(len(members)), how))
     report: dict[str, Any] = {
         "metric": metric,
@@ -100,7 +100,7 @@ def _print_table(report: dict[str, Any]) -> None:
     for col in ("member", "view", "weight", "cv"):
         table.add_column(col, justify="left" if col in ("member", "view") else "right")
     for mb in report["members"]:
-        table.add_row(mb["run"], mb["view"], f"{mb['weight']:.3f}", f"{mb['cv']:.5f}")
+        table.add_row(safe(mb["run"]), safe(mb["view"]), f"{mb['weight']:.3f}", f"{mb['cv']:.5f}")
     table.add_section()
     table.add_row("equal weights", "", "", f"{report['cv_equal']:.5f}")
     table.add_row(f"blend ({report['method']})", "", "1.000", f"{report['cv_blend']:.5f}", style="bold")

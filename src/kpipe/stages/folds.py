@@ -15,7 +15,7 @@ from rich.table import Table
 
 from kpipe import paths
 from kpipe.config import Config
-from kpipe.console import console, print_problems
+from kpipe.console import console, print_problems, safe
 from kpipe.data.folds import apply_label_changes, make_folds, merge_groups
 from kpipe.data.ingest import Ingest, load_train, save_classes
 from kpipe.errors import Problem
@@ -73,7 +73,7 @@ def fold_table(folds: pd.DataFrame, classes: list[str], n_folds: int) -> Table:
         table.add_column(f"fold {k}", justify="right")
     table.add_column("total", justify="right")
     for cls, row in counts.iterrows():
-        table.add_row(str(cls), *[str(v) for v in row.tolist()], str(int(row.sum())))
+        table.add_row(safe(cls), *[str(v) for v in row.tolist()], str(int(row.sum())))
     table.add_row("[bold]all", *[f"[bold]{v}" for v in counts.sum().tolist()], f"[bold]{int(counts.values.sum())}")
     return table
 

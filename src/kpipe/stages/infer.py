@@ -18,6 +18,7 @@ Usage: ``kpipe infer -c configs/exp/b0.yaml --comp demo infer.tta=identity,hflip
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,15 +32,15 @@ from rich.table import Table
 
 from kpipe import paths
 from kpipe.config import Config
-from kpipe.console import console
+from kpipe.console import console, plain, safe
 from kpipe.data import ingest, transforms
 from kpipe.data.folds import load_fold_table
 from kpipe.errors import KpipeError, preview
 from kpipe.eval import metrics
-from kpipe.eval.blend import blend
+from kpipe.eval.blend import blend, check_finite
 from kpipe.eval.oof import load_members
 from kpipe.io import atomic_path, read_csv_ids, write_csv, write_json
-from kpipe.kaggle import submission
+from kpipe.kaggle import ledger, submission
 from kpipe.nn import dist, predict, tta
 from kpipe.nn.engine import amp_settings
 
@@ -108,6 +109,10 @@ def make_plan(cfg: Config, runs: list[str] | None, classes: list[str]) -> Plan:
     if given and {Path(r).resolve() for r in given} != in_json:
         raise KpipeError(f"{path} blends runs {preview(sorted(str(p) for p in in_json))}, but infer was given "
                          f"{preview(list(given))}. Drop --runs / infer.runs, or re-run `kpipe ensemble` on these runs.")
+    for m in rep["members"]:  # NaN > 0 is False: a NaN weight would silently drop its member
+        if not math.isfinite(float(m["weight"])) or float(m["weight"]) < 0:
+            raise KpipeError(f"{path}: member {m['run']} [{m['view']}] has weight {m['weight']}; weights must be "
+                             "finite and >= 0. Re-run `kpipe ensemble` to fit them again.")
     weights = {(m["run"], m["view"]): float(m["weight"]) for m in rep["members"] if float(m["weight"]) > 0}
     if not weights:
         raise KpipeError(f"{path}: every member has weight 0.")
@@ -166,6 +171,9 @@ def run(cfg: Config, runs: list[str] | None = None) -> dict[str, Any]:
         rm = predict.load_run(r, classes, device)
         views = plan.views[r]
         probs, good, rate = _predict_run(cfg, rm, files, views, len(classes), device, True, f"infer {r}")
+        for f, k in enumerate(rm.folds):
+            for j, v in enumerate(views):
+                check_finite(probs[f, j], f"{r}/fold{k}/best.pt, TTA view {v}, on the test images")
         console.print(f"{r}: {len(files)} test images x {len(rm.folds)} folds x {len(views)} views "
                       f"at {rm.data_cfg['img_size']} px, {rate:.1f} images/s on {device}")
         ok &= good
@@ -183,7 +191,7 @@ def run(cfg: Config, runs: list[str] | None = None) -> dict[str, Any]:
     _warn_unreadable(test, ok)
     name = cfg.infer.name or cfg.name
     out_dir = paths.predictions_dir(cfg, name)
-    write_predictions(out_dir, ids, classes, final, members, test.loc[bad, ["id", "found"]])
+    write_predictions(out_dir, ids, classes, final, members, test.loc[bad, ["id", "found", "reason"]])
     sub_path = paths.submission_csv(cfg, name)
     write_submission(cfg, final, ids, classes, sub_path)
     cv_value, cv_source = _cv(cfg, plan)
@@ -193,8 +201,10 @@ def run(cfg: Config, runs: list[str] | None = None) -> dict[str, Any]:
                "weights": None if plan.weights is None else
                [{"run": r, "view": v, "weight": w} for (r, v), w in plan.weights.items()],
                "ensemble_weights": cfg.infer.ensemble_weights, "n_test": len(ids), "n_unreadable": int(bad.sum()),
-               "predictions": str(out_dir)}
-    write_json(sub_path.with_suffix(".json"), sidecar)
+               "predictions": str(out_dir),
+               # `kpipe submit` refuses a sidecar whose sha256 is not its CSV's (a kill between the two writes)
+               "sha256": ledger.sha256_file(sub_path)}
+    write_json(paths.sidecar(sub_path), sidecar)
     cv = f"CV {sidecar['metric']} {cv_value:.4f}, {cv_source}" if cv_value is not None else "no CV"
     console.print(f"[bold green]wrote {sub_path}[/] ({len(ids)} rows, {cv}); probabilities in {out_dir}")
     return {**sidecar, "submission": str(sub_path), "unreadable": test.loc[bad, "id"].tolist()}
@@ -204,10 +214,12 @@ def _warn_unreadable(test: pd.DataFrame, ok: np.ndarray) -> None:
     bad = test.loc[~ok]
     if bad.empty:
         return
-    missing = int((~bad["found"]).sum())
+    outside = bad.loc[bad["reason"] == ingest.OUTSIDE, "id"].tolist()
+    missing = int((~bad["found"]).sum()) - len(outside)
+    refused = f", {len(outside)} refused: id outside the test folder" if outside else ""
     console.print(f"[yellow]warning: {len(bad)} test images could not be read ({missing} missing, "
-                  f"{len(bad) - missing} not decodable): {preview(bad['id'].tolist())}. They get the class prior "
-                  "of the training labels; see unreadable.csv beside probs.csv.", soft_wrap=True)
+                  f"{len(bad) - missing - len(outside)} not decodable{refused}):[/] {safe(preview(bad['id'].tolist()))}. "
+                  "They get the class prior of the training labels; see unreadable.csv beside probs.csv.", soft_wrap=True)
 
 
 def write_predictions(out_dir: Path, ids: list[str], classes: list[str], final: np.ndarray,
@@ -229,7 +241,7 @@ def write_predictions(out_dir: Path, ids: list[str], classes: list[str], final: 
             np.save(fh, m.probs.astype(np.float32))
         index.append({"run": m.run, "fold": m.fold, "view": m.view, "file": rel})
     write_json(out_dir / "members.json", index)
-    reasons = np.where(unreadable["found"].to_numpy(bool), "not decodable", "file not found")
+    reasons = np.where(unreadable["found"].to_numpy(bool), "not decodable", unreadable["reason"].astype(str))
     write_csv(out_dir / "unreadable.csv", pd.DataFrame({"id": unreadable["id"].tolist(), "reason": reasons}))
 
 
@@ -241,7 +253,7 @@ def write_submission(cfg: Config, probs: np.ndarray, ids: list[str], classes: li
     problems = submission.validate_submission(sub, sample, classes, c.sub_id_col, c.submission_format)
     for p in problems:
         if p.severity != "error":
-            console.print(p.render(), style="yellow", markup=False, highlight=False)
+            console.print(plain(p.render()), style="yellow", markup=False, highlight=False)
     errors = [p.render() for p in problems if p.severity == "error"]
     if errors:
         raise KpipeError(f"refusing to write {path}: it would not match sample_submission:\n  " + "\n  ".join(errors))

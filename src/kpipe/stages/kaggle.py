@@ -34,8 +34,8 @@ from kagglesdk.competitions.types.competition_api_service import (
 from rich.markup import escape
 
 from kpipe import paths
-from kpipe.config import Config
-from kpipe.console import console
+from kpipe.config import Config, relative_name
+from kpipe.console import console, plain
 from kpipe.errors import KpipeError
 from kpipe.eval.metrics import higher_is_better
 from kpipe.io import write_json
@@ -75,7 +75,7 @@ def is_complete(dest: Path, slug: str) -> bool:
 def download(cfg: Config, force: bool = False, *, file: str | None = None) -> Path:
     """Fetch the competition's files (or one `file`) into paths.data_dir(cfg), unzipped; skip what is there."""
     slug, dest = kaggle_slug(cfg), paths.data_dir(cfg)
-    target = dest if file is None else dest / file
+    target = dest if file is None else dest / relative_name(file, "kaggle download --file")
     if not force and (is_complete(dest, slug) if file is None else target.exists()):
         print(f"{target}: already downloaded from '{slug}'; pass --force to download again.")
         return target
@@ -149,7 +149,7 @@ def _check_submission(path: Path, cfg: Config) -> None:
     problems = validate_file(path, cfg)
     for p in problems:
         if p.severity != "error":
-            print(p.render(), file=sys.stderr)
+            print(plain(p.render()), file=sys.stderr)
     errors = [p.render() for p in problems if p.severity == "error"]
     if errors:
         raise KpipeError(f"{path}: not a valid submission for '{cfg.competition.name}', so nothing was "
@@ -166,27 +166,26 @@ def submit(cfg: Config, path: Path, message: str | None, wait: bool = False, for
     """
     slug, path = kaggle_slug(cfg), Path(path)
     _check_submission(path, cfg)
+    ledger.check_sidecar(path)
     message = message.strip() if message and message.strip() else ledger.default_message(path)
     prov, book = ledger.provenance(path), paths.ledger_csv(cfg)
-    same = ledger.find_sha(ledger.read(book), slug, prov["sha256"])
-    if len(same) and not force:
-        r = same.iloc[-1]
-        raise KpipeError(f"{path}: byte-identical to {r['file']} submitted {r['time_utc']} "
-                         f"(ref {r['kaggle_ref'] or '?'}, '{r['message']}'); not submitted again. "
-                         "Pass --force to submit it anyway.")
-    api, backoff = connect(), retry_policy()
-    left = remaining(api, slug, backoff)
-    if left == 0:
-        raise KpipeError(f"no submissions left today for '{slug}' (Kaggle's daily limit; it resets at "
-                         f"00:00 UTC). {path} was not uploaded.")
     commit, dirty = ledger.git_state()
     started = datetime.now(UTC)
-    ref = _upload(api, path, message, slug, backoff, started)
     row = ledger.make_row({
         **prov, "time_utc": _iso(started), "competition": slug, "file": str(path), "message": message,
-        "git_commit": commit, "git_dirty": dirty, "source": "kpipe", "kaggle_ref": ref, "status": "pending",
+        "git_commit": commit, "git_dirty": dirty, "source": "kpipe", "kaggle_ref": "", "status": "pending",
     })
-    ledger.append(book, [row])
+    # The duplicate check and the ledger row in one lock: of two submits of one file at once, one uploads.
+    same = ledger.reserve(book, row, force)
+    if len(same):
+        r = same.iloc[-1]
+        state = " (its upload may have been cut off: `kpipe lb` shows whether Kaggle has it)" \
+            if r["status"] == "uploading" else ""
+        raise KpipeError(f"{path}: byte-identical to {r['file']} submitted {r['time_utc']} "
+                         f"(ref {r['kaggle_ref'] or '?'}, '{r['message']}'){state}; not submitted again. "
+                         "Pass --force to submit it anyway.")
+    api, backoff, ref = _upload_reserved(book, row, path, message, slug, started)
+    row = {**row, "kaggle_ref": ref, "status": "pending"}
     left = remaining(api, slug, backoff)
     print(f"submitted {path} to '{slug}' (ref {ref or 'unknown'}); submissions left today: "
           f"{'unknown' if left is None else left}.")
@@ -201,6 +200,30 @@ def submit(cfg: Config, path: Path, message: str | None, wait: bool = False, for
         result.update(scored)
         _report(result)
     return result
+
+
+def _upload_reserved(book: Path, row: dict[str, str], path: Path, message: str, slug: str,
+                     started: datetime) -> tuple[Any, Backoff, str]:
+    """Upload the file `ledger.reserve` wrote `row` for; the row gets the ref. When nothing was uploaded (no
+    connection, no submissions left, a refusal, Ctrl-C before the upload) the row is removed; a Ctrl-C during
+    the upload leaves it "uploading" (Kaggle may have the file; `kpipe lb` tells). Returns (api, backoff, ref)."""
+    uploading = False
+    try:
+        api, backoff = connect(), retry_policy()
+        if remaining(api, slug, backoff) == 0:
+            raise KpipeError(f"no submissions left today for '{slug}' (Kaggle's daily limit; it resets at "
+                             f"00:00 UTC). {path} was not uploaded.")
+        uploading = True
+        ref = _upload(api, path, message, slug, backoff, started)
+    except Exception:  # refused, or failed after retries (which ask Kaggle whether the file landed): not uploaded
+        ledger.release(book, row)
+        raise
+    except BaseException:  # Ctrl-C: before the upload nothing happened; during it, Kaggle may have the file
+        if not uploading:
+            ledger.release(book, row)
+        raise
+    ledger.settle(book, row, {"kaggle_ref": ref, "status": "pending"})
+    return api, backoff, ref
 
 
 def _report(row: dict[str, Any]) -> None:

@@ -121,7 +121,7 @@ def _print_top(table: pd.DataFrame, csv_path: Path, page: Path, n: int = 10) -> 
     for col in COLUMNS:
         t.add_column(col, justify="right" if col == "score" else "left")
     for _, r in table.head(n).iterrows():
-        t.add_row(*[fmt_score(r[c]) if c == "score" else str(r[c]) for c in COLUMNS])
+        t.add_row(*[fmt_score(r[c]) if c == "score" else safe(r[c]) for c in COLUMNS])
     console.print(t)
     console.print(f"decisions: {decision_counts(table)}. Review page: {page}\nDecide in the decision column of {csv_path} "
                   "(accept / drop / keep) or with --accept-above SCORE; then run again with --apply.")
@@ -137,7 +137,7 @@ def _apply(cfg: Config, table: pd.DataFrame, ing: Ingest, csv_path: Path) -> Non
         t.add_column(col, justify="left" if col == "class" else "right")
     for cls in [c for c in ing.classes if c in summary.index]:
         r = summary.loc[cls]
-        t.add_row(str(cls), str(r["relabelled_from"]), str(r["relabelled_to"]), str(r["dropped"]))
+        t.add_row(safe(cls), str(r["relabelled_from"]), str(r["relabelled_to"]), str(r["dropped"]))
     console.print(t)
     comp = cfg.competition.name
     console.print(f"wrote {out}: {int((clean['action'] == 'relabel').sum())} relabelled, "
