@@ -21,6 +21,8 @@ from kpipe.config import Config, PathsConfig, load_config
 from kpipe.console import console, err_console, safe, setup_logging
 from kpipe.errors import Interrupted, KpipeError
 
+DEMO_EXP = "configs/exp/demo.yaml"
+
 
 def resolve_comp(comp: str | None) -> str | None:
     """A competition given by name means configs/competition/<name>.yaml."""
@@ -54,7 +56,8 @@ def _demo_data(args: argparse.Namespace) -> int:
 def _demo_report(args: argparse.Namespace) -> int:
     from kpipe.stages import demo
 
-    demo.report(args.data_root)
+    # The demo experiment on the demo competition, with the data folder the demo was written to.
+    demo.report(load_config(DEMO_EXP, resolve_comp("demo"), [f"paths.data_root={args.data_root}"]))
     return 0
 
 

@@ -46,6 +46,15 @@ def audit_dir(cfg: Config) -> Path:
     return work_dir(cfg) / "audit"
 
 
+def audit_table(cfg: Config, name: str) -> Path:
+    """One of kpipe audit's tables (unreadable, groups, exact_duplicates, ...), as CSV."""
+    return audit_dir(cfg) / f"{name}.csv"
+
+
+def audit_summary(cfg: Config) -> Path:
+    return audit_dir(cfg) / "summary.json"
+
+
 def relabels_csv(cfg: Config) -> Path:
     return work_dir(cfg) / "relabels.csv"
 
@@ -141,6 +150,22 @@ class RunDir:
     def run_json(self) -> Path:
         """Facts of the run that the config does not hold: parameter counts, wall time per fold."""
         return self.root / "run.json"
+
+    @property
+    def curves_png(self) -> Path:
+        return self.root / "curves.png"
+
+    @property
+    def confusion_png(self) -> Path:
+        return self.root / "confusion.png"
+
+    @property
+    def per_class_csv(self) -> Path:
+        return self.root / "per_class.csv"
+
+    @property
+    def per_class_png(self) -> Path:
+        return self.root / "per_class.png"
 
     @property
     def oof_tta_dir(self) -> Path:

@@ -18,9 +18,10 @@ import pandas as pd  # noqa: E402
 from rich.table import Table  # noqa: E402
 from sklearn.metrics import confusion_matrix  # noqa: E402
 
-from kpipe.console import console, safe
+from kpipe.console import console, safe  # noqa: E402
 from kpipe.eval.metrics import per_class_report  # noqa: E402
 from kpipe.io import atomic_path, write_csv  # noqa: E402
+from kpipe.paths import RunDir  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
@@ -31,9 +32,11 @@ def _save(fig: plt.Figure, path: Path) -> None:
 
 def plot_curves(run_dir: Path) -> None:
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    for path in sorted(run_dir.glob("fold*/metrics.csv")):
-        m = pd.read_csv(path)
-        fold = path.parent.name
+    for fold_dir in RunDir(run_dir).fold_dirs():
+        if not fold_dir.metrics.is_file():
+            continue
+        m = pd.read_csv(fold_dir.metrics)
+        fold = fold_dir.root.name
         ax_loss.plot(m["epoch"], m["train_loss"], "--", label=f"{fold} train")
         ax_loss.plot(m["epoch"], m["val_loss"], label=f"{fold} val")
         ax_acc.plot(m["epoch"], m["val_accuracy"], label=f"{fold} accuracy")
@@ -43,7 +46,7 @@ def plot_curves(run_dir: Path) -> None:
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    _save(fig, run_dir / "curves.png")
+    _save(fig, RunDir(run_dir).curves_png)
 
 
 def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> None:
@@ -87,10 +90,10 @@ def write_all(run_dir: Path, oof: pd.DataFrame, classes: list[str]) -> pd.DataFr
     labels = oof["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
     preds = oof[[f"p_{c}" for c in classes]].to_numpy().argmax(axis=1)
     plot_curves(run_dir)
-    plot_confusion(confusion_matrix(labels, preds, labels=range(len(classes))), classes, run_dir / "confusion.png")
+    plot_confusion(confusion_matrix(labels, preds, labels=range(len(classes))), classes, RunDir(run_dir).confusion_png)
     report = per_class_report(labels, preds, classes)
-    write_csv(run_dir / "per_class.csv", report)
-    plot_per_class(report, run_dir / "per_class.png")
+    write_csv(RunDir(run_dir).per_class_csv, report)
+    plot_per_class(report, RunDir(run_dir).per_class_png)
     table = Table(title="per-class OOF scores (worst F1 first)")
     for col in report.columns:
         table.add_column(col, justify="left" if col == "class" else "right")

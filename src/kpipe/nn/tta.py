@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable
 from typing import TypeVar
 
 import numpy as np
@@ -27,11 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kpipe.errors import KpipeError
+from kpipe.registry import TTA_VIEWS
 
 VIEWS: tuple[str, ...] = ("identity", "hflip", "vflip", "rot90", "rot180", "rot270", "scale<F>", "fivecrop")
 FIVECROP_DEFAULT = 0.875
 CROP_POSITIONS: tuple[str, ...] = ("tl", "tr", "bl", "br", "c")
-_FIXED = {"identity", "hflip", "vflip", "rot90", "rot180", "rot270"}
 _NUM = r"(\d+(?:\.\d+)?|\.\d+)"
 _SCALE_RE = re.compile(rf"scale{_NUM}")
 _FIVECROP_RE = re.compile(rf"fivecrop{_NUM}?(?:_(tl|tr|bl|br|c))?")
@@ -50,8 +51,13 @@ def _bad_view(name: str, why: str = "unknown TTA view") -> KpipeError:
     )
 
 
+def _fixed(name: str) -> bool:
+    """A registered view without a parameter."""
+    return name in TTA_VIEWS.names() and not TTA_VIEWS.meta(name).get("family")
+
+
 def _check_view(name: str) -> None:
-    if name in _FIXED:
+    if _fixed(name):
         return
     m = _SCALE_RE.fullmatch(name)
     if m:
@@ -128,26 +134,71 @@ def _crop(x: Tensor, frac: float, pos: str) -> Tensor:
     return F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)
 
 
+# ------------------------------------------------------------------ the views (one registry entry each)
+# A fixed view is a function of the batch; a family (meta `family=True`) takes the parsed name's match and
+# returns that function. Adding a view is one entry here (and its name in _EXAMPLES for suggestions).
+
+
+@TTA_VIEWS.register("identity")
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+@TTA_VIEWS.register("hflip")
+def _hflip(x: Tensor) -> Tensor:
+    return x.flip(-1)
+
+
+@TTA_VIEWS.register("vflip")
+def _vflip(x: Tensor) -> Tensor:
+    return x.flip(-2)
+
+
+@TTA_VIEWS.register("rot90")
+def _rot90(x: Tensor) -> Tensor:
+    _need_square(x, "rot90")
+    return torch.rot90(x, 1, dims=(-2, -1))
+
+
+@TTA_VIEWS.register("rot180")
+def _rot180(x: Tensor) -> Tensor:
+    return torch.rot90(x, 2, dims=(-2, -1))
+
+
+@TTA_VIEWS.register("rot270")
+def _rot270(x: Tensor) -> Tensor:
+    _need_square(x, "rot270")
+    return torch.rot90(x, 3, dims=(-2, -1))
+
+
+@TTA_VIEWS.register("scale<F>", family=True, pattern=_SCALE_RE)
+def _scale_view(m: re.Match[str]) -> Callable[[Tensor], Tensor]:
+    return lambda x: _scale(x, float(m.group(1)))
+
+
+@TTA_VIEWS.register("fivecrop<F>_<pos>", family=True, pattern=_FIVECROP_RE)
+def _fivecrop_view(m: re.Match[str]) -> Callable[[Tensor], Tensor]:
+    if m.group(2) is None:
+        raise _bad_view(m.group(0), "not a single view (expand names with parse_views first):")
+    frac = float(m.group(1)) if m.group(1) is not None else FIVECROP_DEFAULT
+    return lambda x: _crop(x, frac, m.group(2))
+
+
+def view_fn(view: str) -> Callable[[Tensor], Tensor]:
+    """The function of a single view name (after parse_views)."""
+    if _fixed(view):
+        return TTA_VIEWS.get(view)
+    for name in TTA_VIEWS.names():
+        meta = TTA_VIEWS.meta(name)
+        m = meta["pattern"].fullmatch(view) if meta.get("family") else None
+        if m:
+            return TTA_VIEWS.get(name)(m)
+    raise _bad_view(view, "not a single view (expand names with parse_views first):")
+
+
 def apply_view(x: Tensor, view: str) -> Tensor:
     """One view of a float batch (B, C, H, W); same shape out."""
-    if view == "identity":
-        return x
-    if view == "hflip":
-        return x.flip(-1)
-    if view == "vflip":
-        return x.flip(-2)
-    if view in ("rot90", "rot180", "rot270"):
-        if view != "rot180":
-            _need_square(x, view)
-        return torch.rot90(x, int(view[3:]) // 90, dims=(-2, -1))
-    m = _SCALE_RE.fullmatch(view)
-    if m:
-        return _scale(x, float(m.group(1)))
-    m = _FIVECROP_RE.fullmatch(view)
-    if m and m.group(2) is not None:
-        frac = float(m.group(1)) if m.group(1) is not None else FIVECROP_DEFAULT
-        return _crop(x, frac, m.group(2))
-    raise _bad_view(view, "not a single view (expand names with parse_views first):")
+    return view_fn(view)(x)
 
 
 def apply_views(x: Tensor, views: list[str]) -> Tensor:

@@ -367,13 +367,13 @@ def run(
     info.loc[~todo, ["reason", "detail"]] = items.loc[~todo, ["reason", "detail"]]
     items = pd.concat([items.drop(columns=["reason", "detail"]), info], axis=1)
     tables, truncated = audit_tables(items, threshold, min_similarity, max_pairs)
-    out = paths.work_dir(cfg) / "audit"
+    out = paths.audit_dir(cfg)
     for name, table in tables.items():
-        write_csv(out / f"{name}.csv", table)
+        write_csv(paths.audit_table(cfg, name), table)
     params = {"threshold": threshold, "min_similarity": min_similarity, "tiny_side": TINY_SIDE, "max_aspect": MAX_ASPECT,
               "max_pairs": max_pairs}
     summary = {"competition": cfg.competition.name, **summarize(tables, truncated, **params)}
-    write_json(out / "summary.json", summary)
+    write_json(paths.audit_summary(cfg), summary)
     print_summary(summary, out)
     return summary
 

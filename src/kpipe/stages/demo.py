@@ -16,6 +16,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from kpipe import paths
+from kpipe.config import Config
 from kpipe.console import console
 from kpipe.io import read_csv_ids, write_bytes, write_csv
 
@@ -91,27 +93,27 @@ def run(data_root: str | Path = "data", force: bool = False) -> Path:
     return out
 
 
-def report(data_root: str | Path = "data", runs_dir: str | Path = "runs",
-           submissions_dir: str | Path = "submissions", raw_run: str = "demo_raw", clean_run: str = "demo") -> dict:
+def report(cfg: Config, raw_run: str = "demo_raw", clean_run: str = "demo") -> dict:
     """The demo's scorecard from files: CV before/after cleaning, relabel precision/recall, test accuracy.
 
+    `cfg` is the demo experiment on the demo competition (its paths.* say where runs and submissions are).
     The only reader of the truth file besides the tests.
     """
     import json
 
     from rich.table import Table
 
-    truth = load_truth(data_root)
+    truth = load_truth(cfg.paths.data_root)
     out: dict[str, float | int] = {}
     table = Table(title="demo report (against data/demo_truth.csv)")
     table.add_column("what")
     table.add_column("value", justify="right")
     for label, run in (("CV accuracy before cleaning", raw_run), ("CV accuracy after cleaning", clean_run)):
-        cv = Path(runs_dir) / run / "cv.json"
+        cv = paths.run_dir(cfg.model_copy(update={"name": run})).cv
         if cv.is_file():
             out[run] = json.loads(cv.read_text())["cv"]
             table.add_row(f"{label} ({run})", f"{out[run]:.4f}")
-    relabels = Path(data_root) / "demo" / "relabels.csv"
+    relabels = paths.relabels_csv(cfg)
     if relabels.is_file():
         from kpipe.eval.cleaning import relabel_precision_recall
 
@@ -120,7 +122,7 @@ def report(data_root: str | Path = "data", runs_dir: str | Path = "runs",
         table.add_row("accepted relabels", str(pr["n_accepted"]))
         table.add_row(f"relabel precision / recall (of {pr['n_misfiled']} misfiled)",
                       f"{pr['precision']:.3f} / {pr['recall']:.3f}")
-    sub = Path(submissions_dir) / f"{clean_run}.csv"
+    sub = paths.submission_csv(cfg, clean_run)
     if sub.is_file():
         s = read_csv_ids(sub)
         test = truth[truth["split"] == "test"].set_index("id")["true_label"]

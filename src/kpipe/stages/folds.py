@@ -27,7 +27,7 @@ from kpipe.io import read_csv_ids, write_csv
 def _apply_audit(ing: Ingest, cfg: Config) -> list[str]:
     """Leave out what the audit found unreadable; return the group columns to honour."""
     group_cols = ["group"] if "group" in ing.df.columns else []
-    unreadable = paths.audit_dir(cfg) / "unreadable.csv"
+    unreadable = paths.audit_table(cfg, "unreadable")
     if unreadable.is_file():
         bad = read_csv_ids(unreadable)
         bad = bad[bad["split"] == "train"] if "split" in bad.columns else bad
@@ -41,7 +41,7 @@ def _apply_audit(ing: Ingest, cfg: Config) -> list[str]:
             ing.problems.append(Problem("unreadable images", f"{int(hit.sum())} images the audit could not decode; left out",
                                         f"See {unreadable}.", "error", tuple(ing.df.loc[hit, "id"])))
             ing.df = ing.df[~hit].reset_index(drop=True)
-    groups = paths.audit_dir(cfg) / "groups.csv"
+    groups = paths.audit_table(cfg, "groups")
     if groups.is_file():
         g = read_csv_ids(groups).drop_duplicates("id").set_index("id")["group"]
         ing.df["dup_group"] = ing.df["id"].map(g).fillna(ing.df["id"])
