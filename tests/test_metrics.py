@@ -44,3 +44,11 @@ def test_per_class_report() -> None:
     assert df["support"].tolist() == [1, 1, 2]
     np.testing.assert_allclose(df["precision"], [0.5, 0.0, 1.0])
     np.testing.assert_allclose(df["recall"], [1.0, 0.0, 1.0])
+
+
+def test_balanced_accuracy_weighs_every_class_equally() -> None:
+    labels = np.array([0, 0, 0, 0, 1])  # class 1 is rare; always predicting class 0 is 80 % accurate
+    probs = np.tile([0.9, 0.1], (5, 1))
+    assert metrics.score("accuracy", labels, probs) == pytest.approx(0.8)
+    assert metrics.score("balanced_accuracy", labels, probs) == pytest.approx(0.5)  # (1 + 0) / 2
+    assert metrics.higher_is_better("balanced_accuracy")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import f1_score, log_loss, precision_recall_fscore_support
+from sklearn.metrics import balanced_accuracy_score, f1_score, log_loss, precision_recall_fscore_support
 
 from kpipe.registry import METRICS
 
@@ -31,6 +31,12 @@ def macro_f1(labels: np.ndarray, probs: np.ndarray) -> float:
     # Macro over the classes present in labels or predictions (sklearn's and Kaggle's usual
     # definition), so a fold that lacks a rare class is not charged a zero for it.
     return float(f1_score(labels, probs.argmax(axis=1), average="macro", zero_division=0))
+
+
+@METRICS.register("balanced_accuracy", higher_is_better=True)
+def balanced_accuracy(labels: np.ndarray, probs: np.ndarray) -> float:
+    # The mean of per-class recall over the classes present in labels: a rare class counts as much as a big one.
+    return float(balanced_accuracy_score(labels, probs.argmax(axis=1)))
 
 
 @METRICS.register("log_loss", higher_is_better=False)
