@@ -379,7 +379,7 @@ def _format_errors(err: ValidationError, prov: dict[str, str]) -> str:
             lines.append(f"{source}: missing required key '{key}'")
         else:
             got = e.get("input")
-            lines.append(f"{source}: {key}: {e['msg']} (got {got!r})")
+            lines.append(f"{source}: {key}: {e['msg'].removeprefix('Value error, ')} (got {got!r})")
     return "config error:\n  " + "\n  ".join(lines) if len(lines) > 1 else lines[0]
 
 
