@@ -209,3 +209,11 @@ def test_resume_hint_survives_paths_with_spaces(tmp_path: Path, monkeypatch: pyt
     text = _stopped_hint(tmp_path, monkeypatch, argv)
     line = " ".join(text.split("\n")).split("Resume with:", 1)[1]
     assert shlex.split(line) == ["kpipe", *[a for a in argv[1:] if a != "--resume"], "--resume"]
+
+
+def test_relabel_quick_stopped_says_to_rerun_relabel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop during `kpipe relabel --quick`'s training names the relabel command, not train flags."""
+    argv = ["kpipe", "relabel", "-c", "configs/exp/b0.yaml", "--comp", "demo", "--quick"]
+    text = " ".join(_stopped_hint(tmp_path, monkeypatch, argv).split("\n"))
+    line = text.split("Resume with:", 1)[1]
+    assert shlex.split(line) == argv, text

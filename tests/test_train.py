@@ -145,3 +145,25 @@ def test_oof_comes_from_best_pt_not_the_last_weights(tmp_path: Path, monkeypatch
     last, _ = predict.predict_models(rm.models, loader, ["identity"], len(classes), torch.device("cpu"), None, False,
                                    prepare)
     assert not np.allclose(got, last[0, 0], atol=1e-3)  # the last weights would have given other probabilities
+
+
+def test_mixup_on_an_odd_batch_gets_soft_targets() -> None:
+    """timm's Mixup needs an even batch: an odd one used to reach the soft-target loss with integer labels."""
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+
+    mix = Mixup(mixup_alpha=0.2, cutmix_alpha=0.0, label_smoothing=0.1, num_classes=3)
+    step = engine.Step(engine.Precision(torch.device("cpu")), SoftTargetCrossEntropy(), None, 3, mix, 0.1)
+    x, y = torch.rand(5, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1])
+    _, target = step.batch(x, y)
+    assert target.shape == (5, 3) and target.is_floating_point()
+    assert torch.allclose(target.sum(1), torch.ones(5))
+    assert target[0, 0] == pytest.approx(1 - 0.1 + 0.1 / 3)  # the smoothed one-hot, as Mixup would give at lam=1
+    step.criterion(torch.randn(5, 3), target)  # the loss takes it
+
+
+@pytest.mark.slow
+def test_training_with_mixup_and_an_odd_batch_size_runs(tmp_path: Path) -> None:
+    cfg = _setup(tmp_path, ["train.folds=0", "data.batch_size=3", "train.mixup_alpha=0.2"])
+    train.run(cfg)
+    assert (paths.run_dir(cfg).fold(0).best).is_file()
