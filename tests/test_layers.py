@@ -99,3 +99,17 @@ def test_the_checker_catches_wrong_way_edges(tmp_path: Path, monkeypatch: pytest
 def test_cli_import_does_not_load_torch() -> None:
     code = "import sys, kpipe.cli; assert 'torch' not in sys.modules, 'kpipe.cli imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_only_the_interface_reads_the_command_line() -> None:
+    readers = []
+    for path in sorted((SRC / "kpipe").rglob("*.py")):
+        if layer(module_name(path)) == "interface":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and node.attr == "argv" and getattr(node.value, "id", "") == "sys":
+                readers.append(f"{path.relative_to(SRC)}:{node.lineno}")
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and any(
+                    a.name == "argparse" for a in node.names) or getattr(node, "module", None) == "argparse":
+                readers.append(f"{path.relative_to(SRC)}:{node.lineno} (argparse)")
+    assert readers == []
