@@ -115,7 +115,8 @@ class CompetitionConfig(Section):
 
 
 class ModelConfig(Section):
-    name: str = "resnet18"  # any timm name, or "googlenet" (torchvision)
+    # any timm name; googlenet, alexnet, vgg11..vgg19(_bn) (torchvision); simple_cnn (kpipe's plain baseline)
+    name: str = "resnet18"
     pretrained: bool = True
     weights: str | None = None  # local state dict or checkpoint; used instead of a download
     freeze_until: str | None = None  # stage name: every stage before it is frozen (e.g. "layer4")
@@ -123,6 +124,9 @@ class ModelConfig(Section):
     act: Literal["default", "relu", "leaky_relu", "silu"] = "default"
     small_stem: bool = False  # 3x3 stride-1 stem, no max-pool, for 32-64 px inputs
     drop_rate: float = 0.0
+    # more constructor arguments for the backbone (timm: drop_path_rate, norm_layer, ...; torchvision: dropout)
+    kwargs: dict[str, Any] = {}
+    init: Literal["default", "kaiming"] = "default"  # kaiming: re-initialise every weight (from scratch only)
 
 
 class DataConfig(Section):
