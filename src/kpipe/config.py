@@ -140,7 +140,21 @@ class DataConfig(Section):
     cache_dir: str = "cache"
     batch_size: int = Field(32, ge=1)
     num_workers: int = Field(2, ge=0)
-    balanced_sampling: bool = False
+    # none | weighted (each class equally likely) | oversample / undersample (to the mean class count)
+    sampling: Literal["none", "weighted", "oversample", "undersample"] = "none"  # kpipe.data.loader.SAMPLINGS
+    balanced_sampling: bool = False  # the older spelling of sampling=weighted
+
+    @model_validator(mode="after")
+    def _one_sampling(self) -> DataConfig:
+        if self.balanced_sampling and self.sampling not in ("none", "weighted"):
+            raise ValueError(f"data.balanced_sampling=true (weighted) and data.sampling={self.sampling} "
+                             "contradict each other; keep data.sampling only")
+        return self
+
+    @property
+    def sampling_mode(self) -> str:
+        """data.sampling, with balanced_sampling=true read as weighted."""
+        return "weighted" if self.balanced_sampling else self.sampling
 
 
 class TrainConfig(Section):
