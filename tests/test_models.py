@@ -313,6 +313,14 @@ def test_new_models_train_one_step_frozen_and_predict(name: str, size: int, stag
     assert models.param_counts(model)[1] == total
 
 
+def test_alexnet_names_its_smallest_input() -> None:
+    a = models.create("alexnet", 3, pretrained=False)
+    assert models.resolve_data_config(a, DataConfig(img_size=63))["img_size"] == 63
+    assert _forward(a, 63).shape == (2, 3)
+    with pytest.raises(KpipeError, match="too small for alexnet"):
+        models.resolve_data_config(a, DataConfig(img_size=32))
+
+
 def test_torchvision_weights_file_keeps_features_and_resets_head(tmp_path: Path) -> None:
     tv = torchvision.models.alexnet(weights=None)  # what AlexNet_Weights.IMAGENET1K_V1 holds: 1000 classes
     torch.save(tv.state_dict(), tmp_path / "alexnet.pth")
@@ -327,7 +335,7 @@ def test_torchvision_download_failure_names_the_file(monkeypatch: pytest.MonkeyP
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", offline)
-    with pytest.raises(KpipeError, match=r"model.weights=<file>.*vgg16_bn-6c64b313.pth"):
+    with pytest.raises(KpipeError, match=r"model.weights=<file>.*vgg16_bn-6c64b313.pth"), torch.device("meta"):
         models.create("vgg16_bn", 3, pretrained=True)
 
 
@@ -343,14 +351,15 @@ def test_kwargs_reach_the_backbone() -> None:
                                               kwargs={"drop_path_rate": 0.2, "norm_layer": "groupnorm1"}), 3)
     assert isinstance(m.bn1, nn.GroupNorm)
     assert any(type(x).__name__ == "DropPath" and x.drop_prob > 0 for x in m.modules())
-    v = models.create("vgg11", 3, pretrained=False, kwargs={"dropout": 0.1})
+    with torch.device("meta"):
+        v = models.create("vgg11", 3, pretrained=False, kwargs={"dropout": 0.1})
     assert v.classifier[2].p == 0.1
 
 
 def test_wrong_kwargs_fail_naming_the_key() -> None:
     with pytest.raises(KpipeError, match=r"'test_resnet' does not take model.kwargs.drop_ratio=0.1"):
         models.create("test_resnet", 3, pretrained=False, kwargs={"drop_ratio": 0.1})
-    with pytest.raises(KpipeError, match=r"'vgg11' does not take model.kwargs.drop_path_rate"):
+    with pytest.raises(KpipeError, match=r"'vgg11' does not take model.kwargs.drop_path_rate"), torch.device("meta"):
         models.create("vgg11", 3, pretrained=False, kwargs={"drop_path_rate": 0.1})
     with pytest.raises(KpipeError, match=r"norm_layer.*instancenorm"):
         models.create("test_resnet", 3, pretrained=False, kwargs={"norm_layer": "instancenorm"})

@@ -78,6 +78,7 @@ TV_PLAIN_CFG: dict[str, Any] = {
     "classifier": "classifier.6",
     "first_conv": "features.0",
 }
+ALEXNET_MIN_SIZE = 63
 # simple_cnn's: no pretrained weights, so nothing to match; ImageNet statistics and size keep it
 # comparable with the backbones it is a baseline for (data.img_size/mean/std override them).
 SIMPLE_CNN_CFG: dict[str, Any] = {**TV_PLAIN_CFG, "classifier": "fc3", "first_conv": "block1.0"}
@@ -297,6 +298,8 @@ def _torchvision_model(
         if download:
             model.classifier[6] = nn.Linear(model.classifier[6].in_features, num_classes)
         model.pretrained_cfg = dict(TV_PLAIN_CFG)
+        if name == "alexnet":  # a stride-4 stem and three stride-2 pools leave nothing of a smaller input
+            model.pretrained_cfg["min_input_size"] = (3, ALEXNET_MIN_SIZE, ALEXNET_MIN_SIZE)
     return model
 
 
@@ -592,6 +595,9 @@ def resolve_data_config(model: nn.Module, dcfg: DataConfig) -> dict[str, Any]:
         raise KpipeError(f"data.std values must be positive, got {list(std)}.")
     if img_size < 8:
         raise KpipeError(f"data.img_size={img_size} is too small (at least 8 px).")
+    if isinstance(unwrap(model), torchvision.models.AlexNet) and img_size < ALEXNET_MIN_SIZE:
+        raise KpipeError(f"data.img_size={img_size} is too small for alexnet (at least {ALEXNET_MIN_SIZE} px): "
+                         "raise data.img_size, or use simple_cnn or a ResNet with model.small_stem=true.")
     return {
         "img_size": img_size,
         "mean": mean,
