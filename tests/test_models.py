@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import urllib.error
 from pathlib import Path
 from typing import Any
@@ -374,7 +375,12 @@ def test_kaiming_init_from_scratch_only() -> None:
     plain = models.create("test_resnet", 3, pretrained=False)
     torch.manual_seed(0)
     he = models.create_from_config(ModelConfig(name="test_resnet", pretrained=False, init="kaiming"), 3)
-    assert not torch.equal(plain.fc.weight, he.fc.weight) and torch.count_nonzero(he.fc.bias) == 0
+    assert not torch.equal(plain.conv1[0].weight, he.conv1[0].weight) and torch.count_nonzero(he.fc.bias) == 0
+    assert he.fc.weight.std() < 0.02  # small first logits
+    cnn = models.create("simple_cnn", 10, pretrained=False, init="kaiming").eval()
+    with torch.no_grad():
+        loss = nn.functional.cross_entropy(cnn(torch.randn(16, 3, 32, 32)), torch.arange(16) % 10)
+    assert abs(loss.item() - math.log(10)) < 0.5
     assert all(torch.all(m.weight == 1) for m in he.modules() if isinstance(m, nn.BatchNorm2d))
     with pytest.raises(KpipeError, match="model.pretrained=false"):
         models.create("test_resnet", 3, pretrained=True, init="kaiming")

@@ -342,15 +342,25 @@ def _simple_cnn(num_classes: int, download: bool, act: str, drop_rate: float, ex
 
 
 def kaiming_init(model: nn.Module) -> None:
-    """model.init=kaiming: He-normal conv and linear weights (fan_out, ReLU gain), zero biases, BN/GN/LN
-    at weight 1 and bias 0. For from-scratch comparisons where the backbone's own init is not wanted."""
-    for m in model.modules():
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+    """model.init=kaiming: He-normal weights (convolutions fan_out, linear layers fan_in, ReLU gain), zero
+    biases, norm layers at weight 1 and bias 0, and the classifier at N(0, 0.01) so the first logits are
+    small (He-scaled logits start the loss near 15 instead of log(classes)). For from-scratch comparisons
+    where the backbone's own init is not wanted."""
+    head = _classifier_prefixes(model)
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear) and f"{name}.".startswith(head):
+            nn.init.normal_(m.weight, std=0.01)
+        elif isinstance(m, nn.Linear):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
         elif isinstance(m, (_BatchNorm, nn.GroupNorm, nn.LayerNorm)) and m.weight is not None:
             nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+            continue
+        else:
+            continue
+        if m.bias is not None:
             nn.init.zeros_(m.bias)
 
 
