@@ -8,9 +8,11 @@ without internet), a weight re-initialisation for from-scratch runs and frozen s
 the model's top-level children with parameters (timm ResNets: conv1, bn1, layer1..layer4, fc;
 GoogLeNet: conv1, conv2, conv3, inception3, inception4, inception5, fc; simple_cnn: block1..block3,
 fc1..fc3); AlexNet and VGG, whose convolutions sit in one `features` Sequential, get one stage per
-pooling block (block1..block5) and one per linear layer of their classifier (fc1..fc3), the names
-torchvision's weights files keep. `freeze_until="layer4"` freezes every stage before layer4. Frozen BatchNorm layers must also stop updating their running statistics:
-call `train_mode(model)` instead of `model.train()` at the start of every epoch.
+pooling block (block1..block5) and one per linear layer of their classifier (fc1..fc3); their
+modules keep torchvision's paths (features.0, classifier.6), so torchvision's weights files load.
+`freeze_until="layer4"` freezes every stage before layer4. Frozen BatchNorm layers must also stop
+updating their running statistics: call `train_mode(model)` instead of `model.train()` at the start
+of every epoch.
 `default_input_size` reads the input size from timm's pretrained config without building anything.
 Usage: ``model = create("resnet50", 5, pretrained=True, freeze_until="layer4")``.
 """
@@ -189,6 +191,7 @@ def _check_kwargs(kwargs: dict[str, Any], drop_rate: float, act: str) -> dict[st
         raise KpipeError(f"model.kwargs.{reserved[0]}: kpipe sets '{reserved[0]}' itself; remove it from "
                          "model.kwargs (model.pretrained, model.weights and the data's classes decide it).")
     for key, setting, is_set in (("drop_rate", "model.drop_rate", bool(drop_rate)),
+                                 ("dropout", "model.drop_rate", bool(drop_rate)),  # torchvision's name for it
                                  ("act_layer", "model.act", act != "default")):
         if key in kwargs and is_set:
             raise KpipeError(f"model.kwargs.{key} and {setting} both set the same thing; keep one.")
