@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from kpipe import paths
-from kpipe.config import load_config, load_run_config
+from kpipe.config import load_config, load_run_config, validate
 from kpipe.errors import KpipeError
 from kpipe.io import write_yaml
 
@@ -115,3 +115,22 @@ def test_shipped_configs_load() -> None:
     for exp in sorted((root / "exp").glob("*.yaml")):
         for comp in sorted((root / "competition").glob("*.yaml")):
             load_config(exp, comp)
+
+
+def test_aug_is_a_preset_or_a_list_of_ops(comp: Path) -> None:
+    assert load_config(None, comp, ["data.aug=medium"]).data.aug == "medium"
+    assert load_config(None, comp, ["data.aug=hflip,rotate"]).data.aug == ["hflip", "rotate"]
+    assert load_config(None, comp, ["data.aug=[hflip, color_jitter]"]).data.aug == ["hflip", "color_jitter"]
+    assert load_config(None, comp, ["data.aug=grayscale"]).data.aug == ["grayscale"]
+    assert load_config(None, comp, ["data.aug=[]"]).data.aug == []
+    with pytest.raises(KpipeError, match=r"unknown augmentation 'rotat' \(did you mean 'rotate'\?\).*hflip"):
+        load_config(None, comp, ["data.aug=hflip,rotat"])
+    with pytest.raises(KpipeError, match="unknown augmentation 'medium'"):  # presets are not ops
+        load_config(None, comp, ["data.aug=hflip,medium"])
+    with pytest.raises(KpipeError, match="twice"):
+        load_config(None, comp, ["data.aug=hflip,hflip"])
+    with pytest.raises(KpipeError, match="data.hflip=false"):
+        load_config(None, comp, ["data.aug=hflip", "data.hflip=false"])
+    cfg = load_config(None, comp, ["data.aug=crop,hflip", "data.sampling=undersample",
+                                   "model.kwargs={drop_path_rate: 0.1}", "model.init=kaiming"])
+    assert validate(cfg.to_dict()) == cfg

@@ -7,6 +7,7 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from kpipe.data import transforms
@@ -76,3 +77,46 @@ def test_dataset_over_a_view_or_an_array_pickles_its_data(tmp_path: Path) -> Non
     for cache in (mapped[3:7], mapped[::2], ARR):  # not a whole-file mapping: its rows go by value
         ds = ImageDataset(["x"] * len(cache), None, tf, cache)
         np.testing.assert_array_equal(pickle.loads(pickle.dumps(ds)).cache, cache)
+
+
+def _drawn_counts(sampling: str, labels: np.ndarray, epoch: int = 0) -> np.ndarray:
+    from kpipe.data.loader import balanced_weights
+
+    rows = np.arange(100, 100 + len(labels))  # dataset rows of the fold: labels[i] belongs to rows[i]
+    weights = balanced_weights(labels, 3) if sampling == "weighted" else None
+    resample = sampling if sampling in ("oversample", "undersample") else "none"
+    sampler = EpochSampler(rows, 5, weights=weights, labels=labels, resample=resample)
+    sampler.set_epoch(epoch)
+    drawn = np.array(list(sampler))
+    assert len(drawn) == len(sampler) and set(drawn) <= set(rows)
+    return np.bincount(labels[drawn - 100], minlength=3)
+
+
+def test_class_counts_drawn_per_epoch() -> None:
+    labels = np.array([0] * 60 + [1] * 30 + [2] * 6)  # mean class count 32
+    assert _drawn_counts("none", labels).tolist() == [60, 30, 6]
+    assert _drawn_counts("oversample", labels).tolist() == [60, 32, 32]  # only classes below the mean grow
+    assert _drawn_counts("undersample", labels).tolist() == [32, 30, 6]  # only classes above it shrink
+    w = _drawn_counts("weighted", labels)
+    assert w.sum() == 96 and w.min() > 20  # each class about a third
+    # undersampling keeps a fresh subset each epoch; oversampling keeps every original image
+    rows = np.arange(100, 196)
+    over = EpochSampler(rows, 5, labels=labels, resample="undersample")
+    firsts = []
+    for epoch in (0, 1):
+        over.set_epoch(epoch)
+        firsts.append({r for r in over if labels[r - 100] == 0})
+    assert firsts[0] != firsts[1]
+    up = EpochSampler(rows, 5, labels=labels, resample="oversample")
+    assert set(up) == set(rows.tolist())
+
+
+def test_sampling_config() -> None:
+    from kpipe.config import DataConfig
+
+    assert DataConfig(balanced_sampling=True).sampling_mode == "weighted"
+    assert DataConfig(sampling="oversample").sampling_mode == "oversample"
+    with pytest.raises(ValueError, match="contradict"):
+        DataConfig(balanced_sampling=True, sampling="undersample")
+    with pytest.raises(ValueError, match="oversample"):
+        DataConfig(sampling="over")

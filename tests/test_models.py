@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import urllib.error
 from pathlib import Path
 from typing import Any
@@ -264,3 +265,122 @@ def test_default_input_size_names_a_wrong_model() -> None:
         models.default_input_size(ModelConfig(name="resnet81"))
     with pytest.raises(KpipeError, match="bogus"):
         models.default_input_size(ModelConfig(name="resnet18.bogus"))
+
+
+# ---------------------------------------------------------------- torchvision AlexNet/VGG, simple_cnn, kwargs, init
+
+NEW_NAMES = (*models.TV_PLAIN, "simple_cnn")
+STAGES = {
+    "alexnet": ["block1", "block2", "block3", "fc1", "fc2", "fc3"],
+    "vgg": ["block1", "block2", "block3", "block4", "block5", "fc1", "fc2", "fc3"],
+    "simple_cnn": ["block1", "block2", "block3", "fc1", "fc2", "fc3"],
+}
+
+
+@pytest.mark.parametrize("name", NEW_NAMES)
+def test_new_models_build_with_stages_head_and_preprocessing(name: str) -> None:
+    with torch.device("meta"):  # VGG19 is 140M parameters: shapes and structure only
+        model = models.create(name, 5, pretrained=False)
+        assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 5)
+    assert models.stage_names(model) == STAGES[name if name in STAGES else "vgg"]
+    head = model.fc3 if name == "simple_cnn" else model.classifier[6]
+    assert head.out_features == 5 and set(models.stage_modules(model)) == set(models.stage_names(model))
+    d = models.resolve_data_config(model, DataConfig())
+    assert d["img_size"] == 224 and d["mean"] == timm.data.IMAGENET_DEFAULT_MEAN
+    assert models.default_input_size(ModelConfig(name=name)) == 224
+
+
+@pytest.mark.parametrize(("name", "size", "stage"), [("alexnet", 64, "block3"), ("vgg11_bn", 32, "block5"),
+                                                     ("simple_cnn", 32, "block3")])
+def test_new_models_train_one_step_frozen_and_predict(name: str, size: int, stage: str) -> None:
+    model = models.create(name, 3, pretrained=False, freeze_until=stage)
+    total, trainable = models.param_counts(model)
+    assert 0 < trainable < total
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    models.train_mode(model)
+    nn.functional.cross_entropy(model(torch.randn(4, 3, size, size)), torch.tensor([0, 1, 2, 0])).backward()
+    opt.step()
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(after[k], before[k])}
+    stages = models._stages(model)
+    frozen_paths = tuple(f"{p}." for s in models.stage_names(model)[: models.stage_names(model).index(stage)]
+                         for p in stages[s])
+    frozen = {k for k in before if k.startswith(frozen_paths)}
+    assert frozen and not frozen & changed  # weights and BN running stats unchanged
+    assert any(k.startswith(tuple(f"{p}." for p in stages[stage])) for k in changed)
+    assert _forward(model, size).shape == (2, 3)
+    models.set_frozen(model, stage, False)
+    assert models.param_counts(model)[1] == total
+
+
+def test_alexnet_names_its_smallest_input() -> None:
+    a = models.create("alexnet", 3, pretrained=False)
+    assert models.resolve_data_config(a, DataConfig(img_size=63))["img_size"] == 63
+    assert _forward(a, 63).shape == (2, 3)
+    with pytest.raises(KpipeError, match="too small for alexnet"):
+        models.resolve_data_config(a, DataConfig(img_size=32))
+
+
+def test_torchvision_weights_file_keeps_features_and_resets_head(tmp_path: Path) -> None:
+    tv = torchvision.models.alexnet(weights=None)  # what AlexNet_Weights.IMAGENET1K_V1 holds: 1000 classes
+    torch.save(tv.state_dict(), tmp_path / "alexnet.pth")
+    a = models.create("alexnet", 4, weights=tmp_path / "alexnet.pth")
+    assert a.classifier[6].out_features == 4
+    assert torch.equal(a.features[3].weight, tv.features[3].weight) and torch.equal(a.classifier[4].weight,
+                                                                                     tv.classifier[4].weight)
+
+
+def test_torchvision_download_failure_names_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(*args: Any, **kwargs: Any) -> None:
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", offline)
+    with pytest.raises(KpipeError, match=r"model.weights=<file>.*vgg16_bn-6c64b313.pth"), torch.device("meta"):
+        models.create("vgg16_bn", 3, pretrained=True)
+
+
+def test_simple_cnn_has_no_pretrained_weights() -> None:
+    with pytest.raises(KpipeError, match="simple_cnn has no pretrained weights"):
+        models.create("simple_cnn", 3, pretrained=True)
+    small = models.create("simple_cnn", 3, pretrained=False, kwargs={"width": 8, "hidden": 32}, act="silu")
+    assert small.block1[0].out_channels == 8 and isinstance(small.block1[2], nn.SiLU)
+
+
+def test_kwargs_reach_the_backbone() -> None:
+    m = models.create_from_config(ModelConfig(name="test_resnet", pretrained=False,
+                                              kwargs={"drop_path_rate": 0.2, "norm_layer": "groupnorm1"}), 3)
+    assert isinstance(m.bn1, nn.GroupNorm)
+    assert any(type(x).__name__ == "DropPath" and x.drop_prob > 0 for x in m.modules())
+    with torch.device("meta"):
+        v = models.create("vgg11", 3, pretrained=False, kwargs={"dropout": 0.1})
+    assert v.classifier[2].p == 0.1
+
+
+def test_wrong_kwargs_fail_naming_the_key() -> None:
+    with pytest.raises(KpipeError, match=r"'test_resnet' does not take model.kwargs.drop_ratio=0.1"):
+        models.create("test_resnet", 3, pretrained=False, kwargs={"drop_ratio": 0.1})
+    with pytest.raises(KpipeError, match=r"'vgg11' does not take model.kwargs.drop_path_rate"), torch.device("meta"):
+        models.create("vgg11", 3, pretrained=False, kwargs={"drop_path_rate": 0.1})
+    with pytest.raises(KpipeError, match=r"norm_layer.*instancenorm"):
+        models.create("test_resnet", 3, pretrained=False, kwargs={"norm_layer": "instancenorm"})
+    with pytest.raises(KpipeError, match="num_classes"):
+        models.create("test_resnet", 3, pretrained=False, kwargs={"num_classes": 3})
+    with pytest.raises(KpipeError, match="model.drop_rate both"):
+        models.create("test_resnet", 3, pretrained=False, drop_rate=0.1, kwargs={"drop_rate": 0.2})
+
+
+def test_kaiming_init_from_scratch_only() -> None:
+    torch.manual_seed(0)
+    plain = models.create("test_resnet", 3, pretrained=False)
+    torch.manual_seed(0)
+    he = models.create_from_config(ModelConfig(name="test_resnet", pretrained=False, init="kaiming"), 3)
+    assert not torch.equal(plain.conv1[0].weight, he.conv1[0].weight) and torch.count_nonzero(he.fc.bias) == 0
+    assert he.fc.weight.std() < 0.02  # small first logits
+    cnn = models.create("simple_cnn", 10, pretrained=False, init="kaiming").eval()
+    with torch.no_grad():
+        loss = nn.functional.cross_entropy(cnn(torch.randn(16, 3, 32, 32)), torch.arange(16) % 10)
+    assert abs(loss.item() - math.log(10)) < 0.5
+    assert all(torch.all(m.weight == 1) for m in he.modules() if isinstance(m, nn.BatchNorm2d))
+    with pytest.raises(KpipeError, match="model.pretrained=false"):
+        models.create("test_resnet", 3, pretrained=True, init="kaiming")

@@ -57,3 +57,41 @@ def test_sweep_trains_skips_and_resumes(tmp_path: Path, tiny_comp: Path) -> None
     assert runs[0].cv.stat().st_mtime_ns == done_cv
     assert runs[1].fold(0).last.stat().st_mtime_ns == fold0
     assert sweep.is_finished(runs[1]) and runs[1].fold(1).oof.is_file()
+
+
+def test_sweep_on_several_gpus_runs_one_process_per_run(tmp_path: Path, tiny_comp: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from kpipe import cli, launch
+    from kpipe.config import load_config
+    from kpipe.stages import folds
+
+    exp = tmp_path / "tiny_exp.yaml"
+    exp.write_text(yaml.safe_dump(TINY_EXP))
+    fixed = [f"paths.{k}={tmp_path / k.split('_')[0]}" for k in
+             ("data_root", "folds_dir", "runs_dir", "predictions_dir", "submissions_dir")]
+    fixed += [f"data.cache_dir={tmp_path / 'cache'}", "train.folds=0"]
+    folds.run(load_config(exp, tiny_comp, fixed))
+    seen: list[tuple[list[str], int]] = []
+
+    def in_process(jobs: list[tuple[str, list[str], Path]], gpus: int) -> list[str]:
+        # What each GPU's process would run, here one after another (no GPUs on CI).
+        for label, args, log in jobs:
+            assert log == tmp_path / "runs" / label / "train.log" and args[-1] == "--resume"
+            assert cli.main(args) == 0
+        seen.extend((args, gpus) for _, args, _ in jobs)
+        return []
+
+    monkeypatch.setattr(launch, "run_per_gpu", in_process)
+    names = sweep.run(str(exp), str(tiny_comp), [*fixed, "train.optimizer=sgd|adamw"], gpus=2)
+    assert all(args[:5] == ["train", "-c", str(exp), "--comp", str(tiny_comp)] for args, _ in seen)
+    assert len(seen) == 2 and {g for _, g in seen} == {2}
+    assert all(f"name={n}" in args for n, (args, _) in zip(names, seen, strict=True))
+    assert all((tmp_path / "runs" / n / "oof.csv").is_file() for n in names)
+
+
+def test_run_per_gpu_queues_jobs_and_reports_failures(tmp_path: Path) -> None:
+    from kpipe import launch
+
+    jobs = [(f"job{i}", ["--help"] if i != 1 else ["no-such-command"], tmp_path / f"job{i}.log") for i in range(3)]
+    assert launch.run_per_gpu(jobs, 2) == ["job1"]
+    assert "usage" in (tmp_path / "job0.log").read_text() and "invalid choice" in (tmp_path / "job1.log").read_text()

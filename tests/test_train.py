@@ -11,6 +11,7 @@ import torch
 
 from conftest import tiny_config, write_competition
 from kpipe import paths
+from kpipe.config import load_run_config
 from kpipe.data import folds as folds_lib
 from kpipe.errors import Interrupted, KpipeError
 from kpipe.nn import engine, predict
@@ -100,6 +101,15 @@ def test_googlenet_goes_through_the_same_loop(tmp_path: Path) -> None:
     cfg = _setup(tmp_path, ["model.name=googlenet", "model.small_stem=true", "train.epochs=1", "train.folds=0"])
     result = train.run(cfg)
     assert result["n_oof"] == 9
+
+
+def test_baseline_cnn_with_resampling_and_an_aug_list(tmp_path: Path) -> None:
+    cfg = _setup(tmp_path, ["model.name=simple_cnn", "model.init=kaiming", "model.kwargs={width: 8, hidden: 32}",
+                            "train.epochs=1", "train.folds=0", "data.sampling=oversample",
+                            "data.aug=hflip,rotate,color_jitter"])
+    assert train.run(cfg)["n_oof"] == 9
+    saved = load_run_config(paths.run_dir(cfg).root)
+    assert saved.data.aug == ["hflip", "rotate", "color_jitter"] and saved.model.kwargs["width"] == 8
 
 
 def test_schedules_optimisers_and_extras_run(tmp_path: Path) -> None:

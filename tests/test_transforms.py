@@ -140,3 +140,29 @@ def test_batch_augment_class_gives_normalised_float_batches() -> None:
     # "none": no crop, no flip, exactly the normalised input
     plain = T.BatchAugment("none", 16, MEAN, STD)(x)
     assert torch.allclose(plain, T.Normalize(MEAN, STD)(x))
+
+
+def test_aug_list_form_adds_one_op_at_a_time() -> None:
+    from kpipe.data.presets import NOTHING, compose, resolve
+    from kpipe.registry import AUG_OPS
+
+    assert resolve([]) == NOTHING == AUG_PRESETS.get("none") and resolve([]).is_identity
+    p = resolve(["hflip", "rotate"])
+    assert p.flip and not p.crop and p.rotate == 15 and p.affine_p == 0.5 and p.jitter_p == 0
+    assert compose(["rotate", "shear"]).affine_p == 0.5 and compose(["rotate", "shear"]).shear == 10
+    names = lambda aug: [type(t).__name__ for t in T.build_train(aug, 32).transforms]  # noqa: E731
+    assert names([]) == ["Resize", "ToTensorV2"]
+    assert names(["hflip"]) == ["Resize", "HorizontalFlip", "ToTensorV2"]
+    assert names(["crop", "hflip", "color_jitter", "grayscale"]) == [
+        "RandomResizedCrop", "HorizontalFlip", "ColorJitter", "ToGray", "ToTensorV2"]
+    for op in AUG_OPS.names():  # every op builds and ships uint8 CHW, per image and (flips, crop) per batch
+        x = T.build_train([op], 32)(image=_img())["image"]
+        assert x.shape == (3, 32, 32) and x.dtype == torch.uint8
+        y = T.BatchAugment([op], 32, MEAN, STD)(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
+        assert y.shape == (2, 3, 32, 32) and y.dtype == torch.float32
+    # flip alone: the batch op flips without cropping (ratio and scale fixed at 1)
+    b = T.BatchAugment(["hflip"], 32, (0, 0, 0), (1 / 255,) * 3)
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    y = b(x).round().to(torch.uint8)
+    same = [torch.equal(y[i], x[i]) or torch.equal(y[i], x[i].flip(-1)) for i in range(len(x))]
+    assert all(same) and not torch.equal(y, x)

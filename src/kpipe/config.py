@@ -22,7 +22,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kpipe.errors import KpipeError
-from kpipe.registry import AUG_PRESETS, METRICS, OPTIMIZERS, SCHEDULERS, Registry
+from kpipe.registry import AUG_OPS, AUG_PRESETS, METRICS, OPTIMIZERS, SCHEDULERS, Registry
 
 CMDLINE = "command line"
 _UNSAFE_CHARS = re.compile(r"[/\\\x00-\x1f\x7f]")
@@ -61,6 +61,25 @@ def Choice(registry: Registry) -> AfterValidator:  # noqa: N802 (reads as a type
     return AfterValidator(check)
 
 
+def _check_aug(value: str | list[str]) -> str | list[str]:
+    """data.aug: a preset name, or a list of distinct op names (kpipe.data.presets). 'hflip,rotate' (the
+    command line's form) is a list too, and a single op name a one-op list."""
+    presets, ops = AUG_PRESETS.names(), AUG_OPS.names()
+    if isinstance(value, str):
+        if value in presets:
+            return value
+        value = [a.strip() for a in value.split(",") if a.strip()]
+    for name in value:
+        if name not in ops:
+            close = difflib.get_close_matches(name, [*presets, *ops], n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ValueError(f"unknown augmentation '{name}'{hint}: data.aug is a preset ({', '.join(presets)}) "
+                             f"or a list of ops ({', '.join(ops)})")
+    if len(set(value)) != len(value):
+        raise ValueError(f"data.aug lists an op twice: {value}")
+    return value
+
+
 class Section(BaseModel):
     """Base of every section: unknown keys rejected, values frozen after loading."""
 
@@ -75,13 +94,17 @@ class Section(BaseModel):
         out = dict(data)
         for key, value in data.items():
             field = cls.model_fields.get(key)
-            if field is None or not _is_list_type(field.annotation):
-                continue
+            if field is None or not _is_list_type(field.annotation) or _accepts_str(field.annotation):
+                continue  # a key that takes a string as well as a list (data.aug) splits it itself
             if isinstance(value, str):
                 out[key] = [v.strip() for v in value.split(",") if v.strip()]
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
                 out[key] = [value]  # `train.folds=0` arrives as the number 0
         return out
+
+
+def _accepts_str(tp: Any) -> bool:
+    return tp is str or (typing.get_origin(tp) in (Union, types.UnionType) and str in typing.get_args(tp))
 
 
 def _is_list_type(tp: Any) -> bool:
@@ -115,7 +138,8 @@ class CompetitionConfig(Section):
 
 
 class ModelConfig(Section):
-    name: str = "resnet18"  # any timm name, or "googlenet" (torchvision)
+    # any timm name; googlenet, alexnet, vgg11..vgg19(_bn) (torchvision); simple_cnn (kpipe's plain baseline)
+    name: str = "resnet18"
     pretrained: bool = True
     weights: str | None = None  # local state dict or checkpoint; used instead of a download
     freeze_until: str | None = None  # stage name: every stage before it is frozen (e.g. "layer4")
@@ -123,20 +147,40 @@ class ModelConfig(Section):
     act: Literal["default", "relu", "leaky_relu", "silu"] = "default"
     small_stem: bool = False  # 3x3 stride-1 stem, no max-pool, for 32-64 px inputs
     drop_rate: float = 0.0
+    # more constructor arguments for the backbone (timm: drop_path_rate, norm_layer, ...; torchvision: dropout)
+    kwargs: dict[str, Any] = {}
+    init: Literal["default", "kaiming"] = "default"  # kaiming: re-initialise every weight (from scratch only)
 
 
 class DataConfig(Section):
     img_size: int | None = None  # default: the model's input size
     mean: list[float] | None = None  # default: the model's normalisation
     std: list[float] | None = None
-    aug: Annotated[str, Choice(AUG_PRESETS)] = "light"  # kpipe.data.presets
+    # a preset name, or a list of single ops ([hflip, rotate] or "hflip,rotate"); kpipe.data.presets
+    aug: Annotated[str | list[str], AfterValidator(_check_aug)] = "light"
     hflip: bool = True  # false where a mirror changes the class (digits, text, left/right anatomy)
     batch_aug: bool = False  # flips + resized crop on whole uint8 batches (needs cache); see README
     cache: bool = False  # decode once: images resized to img_size, uint8, memory-mapped
     cache_dir: str = "cache"
     batch_size: int = Field(32, ge=1)
     num_workers: int = Field(2, ge=0)
-    balanced_sampling: bool = False
+    # none | weighted (each class equally likely) | oversample / undersample (to the mean class count)
+    sampling: Literal["none", "weighted", "oversample", "undersample"] = "none"  # kpipe.data.loader.SAMPLINGS
+    balanced_sampling: bool = False  # the older spelling of sampling=weighted
+
+    @model_validator(mode="after")
+    def _one_sampling(self) -> DataConfig:
+        if self.balanced_sampling and self.sampling not in ("none", "weighted"):
+            raise ValueError(f"data.balanced_sampling=true (weighted) and data.sampling={self.sampling} "
+                             "contradict each other; keep data.sampling only")
+        if isinstance(self.aug, list) and "hflip" in self.aug and not self.hflip:
+            raise ValueError("data.aug lists hflip but data.hflip=false forbids flips; drop one of them")
+        return self
+
+    @property
+    def sampling_mode(self) -> str:
+        """data.sampling, with balanced_sampling=true read as weighted."""
+        return "weighted" if self.balanced_sampling else self.sampling
 
 
 class TrainConfig(Section):

@@ -1,9 +1,10 @@
-"""Launchers for several GPUs: `kpipe train --gpus N` under torchrun, and `--fold-per-gpu`.
+"""Launchers for several GPUs: `kpipe train --gpus N` under torchrun, `--fold-per-gpu`, and the queue
+`run_per_gpu` that `--fold-per-gpu` and `kpipe sweep` share.
 
 `--gpus N` re-runs the same command line under torchrun (DDP, one process per GPU); `--fold-per-gpu`
 starts one `kpipe train` process per visible GPU, each pinned with CUDA_VISIBLE_DEVICES and given the
-next fold, then gathers the folds' OOF as a single-process run would. Part of the interface layer: it
-reads the command line it re-runs.
+next fold, then gathers the folds' OOF as a single-process run would; `kpipe sweep` on several GPUs
+trains one run per GPU the same way. Part of the interface layer: it reads the command line it re-runs.
 Usage: ``kpipe train -c configs/exp/resnet50.yaml --comp demo --gpus 4``
 """
 
@@ -14,6 +15,7 @@ import shlex
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,6 +50,41 @@ def torchrun(gpus: int, argv: list[str]) -> int:
     return subprocess.call(cmd)
 
 
+def gpu_count() -> int:
+    return torch.cuda.device_count()
+
+
+def run_per_gpu(jobs: list[tuple[str, list[str], Path]], gpus: int) -> list[str]:
+    """Run each job (label, kpipe arguments, log file) as `python -m kpipe ARGS`, one at a time per GPU.
+
+    Each process sees one GPU (CUDA_VISIBLE_DEVICES); a GPU takes the next job as soon as its last one
+    ends. Output goes to the job's log file. Returns the labels of the jobs that failed.
+    """
+    queue, free = list(jobs), list(range(max(gpus, 1)))
+    running: dict[int, tuple[str, subprocess.Popen, Any]] = {}
+    failed: list[str] = []
+    while queue or running:
+        while queue and free:
+            gpu, (label, args, log_path) = free.pop(0), queue.pop(0)
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 (closed when the job ends)
+            running[gpu] = (label, subprocess.Popen([sys.executable, "-m", "kpipe", *args],
+                                                    env={**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)},
+                                                    stdout=log, stderr=subprocess.STDOUT), log)
+            console.print(f"{safe(label)} started on GPU {gpu} (log: {safe(log_path)})")
+        for gpu, (label, proc, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[gpu]
+            free.append(gpu)
+            if proc.returncode:
+                failed.append(label)
+            console.print(f"{safe(label)} {'failed' if proc.returncode else 'finished'} (exit {proc.returncode})")
+        time.sleep(0.5)
+    return failed
+
+
 def fold_per_gpu(cfg: Config, argv: list[str]) -> int:
     """One process per visible GPU, one fold each (CUDA_VISIBLE_DEVICES), then the usual oof.csv.
 
@@ -57,29 +94,9 @@ def fold_per_gpu(cfg: Config, argv: list[str]) -> int:
     df, classes = load_fold_table(cfg)
     fold_ids = cfg.train.folds if cfg.train.folds is not None else sorted(df["fold"].unique().tolist())
     base = [a for a in argv if a != "--resume"]  # "train", then the user's options and overrides
-    queue, free = list(fold_ids), list(range(max(torch.cuda.device_count(), 1)))
-    running: dict[int, tuple[int, subprocess.Popen, Any]] = {}
-    failed: list[int] = []
-    while queue or running:
-        while queue and free:
-            gpu, k = free.pop(0), queue.pop(0)
-            log_path = paths.run_dir(cfg).fold(k).log
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 (closed when the fold ends)
-            cmd = [sys.executable, "-m", "kpipe", *base, "--resume", f"train.folds={k}"]
-            running[gpu] = (k, subprocess.Popen(cmd, env={**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)},
-                                                stdout=log, stderr=subprocess.STDOUT), log)
-            console.print(f"fold {k} started on GPU {gpu} (log: {log_path})")
-        for gpu, (k, proc, log) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            log.close()
-            del running[gpu]
-            free.append(gpu)
-            if proc.returncode:
-                failed.append(k)
-            console.print(f"fold {k} {'failed' if proc.returncode else 'finished'} (exit {proc.returncode})")
-        time.sleep(0.5)
+    jobs = [(f"fold {k}", [*base, "--resume", f"train.folds={k}"], paths.run_dir(cfg).fold(k).log)
+            for k in fold_ids]
+    failed = [int(label.split()[-1]) for label in run_per_gpu(jobs, gpu_count())]
     if failed:
         console.print(f"[red]folds {sorted(failed)} failed; see fold<k>/train.log. Re-run one alone with:[/] "
                       + safe(f"kpipe {shlex.join(base)} --resume train.folds={sorted(failed)[0]}"), soft_wrap=True)

@@ -147,6 +147,11 @@ class RunDir:
         return self.root / "cv.json"
 
     @property
+    def log(self) -> Path:
+        """The run's output when a launcher trains it in its own process (kpipe sweep, one run per GPU)."""
+        return self.root / "train.log"
+
+    @property
     def run_json(self) -> Path:
         """Facts of the run that the config does not hold: parameter counts, wall time per fold."""
         return self.root / "run.json"

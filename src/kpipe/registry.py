@@ -66,4 +66,5 @@ METRICS: Registry[Callable[..., float]] = Registry("metric", "kpipe.eval.metrics
 OPTIMIZERS: Registry[Callable[..., Any]] = Registry("optimizer", "kpipe.nn.optim")
 SCHEDULERS: Registry[Callable[..., Any]] = Registry("scheduler", "kpipe.nn.optim")
 AUG_PRESETS: Registry[Any] = Registry("augmentation preset", "kpipe.data.presets")
+AUG_OPS: Registry[Any] = Registry("augmentation op", "kpipe.data.presets")  # data.aug's list form
 TTA_VIEWS: Registry[Callable[..., Any]] = Registry("TTA view", "kpipe.nn.tta")

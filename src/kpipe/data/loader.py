@@ -10,7 +10,8 @@ normalises (transforms.Normalize). A dataset over the cache memmap pickles as th
 layout, so a worker started with `spawn` (macOS, Windows) maps the file itself instead of receiving a
 copy of every image. The sampler owns the epoch's order, seeded by (seed, epoch),
 so a run resumed mid-epoch replays the same order and skips what was done, and a DDP rank takes
-its own shard (class-balanced sampling too).
+its own shard (class-balanced sampling too: weighted draws, or over/under-sampling to the mean
+class count, `SAMPLINGS`).
 
 Usage: ``ds = ImageDataset(paths, labels, tf); dl = make_loader(ds, EpochSampler(train_rows, 42), 32, 2)``
 """
@@ -27,6 +28,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kpipe.data.image import ImageReadError, read_rgb
 from kpipe.data.transforms import seed_worker
+from kpipe.errors import KpipeError
+
+# data.sampling: how an epoch treats unequal classes. weighted: n draws with replacement, each class
+# equally likely; oversample: every class below the mean count drawn up to it (with replacement, all
+# its images kept); undersample: every class above the mean count cut to a fresh random subset of it.
+SAMPLINGS = ("none", "weighted", "oversample", "undersample")
 
 
 class ImageDataset(Dataset):
@@ -110,7 +117,8 @@ class _MappedRef:
 
 class EpochSampler(Sampler[int]):
     """The epoch's order over `indices` (a fold's rows of the dataset): seeded by seed + epoch;
-    optionally class-balanced; sharded per rank.
+    optionally class-balanced (`weights` per index; or `labels` per index with `resample`
+    "oversample"/"undersample", which changes the epoch's length to a fixed one); sharded per rank.
 
     Training (`pad=True`) pads the order so every rank gets the same count (DDP steps must match);
     evaluation (`pad=False`) shards without padding so each sample is predicted exactly once.
@@ -126,10 +134,25 @@ class EpochSampler(Sampler[int]):
         rank: int = 0,
         world: int = 1,
         pad: bool = True,
+        labels: np.ndarray | None = None,
+        resample: str = "none",
     ) -> None:
         self.indices = np.asarray(indices, dtype=np.int64)
         self.n, self.seed, self.shuffle = len(self.indices), seed, shuffle
         self.weights = torch.as_tensor(weights, dtype=torch.double) if weights is not None else None
+        self.groups: list[np.ndarray] = []  # positions in `indices` of each class, for resample
+        self.target = 0  # the mean class count every class is brought to (up or down)
+        if resample not in ("none", "oversample", "undersample"):
+            raise KpipeError(f"data.sampling='{resample}' is not one of {', '.join(SAMPLINGS)}.")
+        self.resample = resample
+        if resample != "none":
+            if labels is None or len(labels) != self.n:
+                raise ValueError("resample needs one label per index")
+            labels = np.asarray(labels)
+            self.groups = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+            self.target = max(round(self.n / len(self.groups)), 1) if self.groups else 0
+            keep = max if resample == "oversample" else min
+            self.n = sum(keep(len(g), self.target) for g in self.groups)
         self.rank, self.world, self.pad = rank, world, pad
         self.epoch, self.start = 0, 0
 
@@ -138,7 +161,9 @@ class EpochSampler(Sampler[int]):
 
     def order(self) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
-        if self.weights is not None:
+        if self.resample != "none":
+            idx = self._resampled(g)
+        elif self.weights is not None:
             idx = torch.multinomial(self.weights, self.n, replacement=True, generator=g)
         elif self.shuffle:
             idx = torch.randperm(self.n, generator=g)
@@ -147,6 +172,21 @@ class EpochSampler(Sampler[int]):
         if self.world > 1 and self.pad and self.n % self.world:
             idx = torch.cat([idx, idx[: self.world - self.n % self.world]])
         return self.indices[idx[self.rank :: self.world].numpy()].tolist()
+
+    def _resampled(self, g: torch.Generator) -> torch.Tensor:
+        """This epoch's positions: each class brought to the mean count (only up, or only down), shuffled."""
+        parts = []
+        for pos in self.groups:
+            have = len(pos)
+            if self.resample == "oversample" and have < self.target:
+                extra = torch.randint(have, (self.target - have,), generator=g).numpy()
+                parts.append(np.concatenate([pos, pos[extra]]))
+            elif self.resample == "undersample" and have > self.target:
+                parts.append(pos[torch.randperm(have, generator=g)[: self.target].numpy()])
+            else:
+                parts.append(pos)
+        chosen = torch.from_numpy(np.concatenate(parts))
+        return chosen[torch.randperm(len(chosen), generator=g)] if self.shuffle else chosen
 
     def __iter__(self):
         return iter(self.order()[self.start :])

@@ -30,24 +30,29 @@ import torch
 import torch.nn.functional as F
 from albumentations.pytorch import ToTensorV2
 
+from kpipe.data import presets
 from kpipe.data.presets import Preset
 from kpipe.errors import KpipeError
-from kpipe.registry import AUG_PRESETS
 
 
-def build_train(preset: str, img_size: int, hflip: bool = True) -> A.Compose:
-    """Training pipeline for the `data.aug` preset (kpipe.data.presets), ending in a uint8 CHW tensor.
+def build_train(preset: str | Sequence[str], img_size: int, hflip: bool = True) -> A.Compose:
+    """Training pipeline for `data.aug` (a preset name or a list of ops, kpipe.data.presets), ending in a
+    uint8 CHW tensor.
 
     hflip=False for classes a mirror changes (digits, text, left/right anatomy).
     """
-    p: Preset = AUG_PRESETS.get(preset)
-    if not p.crop:
+    p: Preset = presets.resolve(preset)
+    if p.is_identity:
         return build_eval(img_size)
     # area_for_downscale: antialiased (INTER_AREA) when the crop shrinks, bilinear when it grows.
     ops: list[Any] = [
-        A.RandomResizedCrop(size=(img_size, img_size), scale=(p.min_scale, 1.0), area_for_downscale="image"),
-        A.HorizontalFlip(p=0.5 if hflip else 0.0),
+        A.RandomResizedCrop(size=(img_size, img_size), scale=(p.min_scale, 1.0), area_for_downscale="image")
+        if p.crop else A.Resize(img_size, img_size, interpolation=cv2.INTER_AREA),
     ]
+    if p.flip:
+        ops.append(A.HorizontalFlip(p=0.5 if hflip else 0.0))
+    if p.vflip:
+        ops.append(A.VerticalFlip(p=0.5))
     if p.affine_p:
         shear = {"shear": (-p.shear, p.shear)} if p.shear else {}
         ops.append(A.Affine(rotate=(-p.rotate, p.rotate), **shear, border_mode=cv2.BORDER_REFLECT_101, p=p.affine_p))
@@ -203,19 +208,21 @@ class BatchAugment:
     it is for when the loader, not the model, is the bottleneck (see README, Speed).
     """
 
-    def __init__(self, preset: str, img_size: int, mean: Sequence[float], std: Sequence[float],
+    def __init__(self, preset: str | Sequence[str], img_size: int, mean: Sequence[float], std: Sequence[float],
                  hflip: bool = True) -> None:
-        p: Preset = AUG_PRESETS.get(preset)
+        p: Preset = presets.resolve(preset)
         self.crop = p.crop
-        self.scale = (p.min_scale, 1.0)
-        self.hflip = 0.5 if hflip and p.crop else 0.0
+        self.scale = (p.min_scale, 1.0) if p.crop else (1.0, 1.0)
+        self.ratio = (3 / 4, 4 / 3) if p.crop else (1.0, 1.0)
+        self.hflip = 0.5 if hflip and p.flip else 0.0
+        self.vflip = 0.5 if p.vflip else 0.0
         self.size = img_size
         self.normalize = Normalize(mean, std)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.crop or self.hflip):
+        if not (self.crop or self.hflip or self.vflip):
             return self.normalize(x)
         # Bilinear sampling is linear with weights summing to 1, so normalising the sampled 0-255
         # floats equals sampling normalised ones: one pass fewer than a uint8 round trip.
-        y = _crop_flip(x, self.size, self.scale, (3 / 4, 4 / 3), self.hflip, 0.0, None)
+        y = _crop_flip(x, self.size, self.scale, self.ratio, self.hflip, self.vflip, None)
         return self.normalize.apply_(y)

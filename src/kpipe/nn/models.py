@@ -1,12 +1,18 @@
-"""Model construction: any timm model, plus torchvision's GoogLeNet, behind one interface.
+"""Model construction: any timm model, torchvision's GoogLeNet, AlexNet and VGG, and a small plain
+CNN baseline (`simple_cnn`), behind one interface.
 
 `create` builds the network with a fresh `num_classes` head, optionally a small stem for tiny
-inputs, another activation, pretrained weights (a timm/torchvision download, or a local file
-for machines without internet) and frozen stages. Stages are the model's top-level children
-with parameters (timm ResNets: conv1, bn1, layer1..layer4, fc; GoogLeNet: conv1, conv2,
-conv3, inception3, inception4, inception5, fc); `freeze_until="layer4"` freezes every stage
-before layer4. Frozen BatchNorm layers must also stop updating their running statistics:
-call `train_mode(model)` instead of `model.train()` at the start of every epoch.
+inputs, another activation, extra constructor arguments (`model.kwargs`: drop_path_rate,
+norm_layer, ...), pretrained weights (a timm/torchvision download, or a local file for machines
+without internet), a weight re-initialisation for from-scratch runs and frozen stages. Stages are
+the model's top-level children with parameters (timm ResNets: conv1, bn1, layer1..layer4, fc;
+GoogLeNet: conv1, conv2, conv3, inception3, inception4, inception5, fc; simple_cnn: block1..block3,
+fc1..fc3); AlexNet and VGG, whose convolutions sit in one `features` Sequential, get one stage per
+pooling block (block1..block5) and one per linear layer of their classifier (fc1..fc3); their
+modules keep torchvision's paths (features.0, classifier.6), so torchvision's weights files load.
+`freeze_until="layer4"` freezes every stage before layer4. Frozen BatchNorm layers must also stop
+updating their running statistics: call `train_mode(model)` instead of `model.train()` at the start
+of every epoch.
 `default_input_size` reads the input size from timm's pretrained config without building anything.
 Usage: ``model = create("resnet50", 5, pretrained=True, freeze_until="layer4")``.
 """
@@ -17,13 +23,19 @@ import difflib
 import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
 import torchvision
-from timm.data.constants import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+from timm.data.constants import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    IMAGENET_INCEPTION_MEAN,
+    IMAGENET_INCEPTION_STD,
+)
 from timm.layers import get_act_layer
 from timm.models import PretrainedCfg, get_pretrained_cfg
 from torch import nn
@@ -35,12 +47,20 @@ from kpipe.errors import KpipeError, preview
 log = logging.getLogger(__name__)
 
 GOOGLENET = "googlenet"
+SIMPLE_CNN = "simple_cnn"
+# torchvision models kpipe builds by these exact names (timm's own vgg* carry a tag: vgg16.tv_in1k).
+TV_PLAIN = ("alexnet", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")
+TORCHVISION = (GOOGLENET, *TV_PLAIN)
+OWN = (SIMPLE_CNN,)
+INITS = ("default", "kaiming")
+# kpipe sets these itself; model.kwargs may not.
+_RESERVED_KWARGS = ("num_classes", "pretrained", "weights", "pretrained_cfg")
 ACTS = ("default", "relu", "leaky_relu", "silu")
 # Keys other stacks add in front of parameter names: DDP/DataParallel, torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # torchvision's GoogLeNet weights carry auxiliary heads that kpipe does not build.
 _IGNORED_KEYS = ("aux1.", "aux2.")
-# GoogLeNet's preprocessing, in timm's pretrained-config form (see _googlenet for the 0.5 stats).
+# GoogLeNet's preprocessing, in timm's pretrained-config form (see _torchvision_model for the 0.5 stats).
 GOOGLENET_CFG: dict[str, Any] = {
     "input_size": (3, 224, 224),
     "interpolation": "bilinear",
@@ -50,6 +70,20 @@ GOOGLENET_CFG: dict[str, Any] = {
     "classifier": "fc",
     "first_conv": "conv1.conv",
 }
+# AlexNet's and VGG's preprocessing (torchvision's ImageNet transforms), same form.
+TV_PLAIN_CFG: dict[str, Any] = {
+    "input_size": (3, 224, 224),
+    "interpolation": "bilinear",
+    "mean": IMAGENET_DEFAULT_MEAN,
+    "std": IMAGENET_DEFAULT_STD,
+    "crop_pct": 0.875,
+    "classifier": "classifier.6",
+    "first_conv": "features.0",
+}
+ALEXNET_MIN_SIZE = 63
+# simple_cnn's: no pretrained weights, so nothing to match; ImageNet statistics and size keep it
+# comparable with the backbones it is a baseline for (data.img_size/mean/std override them).
+SIMPLE_CNN_CFG: dict[str, Any] = {**TV_PLAIN_CFG, "classifier": "fc3", "first_conv": "block1.0"}
 
 
 def create(
@@ -61,25 +95,40 @@ def create(
     act: str = "default",
     small_stem: bool = False,
     drop_rate: float = 0.0,
+    kwargs: dict[str, Any] | None = None,
+    init: str = "default",
 ) -> nn.Module:
     """Build `name` with a `num_classes` head.
 
     pretrained: download ImageNet weights (timm hub / torchvision) unless `weights` names a
     local file, which is then used instead: a state dict, a kpipe checkpoint ({"model": ...})
     or {"state_dict": ...}. Classifier weights whose shape differs are dropped (fresh head).
+    kwargs: more arguments for the backbone's constructor (timm create_model's drop_path_rate,
+    norm_layer, ...; torchvision's dropout); one the backbone does not take is a KpipeError naming it.
+    init="kaiming": re-initialise every weight (He normal), for from-scratch runs only.
     """
     if num_classes < 1:
         raise KpipeError(f"num_classes must be at least 1, got {num_classes}.")
     if act not in ACTS:
         raise KpipeError(f"model.act='{act}' is not one of {', '.join(ACTS)}.")
+    if init not in INITS:
+        raise KpipeError(f"model.init='{init}' is not one of {', '.join(INITS)}.")
+    if init != "default" and (pretrained or weights is not None):
+        raise KpipeError(f"model.init={init} re-initialises every weight, which would throw the pretrained "
+                         "weights away: set model.pretrained=false and no model.weights, or model.init=default.")
+    kwargs = _check_kwargs(kwargs or {}, drop_rate, act)
     download = pretrained and weights is None
-    if name == GOOGLENET:
-        model = _googlenet(num_classes, download, act, drop_rate)
+    if name in TORCHVISION:
+        model = _torchvision_model(name, num_classes, download, act, drop_rate, kwargs)
+    elif name == SIMPLE_CNN:
+        model = _simple_cnn(num_classes, download, act, drop_rate, kwargs)
     else:
-        model = _timm_model(name, num_classes, download, act, drop_rate)
+        model = _timm_model(name, num_classes, download, act, drop_rate, kwargs)
     reset_ok = _classifier_prefixes(model)
     if small_stem:
         reset_ok += (make_small_stem(model, name),)
+    if init == "kaiming":
+        kaiming_init(model)
     if weights is not None:
         load_weights(model, weights, reset_ok)
     if freeze_until is not None:
@@ -98,6 +147,8 @@ def create_from_config(mcfg: ModelConfig, num_classes: int) -> nn.Module:
         act=mcfg.act,
         small_stem=mcfg.small_stem,
         drop_rate=mcfg.drop_rate,
+        kwargs=mcfg.kwargs,
+        init=mcfg.init,
     )
 
 
@@ -109,6 +160,10 @@ def default_input_size(mcfg: ModelConfig) -> int:
     """
     if mcfg.name == GOOGLENET:
         return int(GOOGLENET_CFG["input_size"][-1])
+    if mcfg.name in TV_PLAIN:
+        return int(TV_PLAIN_CFG["input_size"][-1])
+    if mcfg.name == SIMPLE_CNN:
+        return int(SIMPLE_CNN_CFG["input_size"][-1])
     _check_timm_name(mcfg.name)
     try:
         cfg = get_pretrained_cfg(mcfg.name)
@@ -120,16 +175,50 @@ def default_input_size(mcfg: ModelConfig) -> int:
 
 def _check_timm_name(name: str) -> None:
     if not timm.is_model(name):
-        names = [*timm.list_models(), GOOGLENET]
+        names = [*timm.list_models(), *TORCHVISION, *OWN]
         close = difflib.get_close_matches(name.lower(), names, n=3, cutoff=0.6)
         hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         raise KpipeError(
-            f"model.name='{name}' is neither a timm model nor googlenet.{hint} "
+            f"model.name='{name}' is neither a timm model nor one of {', '.join((*TORCHVISION, *OWN))}.{hint} "
             "List timm models with: python -c \"import timm; print(timm.list_models('*resnet*'))\""
         )
 
 
-def _timm_model(name: str, num_classes: int, download: bool, act: str, drop_rate: float) -> nn.Module:
+def _check_kwargs(kwargs: dict[str, Any], drop_rate: float, act: str) -> dict[str, Any]:
+    """model.kwargs, refused where kpipe sets the argument itself or another key already does."""
+    reserved = [k for k in kwargs if k in _RESERVED_KWARGS]
+    if reserved:
+        raise KpipeError(f"model.kwargs.{reserved[0]}: kpipe sets '{reserved[0]}' itself; remove it from "
+                         "model.kwargs (model.pretrained, model.weights and the data's classes decide it).")
+    for key, setting, is_set in (("drop_rate", "model.drop_rate", bool(drop_rate)),
+                                 ("dropout", "model.drop_rate", bool(drop_rate)),  # torchvision's name for it
+                                 ("act_layer", "model.act", act != "default")):
+        if key in kwargs and is_set:
+            raise KpipeError(f"model.kwargs.{key} and {setting} both set the same thing; keep one.")
+    return dict(kwargs)
+
+
+def _build(name: str, build: Callable[[], nn.Module], options: dict[str, str], extra: dict[str, Any]) -> nn.Module:
+    """build(), with a constructor's complaint about one of `options` (key -> the setting that passed it)
+    or about a model.kwargs value turned into a KpipeError naming the setting."""
+    try:
+        return build()
+    except TypeError as e:
+        for key, setting in {**options, **{k: f"model.kwargs.{k}={v!r}" for k, v in extra.items()}}.items():
+            if re.search(rf"\b{re.escape(key)}\b", str(e)):
+                raise KpipeError(f"model '{name}' does not take {setting}: its constructor has no '{key}' "
+                                 f"argument ({e}). Remove it, or pick a model that has it.") from None
+        raise
+    except (KeyError, ValueError) as e:  # a model.kwargs value the backbone cannot use (norm_layer='foo')
+        if not extra:
+            raise
+        raise KpipeError(f"model '{name}' could not be built with model.kwargs {extra} ({type(e).__name__}: {e}). "
+                         "Check the values: timm's norm_layer names are batchnorm, groupnorm, layernorm2d, ...") from e
+
+
+def _timm_model(
+    name: str, num_classes: int, download: bool, act: str, drop_rate: float, extra: dict[str, Any]
+) -> nn.Module:
     _check_timm_name(name)
     kwargs: dict[str, Any] = {"num_classes": num_classes}
     # Only pass options that differ from the model's own default, so models without them still build.
@@ -138,18 +227,10 @@ def _timm_model(name: str, num_classes: int, download: bool, act: str, drop_rate
         kwargs["act_layer"] = act_cls  # a class, not a string: some models (vgg) call it directly
     if drop_rate:
         kwargs["drop_rate"] = drop_rate
+    kwargs.update(extra)
+    options = {"act_layer": f"model.act={act}", "drop_rate": f"model.drop_rate={drop_rate}"}
     try:
-        model = timm.create_model(name, pretrained=download, **kwargs)
-    except TypeError as e:
-        for key, setting in (
-            ("act_layer", f"model.act={act}"),
-            ("drop_rate", f"model.drop_rate={drop_rate}"),
-        ):
-            if key in str(e):
-                raise KpipeError(
-                    f"model '{name}' does not take {setting}: it has no '{key}' option."
-                ) from None
-        raise
+        model = _build(name, lambda: timm.create_model(name, pretrained=download, **kwargs), options, extra)
     except OSError as e:  # no network, hub unreachable, file not in the local cache
         raise _download_error(name, e) from None
     if act_cls is not None and not any(isinstance(m, act_cls) for m in model.modules()):
@@ -169,8 +250,10 @@ def _download_error(name: str, err: BaseException) -> KpipeError:
 
 def _weights_source(name: str) -> str:
     """Where the weights live, so they can be fetched on another machine."""
-    if name == GOOGLENET:
-        return f" The file: {torchvision.models.GoogLeNet_Weights.IMAGENET1K_V1.url}"
+    if name in TORCHVISION:
+        return f" The file: {torchvision.models.get_model_weights(name).IMAGENET1K_V1.url}"
+    if name == SIMPLE_CNN:
+        return ""
     cfg = get_pretrained_cfg(name)
     if cfg is None:
         return ""
@@ -181,35 +264,107 @@ def _weights_source(name: str) -> str:
     return f" The file: {' or '.join(w for w in where if w)}" if any(where) else ""
 
 
-def _googlenet(num_classes: int, download: bool, act: str, drop_rate: float) -> nn.Module:
+def _torchvision_model(
+    name: str, num_classes: int, download: bool, act: str, drop_rate: float, extra: dict[str, Any]
+) -> nn.Module:
     if act != "default":
         raise KpipeError(
-            f"googlenet has its ReLU built in and takes no model.act={act}; use model.act=default."
+            f"{name} has its ReLU built in and takes no model.act={act}; use model.act=default."
         )
     tv = torchvision.models
-    # transform_input=False: normalisation happens once, in the data pipeline (see pretrained_cfg).
+    kwargs: dict[str, Any] = {}
+    if name == GOOGLENET:
+        # transform_input=False: normalisation happens once, in the data pipeline (see pretrained_cfg).
+        kwargs.update(transform_input=False, dropout=drop_rate)
+        if not download:
+            kwargs.update(aux_logits=False, init_weights=True)
+    elif drop_rate:  # AlexNet/VGG: their own dropout (0.5) unless asked otherwise
+        kwargs["dropout"] = drop_rate
+    kwargs.update(extra)
+    builder = getattr(tv, name)
     if download:
-        try:
-            model = tv.googlenet(
-                weights=tv.GoogLeNet_Weights.IMAGENET1K_V1, transform_input=False, dropout=drop_rate
-            )
-        except OSError as e:
-            raise _download_error(GOOGLENET, e) from None
-        model.fc = nn.Linear(model.fc.in_features, num_classes)
+        kwargs["weights"] = tv.get_model_weights(name).IMAGENET1K_V1
     else:
-        model = tv.googlenet(
-            weights=None,
-            num_classes=num_classes,
-            aux_logits=False,
-            init_weights=True,
-            transform_input=False,
-            dropout=drop_rate,
-        )
-    # The torchvision weights expect (x - 0.5) / 0.5 inputs: with transform_input=True torchvision
-    # converts ImageNet-normalised inputs to exactly that inside forward(). Declaring the 0.5 stats
-    # here gives the same numbers with one normalisation step. Read by timm's resolve_model_data_config.
-    model.pretrained_cfg = dict(GOOGLENET_CFG)
+        kwargs.update(weights=None, num_classes=num_classes)
+    try:
+        model = _build(name, lambda: builder(**kwargs), {"dropout": f"model.drop_rate={drop_rate}"}, extra)
+    except OSError as e:
+        raise _download_error(name, e) from None
+    if name == GOOGLENET:
+        if download:
+            model.fc = nn.Linear(model.fc.in_features, num_classes)
+        # The torchvision weights expect (x - 0.5) / 0.5 inputs: with transform_input=True torchvision
+        # converts ImageNet-normalised inputs to exactly that inside forward(). Declaring the 0.5 stats
+        # here gives the same numbers with one normalisation step. Read by timm's resolve_model_data_config.
+        model.pretrained_cfg = dict(GOOGLENET_CFG)
+    else:
+        if download:
+            model.classifier[6] = nn.Linear(model.classifier[6].in_features, num_classes)
+        model.pretrained_cfg = dict(TV_PLAIN_CFG)
+        if name == "alexnet":  # a stride-4 stem and three stride-2 pools leave nothing of a smaller input
+            model.pretrained_cfg["min_input_size"] = (3, ALEXNET_MIN_SIZE, ALEXNET_MIN_SIZE)
     return model
+
+
+class SimpleCNN(nn.Module):
+    """The plain baseline: three conv blocks (conv-BN-ReLU-maxpool) and three linear layers.
+
+    For "how much does the backbone buy": what a from-scratch network with no design in it scores.
+    The adaptive pool makes it take any input size. Stages: block1..block3, fc1..fc3.
+    """
+
+    def __init__(self, num_classes: int, width: int = 32, hidden: int = 256, drop_rate: float = 0.0,
+                 batch_norm: bool = True, act_layer: type[nn.Module] = nn.ReLU) -> None:
+        super().__init__()
+        chans = (3, width, 2 * width, 4 * width)
+        for i in range(3):
+            norm: nn.Module = nn.BatchNorm2d(chans[i + 1]) if batch_norm else nn.Identity()
+            block = nn.Sequential(nn.Conv2d(chans[i], chans[i + 1], 3, padding=1, bias=not batch_norm), norm,
+                                  act_layer(), nn.MaxPool2d(2))
+            self.add_module(f"block{i + 1}", block)
+        self.pool = nn.AdaptiveAvgPool2d(4)
+        self.fc1 = nn.Sequential(nn.Linear(chans[-1] * 16, hidden), act_layer(), nn.Dropout(drop_rate))
+        self.fc2 = nn.Sequential(nn.Linear(hidden, hidden // 2), act_layer(), nn.Dropout(drop_rate))
+        self.fc3 = nn.Linear(hidden // 2, num_classes)
+        self.pretrained_cfg = dict(SIMPLE_CNN_CFG)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.block3(self.block2(self.block1(x))))
+        return self.fc3(self.fc2(self.fc1(torch.flatten(x, 1))))
+
+
+def _simple_cnn(num_classes: int, download: bool, act: str, drop_rate: float, extra: dict[str, Any]) -> nn.Module:
+    if download:
+        raise KpipeError(f"{SIMPLE_CNN} has no pretrained weights: set model.pretrained=false "
+                         "(or model.weights=<file> saved from an earlier simple_cnn run).")
+    kwargs: dict[str, Any] = {"drop_rate": drop_rate}
+    if act != "default":
+        kwargs["act_layer"] = get_act_layer(act)
+    kwargs.update(extra)
+    return _build(SIMPLE_CNN, lambda: SimpleCNN(num_classes, **kwargs), {}, extra)
+
+
+def kaiming_init(model: nn.Module) -> None:
+    """model.init=kaiming: He-normal weights (convolutions fan_out, linear layers fan_in, ReLU gain), zero
+    biases, norm layers at weight 1 and bias 0, and the classifier at N(0, 0.01) so the first logits are
+    small (He-scaled logits start the loss near 15 instead of log(classes)). For from-scratch comparisons
+    where the backbone's own init is not wanted."""
+    head = _classifier_prefixes(model)
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.Linear) and f"{name}.".startswith(head):
+            nn.init.normal_(m.weight, std=0.01)
+        elif isinstance(m, nn.Linear):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+        elif isinstance(m, (_BatchNorm, nn.GroupNorm, nn.LayerNorm)) and m.weight is not None:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+            continue
+        else:
+            continue
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
 
 
 def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
@@ -339,8 +494,10 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def _stages(model: nn.Module) -> dict[str, list[str]]:
-    """Ordered stage name -> top-level child names. Children without parameters are not stages."""
+    """Ordered stage name -> module paths (dotted). Modules without parameters are not stages."""
     model = unwrap(model)
+    if isinstance(model, (torchvision.models.VGG, torchvision.models.AlexNet)):
+        return _sequential_stages(model)
     grouped = isinstance(model, torchvision.models.GoogLeNet)
     stages: dict[str, list[str]] = {}
     for child_name, child in model.named_children():
@@ -348,6 +505,28 @@ def _stages(model: nn.Module) -> dict[str, list[str]]:
             continue
         m = re.fullmatch(r"(inception\d)[a-z]", child_name) if grouped else None
         stages.setdefault(m.group(1) if m else child_name, []).append(child_name)
+    return stages
+
+
+def _sequential_stages(model: nn.Module) -> dict[str, list[str]]:
+    """AlexNet/VGG: `features` cut after each max-pool (block1..), `classifier` after each Linear (fc1..).
+
+    The modules after a cut without parameters (ReLU, Dropout) open the next stage; trailing ones
+    join the last.
+    """
+    stages: dict[str, list[str]] = {}
+    for seq_name, stage, cut in (("features", "block", nn.MaxPool2d), ("classifier", "fc", nn.Linear)):
+        groups: list[list[str]] = [[]]
+        for child_name, child in getattr(model, seq_name).named_children():
+            groups[-1].append(f"{seq_name}.{child_name}")
+            if isinstance(child, cut):
+                groups.append([])
+        if groups[-1] and len(groups) > 1 and not any(
+            next(model.get_submodule(p).parameters(), None) is not None for p in groups[-1]
+        ):
+            groups[-2].extend(groups.pop())
+        for i, group in enumerate(g for g in groups if g):
+            stages[f"{stage}{i + 1}"] = group
     return stages
 
 
@@ -359,7 +538,7 @@ def stage_names(model: nn.Module) -> list[str]:
 def stage_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Each stage's last top-level module, input to output: its output is the stage's (for hooks)."""
     base = unwrap(model)
-    return {stage: getattr(base, children[-1]) for stage, children in _stages(base).items()}
+    return {stage: base.get_submodule(children[-1]) for stage, children in _stages(base).items()}
 
 
 def set_frozen(model: nn.Module, freeze_until: str | None, frozen: bool) -> None:
@@ -381,7 +560,7 @@ def set_frozen(model: nn.Module, freeze_until: str | None, frozen: bool) -> None
         )
     base = unwrap(model)
     before = list(stages)[: list(stages).index(freeze_until)]
-    params = [p for s in before for child in stages[s] for p in getattr(base, child).parameters()]
+    params = [p for s in before for child in stages[s] for p in base.get_submodule(child).parameters()]
     if before:
         params += list(base.parameters(recurse=False))
     for p in params:
@@ -429,6 +608,9 @@ def resolve_data_config(model: nn.Module, dcfg: DataConfig) -> dict[str, Any]:
         raise KpipeError(f"data.std values must be positive, got {list(std)}.")
     if img_size < 8:
         raise KpipeError(f"data.img_size={img_size} is too small (at least 8 px).")
+    if isinstance(unwrap(model), torchvision.models.AlexNet) and img_size < ALEXNET_MIN_SIZE:
+        raise KpipeError(f"data.img_size={img_size} is too small for alexnet (at least {ALEXNET_MIN_SIZE} px): "
+                         "raise data.img_size, or use simple_cnn or a ResNet with model.small_stem=true.")
     return {
         "img_size": img_size,
         "mean": mean,

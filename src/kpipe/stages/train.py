@@ -207,8 +207,11 @@ def build_fold(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device
                       f"at {data_cfg['img_size']} px, {total:,} parameters ({trainable:,} trainable), device {device}")
     size, mean, std = data_cfg["img_size"], data_cfg["mean"], data_cfg["std"]
     y, files, pin = df["y"].to_numpy(), df["path"].tolist(), device.type == "cuda"
-    weights = balanced_weights(y[train_rows], len(classes)) if d.balanced_sampling else None
-    sampler = EpochSampler(train_rows, t.seed + k, weights=weights, rank=dist.rank(), world=dist.world())
+    sampling = d.sampling_mode
+    weights = balanced_weights(y[train_rows], len(classes)) if sampling == "weighted" else None
+    resample = sampling if sampling in ("oversample", "undersample") else "none"
+    sampler = EpochSampler(train_rows, t.seed + k, weights=weights, rank=dist.rank(), world=dist.world(),
+                           labels=y[train_rows], resample=resample)
     # Drop the last partial batch: a batch of one breaks BatchNorm, and the order reshuffles each epoch.
     drop_last = len(sampler) > d.batch_size
     # Loaders ship uint8; `prepare` / `normalize` turn a batch into the model's input on the device.

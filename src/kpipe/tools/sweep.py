@@ -6,8 +6,11 @@ not a separator because list values use it (``train.folds=0,1``). ``--grid FILE`
 from YAML (``{model.name: [resnet18, resnet34], train.folds: [[0, 1], [0]]}``). Each run is named
 ``<exp>__key=value__...`` from its grid values only, made safe as a folder name. A run whose
 cv.json says complete is skipped; any other is trained with resume=True, so a killed sweep
-continues where it stopped. A grid with more than --max-runs runs needs --yes. It ends with the
-`kpipe runs` table of the sweep's runs.
+continues where it stopped. A grid with more than --max-runs runs needs --yes. With several GPUs
+visible, the runs left to train go one per GPU at a time, each its own `kpipe train` process
+(launch.run_per_gpu, as --fold-per-gpu does with folds; output in runs/<name>/train.log); on one GPU
+or a CPU they train one after another in this process. It ends with the `kpipe runs` table of the
+sweep's runs.
 Usage: ``kpipe sweep -c configs/exp/demo.yaml --comp demo 'model.name=resnet10t|resnet18' 'train.optimizer=sgd|adamw'``
 """
 
@@ -22,7 +25,7 @@ from typing import Any
 import yaml
 
 from kpipe import paths
-from kpipe.config import load_config
+from kpipe.config import Config, load_config
 from kpipe.console import console, safe
 from kpipe.errors import KpipeError
 
@@ -89,8 +92,8 @@ def is_finished(run: paths.RunDir) -> bool:
 
 
 def run(exp: str | None, comp: str | None, overrides: list[str], grid_file: Path | None = None,
-        yes: bool = False, max_runs: int = DEFAULT_MAX_RUNS) -> list[str]:
-    """Train the grid; return the run names."""
+        yes: bool = False, max_runs: int = DEFAULT_MAX_RUNS, gpus: int | None = None) -> list[str]:
+    """Train the grid; return the run names. gpus: how many to spread runs over (default: every visible one)."""
     fixed, axes = split_overrides(overrides)
     if grid_file is not None:
         for key, values in read_grid(grid_file).items():
@@ -107,14 +110,32 @@ def run(exp: str | None, comp: str | None, overrides: list[str], grid_file: Path
     names = [run_name(base.name, c) for c in combos]
     if len(set(names)) != len(names):
         raise KpipeError("sweep: two grid values give the same run name once made folder-safe; rename a value.")
-    from kpipe.stages import runs, train  # torch: only loaded when something is trained
+    from kpipe import launch  # torch: only loaded when something is trained
+    from kpipe.stages import runs, train
 
+    todo: list[tuple[Config, list[str]]] = []
     for i, (combo, name) in enumerate(zip(combos, names, strict=True), 1):
-        cfg = load_config(exp, comp, [*fixed, *(f"{k}={v}" for k, v in combo.items()), f"name={name}"])
+        run_overrides = [*fixed, *(f"{k}={v}" for k, v in combo.items()), f"name={name}"]
+        cfg = load_config(exp, comp, run_overrides)
         if is_finished(paths.run_dir(cfg)):
             console.print(f"sweep {i}/{len(combos)}: {safe(name)} finished earlier, skipped")
-            continue
-        console.print(f"[bold]sweep {i}/{len(combos)}[/]: {safe(name)}")
-        train.run(cfg, resume=True)
+        else:
+            todo.append((cfg, run_overrides))
+    gpus = launch.gpu_count() if gpus is None else gpus
+    if gpus > 1 and len(todo) > 1:
+        jobs = [(cfg.name, train_args(exp, comp, ov), paths.run_dir(cfg).log) for cfg, ov in todo]
+        failed = launch.run_per_gpu(jobs, gpus)
+        if failed:
+            raise KpipeError(f"sweep: {len(failed)} run(s) failed: {', '.join(failed)}. See runs/<name>/train.log; "
+                             "the same sweep command resumes them (finished runs are skipped).")
+    else:
+        for i, (cfg, _) in enumerate(todo, 1):
+            console.print(f"[bold]sweep {i}/{len(todo)}[/]: {safe(cfg.name)}")
+            train.run(cfg, resume=True)
     runs.run(base.paths.runs_dir, paths.ledger_csv(base), sort="cv", names=names)
     return names
+
+
+def train_args(exp: str | None, comp: str | None, overrides: list[str]) -> list[str]:
+    """`kpipe train` arguments that train one sweep run (resuming it) in a process of its own."""
+    return ["train", *(["-c", exp] if exp else []), *(["--comp", comp] if comp else []), *overrides, "--resume"]
