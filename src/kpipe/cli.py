@@ -140,6 +140,25 @@ def _ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def _package(args: argparse.Namespace) -> int:
+    from kpipe.stages import package
+
+    package.run(config_from(args), runs=args.runs, upload=args.upload)
+    return 0
+
+
+def _kernel(args: argparse.Namespace) -> int:
+    from kpipe.stages import kernel
+
+    cfg = config_from(args)
+    kernel.run(cfg)
+    if args.dry_run:
+        kernel.dry_run(cfg, rows=args.rows, hidden_rows=args.hidden_size, time_limit_min=args.time_limit_min)
+    if args.push:
+        kernel.push(cfg, wait=not args.no_wait)
+    return 0
+
+
 def _validate(args: argparse.Namespace) -> int:
     from kpipe.kaggle import submission
 
@@ -266,6 +285,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", nargs="+", required=True, help="run folders to blend")
     p.add_argument("--out", default=None, help="weights JSON (default: runs/ensembles/<exp>.json)")
     p.add_argument("--no-tta", action="store_true", help="blend runs only, not their TTA views")
+
+    p = add("package", _package, "the runs infer uses as a Kaggle dataset: safetensors weights, configs, "
+                                 "a kpipe wheel, manifest -> package/<name>/")
+    _config_args(p)
+    p.add_argument("--runs", nargs="+", default=None, help="run folders (default: infer.runs or runs/<exp>)")
+    p.add_argument("--upload", action="store_true", help="create (or version) the Kaggle dataset and wait until ready")
+
+    p = add("kernel", _kernel, "render the internet-off inference notebook for a code competition -> kernels/<name>/")
+    _config_args(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="run the notebook here in a simulated /kaggle tree, on the public test and a resized one")
+    p.add_argument("--rows", type=int, default=None, metavar="N",
+                   help="rows of the dry-run's second test (default: kernel.dry_run_rows, else 3x the public test)")
+    p.add_argument("--hidden-size", type=int, default=None, metavar="N",
+                   help="rows of the hidden test to project the run time to (default: kernel.hidden_test_size)")
+    p.add_argument("--time-limit-min", type=float, default=None, metavar="MIN",
+                   help="the competition's notebook time limit (default: kernel.time_limit_min)")
+    p.add_argument("--push", action="store_true", help="push the notebook to Kaggle, wait for it, fetch its log")
+    p.add_argument("--no-wait", action="store_true", help="with --push: return once pushed")
 
     p = add("validate-submission", _validate, "check a submission CSV against sample_submission.csv")
     p.add_argument("file", help="submission CSV")
