@@ -175,6 +175,14 @@ def _kaggle_download(args: argparse.Namespace) -> int:
 def _submit(args: argparse.Namespace) -> int:
     from kpipe.stages import kaggle
 
+    if args.kernel:
+        if args.file:
+            raise KpipeError("give a CSV or --kernel OWNER/SLUG, not both (a code competition submits the notebook).")
+        kaggle.submit_kernel(config_from(args), args.kernel, args.version, args.message, wait=args.wait,
+                             force=args.force)
+        return 0
+    if not args.file:
+        raise KpipeError("nothing to submit: give a submission CSV, or --kernel OWNER/SLUG for a code competition.")
     kaggle.submit(config_from(args), Path(args.file), args.message, wait=args.wait, force=args.force)
     return 0
 
@@ -315,8 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", default=None, help="download this one file only")
     _config_args(p)
 
-    p = add("submit", _submit, "validate, then submit a CSV to Kaggle and record it in submissions/ledger.csv")
-    p.add_argument("file", help="submission CSV")
+    p = add("submit", _submit, "validate, then submit a CSV (or a notebook: --kernel) to Kaggle and record it in "
+                               "submissions/ledger.csv")
+    p.add_argument("file", nargs="?", default=None, help="submission CSV")
+    p.add_argument("--kernel", default=None, metavar="OWNER/SLUG",
+                   help="code competition: submit this notebook's output (see `kpipe kernel --push`)")
+    p.add_argument("--version", type=int, default=None, metavar="N", help="with --kernel: the notebook version")
     p.add_argument("-m", "--message", default=None,
                    help="submission description (default: built from the runs and CV in the sidecar JSON)")
     p.add_argument("--wait", action="store_true", help="poll until the score (or the error) arrives")
