@@ -89,6 +89,7 @@ def test_kernel_metadata_and_notebook(packaged: Config) -> None:
     assert "--no-index" in script and '"infer"' in script
 
 
+@pytest.mark.slow
 def test_dry_run_equals_infer_and_resizes(packaged: Config) -> None:
     infer.run(packaged)
     kernel.run(packaged)
@@ -106,3 +107,57 @@ def test_dry_run_equals_infer_and_resizes(packaged: Config) -> None:
     assert report["fits"] and report["projected_s"] > 0
     log = (kd.dry_run / "public" / "log.txt").read_text()
     assert "kpipe 0.1.0 from" in log and "matches sample_submission" in log
+
+
+def test_projection_is_a_line_through_the_two_runs() -> None:
+    overhead, per, total = kernel.project([{"rows": 10, "wall_s": 12.0}, {"rows": 30, "wall_s": 16.0}], 1000)
+    assert (overhead, per, total) == pytest.approx((10.0, 0.2, 210.0))
+
+
+def test_repeat_test_keeps_the_id_to_file_rule(tmp_path: Path) -> None:
+    import pandas as pd
+
+    test = pd.DataFrame({"id": ["a", "b.png"], "path": [str(tmp_path / "a.jpg"), str(tmp_path / "b.png")],
+                         "found": [True, True]})
+    sample = pd.DataFrame({"id": ["a", "b.png"], "label": ["x", "x"]})
+    out, files = kernel.repeat_test(test, sample, "id", 5)
+    assert out["id"].tolist() == ["r000000_a", "r000001_b.png", "r000002_a", "r000003_b.png", "r000004_a"]
+    assert [name for _, name in files][:2] == ["r000000_a.jpg", "r000001_b.png"]
+
+
+def test_package_of_an_ensemble_blends_like_infer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pkg, "build_wheel", lambda out: (out.mkdir(parents=True), (out / "kpipe-0-py3-none-any.whl")
+                                                          .write_bytes(b"wheel"))[1])
+    cfg = setup(tmp_path)
+    other = cfg.model_copy(update={"name": "b"})
+    make_run(other, seed=1)
+    runs = [str(paths.run_dir(cfg).root), str(paths.run_dir(other).root)]
+    weights = tmp_path / "ens.json"
+    weights.write_text(json.dumps({"classes": ["cat", "dog", "fox"], "how": "mean", "cv_blend": 0.77, "members": [
+        {"run": runs[0], "view": "identity", "weight": 0.7}, {"run": runs[1], "view": "hflip", "weight": 0.3},
+        {"run": runs[1], "view": "identity", "weight": 0.0}]}))
+    ens = cfg.model_copy(update={"infer": cfg.infer.model_copy(update={"ensemble_weights": str(weights)})})
+    package.run(ens)
+    spec = pkg.read_spec(paths.package_dir(ens).root)
+    assert [(r.tag, r.views) for r in spec.runs] == [("a", ["identity"]), ("b", ["hflip"])] and spec.cv == 0.77
+    a = infer.run(ens)
+    frompkg = ens.model_copy(update={"infer": ens.infer.model_copy(
+        update={"ensemble_weights": None, "package": str(paths.package_dir(ens).root), "name": "p"})})
+    b = infer.run(frompkg)
+    np.testing.assert_allclose(
+        read_csv_ids(Path(a["predictions"]) / "probs.csv").drop(columns="id").astype(float).to_numpy(),
+        read_csv_ids(Path(b["predictions"]) / "probs.csv").drop(columns="id").astype(float).to_numpy(), rtol=0, atol=0)
+    assert b["cv"] == 0.77
+
+
+def test_kernel_before_package_says_what_to_run(tmp_path: Path) -> None:
+    cfg = setup(tmp_path)
+    with pytest.raises(KpipeError, match="no package yet"):
+        kernel.run(cfg)
+
+
+def test_infer_package_refuses_runs_too(packaged: Config) -> None:
+    pcfg = packaged.model_copy(update={"infer": packaged.infer.model_copy(
+        update={"package": str(paths.package_dir(packaged).root)})})
+    with pytest.raises(KpipeError, match="brings its own runs"):
+        infer.run(pcfg, runs=["runs/x"])

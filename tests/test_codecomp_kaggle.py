@@ -161,3 +161,31 @@ def test_submit_kernel_at_the_daily_limit_submits_nothing(cfg: Config, fake: Fak
     with pytest.raises(KpipeError, match="no submissions left today"):
         kaggle.submit_kernel(cfg, ref, 1, None)
     assert "CreateCodeSubmission" not in fake.calls and ledger.read(paths.ledger_csv(cfg)).empty
+
+
+def test_cli_package_upload_kernel_push_submit(tmp_path: Path, cfg: Config, fake: FakeKaggle,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The four commands as a user types them, against the fake (the wheel is stubbed: test_codecomp builds one)."""
+    from kpipe import cli
+    from kpipe.kaggle import package as pkg
+    from kpipe.stages import folds
+    from test_infer import make_run
+
+    monkeypatch.setattr(pkg, "build_wheel", lambda out: (out.mkdir(parents=True), (out / "kpipe-0-py3-none-any.whl")
+                                                          .write_bytes(b"wheel"))[1])
+    folds.run(cfg)
+    make_run(cfg)
+    fake.kernel_outputs = {"submission.csv": good_csv()}
+    args = ["-c", str(tmp_path / "tiny_exp.yaml"), "--comp", str(tmp_path / "tiny.yaml"), "name=a",
+            *[f"paths.{k}={tmp_path / v}" for k, v in {"data_root": "data", "folds_dir": "folds", "runs_dir": "runs",
+                                                         "submissions_dir": "submissions", "packages_dir": "package",
+                                                         "kernels_dir": "kernels"}.items()],
+            f"package.owner={OWNER}"]
+    assert cli.main(["package", *args, "--upload"]) == 0
+    assert fake.datasets[f"{OWNER}/a-package"]["versions"][0]["kpipe_package.json"]
+    assert cli.main(["kernel", *args, "--push"]) == 0
+    assert (paths.kernel_dir(cfg).output / "submission.csv").is_file()
+    assert cli.main(["submit", "--kernel", f"{OWNER}/a-infer", "--version", "1", "--wait", *args]) == 0
+    row = ledger.read(paths.ledger_csv(cfg)).iloc[-1]
+    assert row["public_score"] == "1.00000" and row["package_sha256"] == json.loads(
+        paths.package_dir(cfg).manifest.read_text())["sha256"]

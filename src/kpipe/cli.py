@@ -175,6 +175,8 @@ def _kaggle_download(args: argparse.Namespace) -> int:
 def _submit(args: argparse.Namespace) -> int:
     from kpipe.stages import kaggle
 
+    if args.kernel and args.file and "=" in args.file:  # `submit --kernel X key=value`: an override, not a CSV
+        args.overrides, args.file = [args.file, *args.overrides], None
     if args.kernel:
         if args.file:
             raise KpipeError("give a CSV or --kernel OWNER/SLUG, not both (a code competition submits the notebook).")
