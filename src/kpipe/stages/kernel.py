@@ -178,6 +178,10 @@ def dry_run(cfg: Config, rows: int | None = None, hidden_rows: int | None = None
         raise KpipeError(f"{kd.notebook}: not rendered yet; run `kpipe kernel` first.")
     script = notebook.as_script(json.loads(kd.notebook.read_text(encoding="utf-8")))
     limit_s = 60 * (time_limit_min or cfg.kernel.time_limit_min)
+    write_text(kd.dry_run / "notebook.py", script)  # exactly what each dry-run executes
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        console.print("[yellow]running as root: the simulated /kaggle/input is chmod read-only, but root can write "
+                      "anyway, so a notebook writing there would not fail here as it does on Kaggle.", soft_wrap=True)
     public = _run_case(cfg, script, None, kd.dry_run / "public", limit_s)
     rows = rows or cfg.kernel.dry_run_rows or 3 * public["rows"]
     if rows == public["rows"]:

@@ -145,7 +145,8 @@ def run(cfg: Config, runs: list[str] | None = None, upload: bool = False) -> dic
 
 
 def _print(root: Path, man: dict[str, Any]) -> None:
-    table = Table(title=f"{safe(root)}: {len(man['files'])} files, {man['bytes'] / MB:,.2f} MB")
+    console.print(f"{safe(root)}: {len(man['files'])} files, {man['bytes'] / MB:,.2f} MB", soft_wrap=True)
+    table = Table()
     table.add_column("part")
     table.add_column("MB", justify="right")
     for name, size in pkg.size_breakdown(man["files"]):
