@@ -161,3 +161,23 @@ def test_infer_package_refuses_runs_too(packaged: Config) -> None:
         update={"package": str(paths.package_dir(packaged).root)})})
     with pytest.raises(KpipeError, match="brings its own runs"):
         infer.run(pcfg, runs=["runs/x"])
+
+
+def test_versions_cell_names_what_is_missing_or_out_of_range(capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    requires = [("numpy", "numpy", ">=1.0"), ("numpy-from-the-future", "numpy", ">=999"),
+                ("not-installed", "kpipe_no_such_module", ">=1")]
+    with pytest.raises(SystemExit) as e:
+        exec(notebook._VERSIONS, {"sys": sys, "REQUIRES": requires})  # noqa: S102 (our own cell, as the notebook runs it)
+    assert "numpy-from-the-future" in str(e.value) and "outside kpipe's range >=999" in str(e.value)
+    assert "not-installed: missing" in str(e.value)
+    out = capsys.readouterr().out
+    assert "<- NOT OK" in out and "MISSING" in out
+
+
+def test_requirements_come_from_pyproject_and_skip_what_infer_does_not_import() -> None:
+    got = dict((d, (m, s)) for d, m, s in notebook.requirements(["torch>=2.4", "kaggle>=2.2,<2.3", "pyyaml>=6",
+                                                                   "albumentations>=2.0,<2.1  # pinned"]))
+    assert got == {"torch": ("torch", ">=2.4"), "pyyaml": ("yaml", ">=6"), "albumentations": ("albumentations",
+                                                                                               ">=2.0,<2.1")}
