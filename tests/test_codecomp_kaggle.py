@@ -189,3 +189,18 @@ def test_cli_package_upload_kernel_push_submit(tmp_path: Path, cfg: Config, fake
     row = ledger.read(paths.ledger_csv(cfg)).iloc[-1]
     assert row["public_score"] == "1.00000" and row["package_sha256"] == json.loads(
         paths.package_dir(cfg).manifest.read_text())["sha256"]
+
+
+def test_lb_shows_csv_and_kernel_submissions_once_each(tmp_path: Path, cfg: Config, fake: FakeKaggle,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from test_kaggle import write_sub
+
+    ref = pushed(cfg, fake, {"submission.csv": good_csv()})
+    kaggle.submit_kernel(cfg, ref, 1, None, wait=True)
+    kaggle.submit(cfg, write_sub(cfg, "csvsub", TRUTH), None, wait=True)
+    capsys.readouterr()
+    table = kaggle.lb(cfg)
+    assert len(table) == 2 and set(table["source"]) == {"kpipe"}
+    assert sorted(table["file"].str.startswith("kernel:")) == [False, True]
+    out = capsys.readouterr().out
+    assert "a-inf" in out and "csvsu" in out, out  # narrow terminal: names cut
