@@ -181,3 +181,23 @@ def test_requirements_come_from_pyproject_and_skip_what_infer_does_not_import() 
                                                                    "albumentations>=2.0,<2.1  # pinned"]))
     assert got == {"torch": ("torch", ">=2.4"), "pyyaml": ("yaml", ">=6"), "albumentations": ("albumentations",
                                                                                                ">=2.0,<2.1")}
+
+
+def test_bundle_deps_downloads_wheels_at_kpipes_range(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[tuple[list[str], str]] = []
+
+    def fake_download(specs: list[str], out: Path, python: str, platforms: list[str]) -> list[Path]:
+        asked.append((specs, python))
+        out.mkdir(parents=True)
+        (out / "albumentations-2.0.8-py3-none-any.whl").write_bytes(b"w")
+        return sorted(out.glob("*.whl"))
+
+    monkeypatch.setattr(pkg, "build_wheel", lambda out: (out.mkdir(parents=True), (out / "kpipe-0-py3-none-any.whl")
+                                                          .write_bytes(b"wheel"))[1])
+    monkeypatch.setattr(pkg, "download_wheels", fake_download)
+    cfg = setup(tmp_path, ["package.bundle_deps=albumentations,somethingelse"])
+    man = package.run(cfg)
+    assert asked == [(["albumentations>=2.0,<2.1", "somethingelse"], "3.11")]
+    assert "wheels/deps/albumentations-2.0.8-py3-none-any.whl" in {f["path"] for f in man["files"]}
+    kernel.run(cfg)
+    assert 'PKG / "wheels" / "deps"' in notebook.as_script(json.loads(paths.kernel_dir(cfg).notebook.read_text()))

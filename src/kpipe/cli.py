@@ -143,7 +143,9 @@ def _ensemble(args: argparse.Namespace) -> int:
 def _package(args: argparse.Namespace) -> int:
     from kpipe.stages import package
 
-    package.run(config_from(args), runs=args.runs, upload=args.upload)
+    overrides = args.overrides + ([f"package.bundle_deps={','.join(args.bundle_deps)}"] if args.bundle_deps else [])
+    cfg = load_config(args.exp, resolve_comp(args.comp), overrides)
+    package.run(cfg, runs=args.runs, upload=args.upload)
     return 0
 
 
@@ -301,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--runs", nargs="+", default=None, help="run folders (default: infer.runs or runs/<exp>)")
     p.add_argument("--upload", action="store_true", help="create (or version) the Kaggle dataset and wait until ready")
+    p.add_argument("--bundle-deps", nargs="+", default=None, metavar="DIST",
+                   help="add wheels of these libraries (kpipe's version range) for an image that lacks them "
+                        "(package.bundle_deps)")
 
     p = add("kernel", _kernel, "render the internet-off inference notebook for a code competition -> kernels/<name>/")
     _config_args(p)

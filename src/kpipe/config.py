@@ -191,6 +191,11 @@ class PackageConfig(Section):
     title: str | None = None  # default: "kpipe <name>"
     license: str = "CC0-1.0"
     max_mb: float = Field(20_000.0, gt=0)  # refuse a larger package (Kaggle's dataset limits; upload time)
+    # Wheels of these distributions (at kpipe's version range) go into wheels/deps/ for the notebook to
+    # install offline, for a Kaggle image whose copy is missing or out of range (e.g. [albumentations, albucore]).
+    bundle_deps: list[str] = []
+    python: str = "3.11"  # the Kaggle image's Python, which the bundled wheels must fit
+    platform: list[str] = ["manylinux2014_x86_64", "manylinux_2_28_x86_64"]
 
 
 class KernelConfig(Section):

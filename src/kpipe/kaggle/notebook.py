@@ -128,10 +128,14 @@ if not wheels:
 TARGET = os.environ.get("KPIPE_PIP_TARGET")  # the dry-run installs into a folder, not the local environment
 ENV = dict(os.environ)
 cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--quiet", "--disable-pip-version-check"]
-if TARGET:
+if TARGET:  # what site-packages is on Kaggle: first on the path, here and in the kpipe subprocess
     cmd += ["--target", TARGET]
     ENV["PYTHONPATH"] = TARGET
-subprocess.run(cmd + [str(wheels[-1])], check=True)
+    sys.path.insert(0, TARGET)
+deps = sorted((PKG / "wheels" / "deps").glob("*.whl"))  # `kpipe package --bundle-deps`: before the check below
+if deps:
+    print("installing bundled wheels: " + ", ".join(w.name for w in deps))
+subprocess.run(cmd + [str(w) for w in deps] + [str(wheels[-1])], check=True)
 found = subprocess.run([sys.executable, "-c", "import kpipe; print(kpipe.__version__, kpipe.__file__)"],
                        env=ENV, capture_output=True, text=True, check=True).stdout.split()
 print(f"kpipe {found[0]} from {found[1]}")

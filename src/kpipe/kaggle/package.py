@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -129,6 +130,34 @@ def source_root() -> Path:
                          "`kpipe package` builds its wheel from the source. Run it from the repository "
                          "(pip install -e .).")
     return root
+
+
+def dependency_specs(names: list[str]) -> list[str]:
+    """'name<range>' for each named distribution, with kpipe's own range from pyproject.toml (none if not listed)."""
+    import tomllib
+
+    deps = tomllib.loads((source_root() / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+    ranges = {}
+    for dep in deps:
+        m = re.match(r"\s*([A-Za-z0-9_.-]+)\s*([^;#]*)", dep)
+        if m:
+            ranges[m[1].lower()] = m[2].strip()
+    return [f"{n}{ranges.get(n.lower(), '')}" for n in names]
+
+
+def download_wheels(specs: list[str], out_dir: Path, python: str, platforms: list[str]) -> list[Path]:
+    """Binary wheels of `specs` (no dependencies of theirs) for the Kaggle image's Python and platform."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", python,
+           "-d", str(out_dir), "-q", "--disable-pip-version-check"]
+    for p in platforms:
+        cmd += ["--platform", p]
+    done = subprocess.run(cmd + specs, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise KpipeError(f"downloading wheels for package.bundle_deps {specs} failed (pip download exit "
+                         f"{done.returncode}):\n{(done.stderr or done.stdout).strip()[-1500:]}\nCheck the names, "
+                         "package.python / package.platform, and the network to the package index.")
+    return sorted(out_dir.glob("*.whl"))
 
 
 def build_wheel(out_dir: Path) -> Path:

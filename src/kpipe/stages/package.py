@@ -5,6 +5,7 @@ package/<name>/ in kpipe.kaggle.package's format: each fold's weights as safeten
 classes and preprocessing beside, the resolved configs, classes, class prior, views and blend
 weights, a kpipe wheel, a manifest (sizes, sha256) and dataset-metadata.json. It is built in a
 scratch folder and swapped in whole, refused over package.max_mb with a breakdown of the sizes.
+package.bundle_deps (or --bundle-deps) adds wheels of named libraries for the notebook to install offline.
 `--upload` creates the Kaggle dataset, or a new version of it, and waits until Kaggle has it ready.
 Usage: ``kpipe package -c configs/exp/b0.yaml --comp demo package.owner=me [--upload]``
 """
@@ -101,6 +102,10 @@ def write_package(cfg: Config, out: Path, runs: list[str] | None) -> dict[str, A
     write_yaml(where.config, cfg.to_dict())
     write_json(where.classes, {"classes": classes})
     pkg.build_wheel(where.wheels)
+    if cfg.package.bundle_deps:
+        got = pkg.download_wheels(pkg.dependency_specs(cfg.package.bundle_deps), where.wheels / "deps",
+                                  cfg.package.python, cfg.package.platform)
+        console.print(f"bundled {len(got)} wheels for the notebook: {safe(', '.join(p.name for p in got))}")
     slug = dataset_slug(paths.package_name(cfg))
     write_json(where.metadata, pkg.dataset_metadata(owner(cfg), slug, cfg.package.title or f"kpipe {slug}"[:50],
                                                     cfg.package.license))
