@@ -201,3 +201,11 @@ def test_bundle_deps_downloads_wheels_at_kpipes_range(tmp_path: Path, monkeypatc
     assert "wheels/deps/albumentations-2.0.8-py3-none-any.whl" in {f["path"] for f in man["files"]}
     kernel.run(cfg)
     assert 'PKG / "wheels" / "deps"' in notebook.as_script(json.loads(paths.kernel_dir(cfg).notebook.read_text()))
+
+
+def test_package_without_an_owner_says_where_to_set_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
+    cfg = setup(tmp_path, ["package.owner=null"])
+    with pytest.raises(KpipeError, match="set package.owner=<your Kaggle user name>"):
+        package.run(cfg)
+    assert not paths.package_dir(cfg).root.exists()

@@ -80,6 +80,8 @@ def make_spec(cfg: Config, plan: Plan, classes: list[str], tags: dict[str, str],
 
 def write_package(cfg: Config, out: Path, runs: list[str] | None) -> dict[str, Any]:
     """Every file of the package under `out` (a fresh folder); returns its manifest."""
+    slug = dataset_slug(paths.package_name(cfg))  # the cheap checks first
+    metadata = pkg.dataset_metadata(owner(cfg), slug, cfg.package.title or f"kpipe {slug}"[:50], cfg.package.license)
     classes = ingest.load_classes(cfg)
     plan = make_plan(cfg, runs, classes)
     tags = run_tags(plan.runs)
@@ -106,9 +108,7 @@ def write_package(cfg: Config, out: Path, runs: list[str] | None) -> dict[str, A
         got = pkg.download_wheels(pkg.dependency_specs(cfg.package.bundle_deps), where.wheels / "deps",
                                   cfg.package.python, cfg.package.platform)
         console.print(f"bundled {len(got)} wheels for the notebook: {safe(', '.join(p.name for p in got))}")
-    slug = dataset_slug(paths.package_name(cfg))
-    write_json(where.metadata, pkg.dataset_metadata(owner(cfg), slug, cfg.package.title or f"kpipe {slug}"[:50],
-                                                    cfg.package.license))
+    write_json(where.metadata, metadata)
     return pkg.manifest(out)
 
 
