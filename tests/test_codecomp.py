@@ -209,3 +209,24 @@ def test_package_without_an_owner_says_where_to_set_it(tmp_path: Path, monkeypat
     with pytest.raises(KpipeError, match="set package.owner=<your Kaggle user name>"):
         package.run(cfg)
     assert not paths.package_dir(cfg).root.exists()
+
+
+def test_dry_run_tree_and_failures(packaged: Config, tmp_path: Path) -> None:
+    """The simulated /kaggle as the notebook sees it; a failing or overlong notebook is a clear error."""
+    probe = ("import os, sys, urllib.request\nfrom pathlib import Path\nroot = Path(os.environ['KAGGLE_ROOT'])\n"
+             "print(sorted(p.name for p in (root / 'input').iterdir()))\n"
+             "print(sorted(p.name for p in (root / 'input' / 'tiny' / 'test').iterdir())[:2])\n"
+             "print(oct((root / 'input' / 'tiny').stat().st_mode & 0o777), Path.cwd() == root / 'working')\n"
+             "try:\n    urllib.request.urlopen('http://example.com', timeout=5)\n    print('NETWORK')\n"
+             "except OSError as e:\n    print('offline')\n"
+             "(root / 'working' / 'submission.csv').write_text('id,label\\n')\n"
+             "(root / 'working' / 'predictions' / 'submission').mkdir(parents=True)\n"
+             "(root / 'working' / 'predictions' / 'submission' / 'probs.csv').write_text('id\\n')\n")
+    case = kernel._run_case(packaged, probe, 4, tmp_path / "probe", 120)
+    log = (tmp_path / "probe" / "log.txt").read_text().splitlines()
+    assert log[0] == "['a-package', 'tiny']" and log[1] == "['r000000_t000.png', 'r000001_t001.png']"
+    assert log[2] == "0o550 True" and log[3] == "offline" and case["rows"] == 4
+    with pytest.raises(KpipeError, match=r"failed in the dry-run on 6 rows \(exit 1\)(.|\n)*package 'x' not found"):
+        kernel._run_case(packaged, "raise SystemExit(\"package 'x' not found\")", None, tmp_path / "fail", 120)
+    with pytest.raises(KpipeError, match="Notebook Timeout"):
+        kernel._run_case(packaged, "import time; time.sleep(30)", None, tmp_path / "slow", 1)
