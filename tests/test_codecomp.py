@@ -230,3 +230,12 @@ def test_dry_run_tree_and_failures(packaged: Config, tmp_path: Path) -> None:
         kernel._run_case(packaged, "raise SystemExit(\"package 'x' not found\")", None, tmp_path / "fail", 120)
     with pytest.raises(KpipeError, match="Notebook Timeout"):
         kernel._run_case(packaged, "import time; time.sleep(30)", None, tmp_path / "slow", 1)
+
+
+def test_kernel_and_dataset_slugs_follow_kaggles_rule(packaged: Config) -> None:
+    cfg = packaged.model_copy(update={"name": "B0_384 v2"})
+    meta = kernel.kernel_metadata(cfg, "tester/b0-384-v2-package")
+    assert meta["id"] == "tester/b0-384-v2-infer" and meta["title"] == "b0-384-v2-infer"
+    assert meta["code_file"] == "B0_384 v2-infer.ipynb"
+    with pytest.raises(KpipeError, match="package.name 'ab' gives the Kaggle slug 'ab'"):
+        pkg.kaggle_slug_of("ab", "package.name")

@@ -115,6 +115,15 @@ def size_breakdown(files: list[dict[str, Any]]) -> list[tuple[str, int]]:
     return sorted(parts.items(), key=lambda kv: -kv[1])
 
 
+def kaggle_slug_of(name: str, key: str) -> str:
+    """Kaggle's slug rule for datasets and notebooks (5-50 of a-z, 0-9, '-') applied to a name; `key` sets it."""
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    if not 5 <= len(slug) <= 50:
+        raise KpipeError(f"{key} {name!r} gives the Kaggle slug {slug!r}; Kaggle wants 5 to 50 letters, digits "
+                         f"or '-'. Set {key}=<a longer or shorter name>.")
+    return slug
+
+
 def dataset_metadata(owner: str, slug: str, title: str, license_name: str) -> dict[str, Any]:
     """Kaggle's dataset-metadata.json: `kaggle datasets create -p DIR` reads it."""
     if not 6 <= len(title) <= 50:

@@ -38,7 +38,7 @@ from kpipe.errors import KpipeError
 from kpipe.io import read_csv_ids, write_csv, write_json, write_text
 from kpipe.kaggle import notebook
 from kpipe.kaggle.api import kaggle_slug
-from kpipe.kaggle.package import read_spec, source_root
+from kpipe.kaggle.package import kaggle_slug_of, read_spec, source_root
 
 DEAD_PROXY = "http://127.0.0.1:9"  # the discard port: any download attempt fails at once
 
@@ -47,7 +47,7 @@ def kernel_metadata(cfg: Config, dataset_id: str) -> dict[str, Any]:
     """Kaggle's kernel-metadata.json for `kaggle kernels push -p kernels/<name>`."""
     owner = dataset_id.split("/")[0]
     name = paths.kernel_name(cfg)
-    slug = name.lower().replace("_", "-")
+    slug = kaggle_slug_of(name, "kernel.name")
     return {"id": f"{owner}/{slug}", "title": slug, "code_file": f"{name}.ipynb", "language": "python",
             "kernel_type": "notebook", "is_private": True, "enable_gpu": cfg.kernel.enable_gpu, "enable_tpu": False,
             "enable_internet": False, "dataset_sources": [dataset_id], "competition_sources": [kaggle_slug(cfg)],
@@ -124,7 +124,8 @@ def _sim_tree(cfg: Config, top: Path, rows: int | None) -> tuple[Path, int]:
         for src, name in files:
             shutil.copy2(src, test_dir / name)
     write_csv(comp / Path(cfg.competition.sample_submission).name, sample)
-    shutil.copytree(paths.package_dir(cfg).root, kaggle / "input" / paths.package_name(cfg))
+    # Kaggle mounts a dataset under its slug
+    shutil.copytree(paths.package_dir(cfg).root, kaggle / "input" / kaggle_slug_of(paths.package_name(cfg), "package.name"))
     (kaggle / "working").mkdir()
     _read_only(kaggle / "input", True)
     return kaggle, len(sample)

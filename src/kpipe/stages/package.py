@@ -33,15 +33,6 @@ from kpipe.nn.plan import Plan, class_prior, make_plan
 MB = 1024 * 1024
 
 
-def dataset_slug(name: str) -> str:
-    """Kaggle's dataset slug rule (5-50 of a-z, 0-9, '-') applied to a package name."""
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    if not 5 <= len(slug) <= 50:
-        raise KpipeError(f"package name {name!r} gives the Kaggle slug {slug!r}; Kaggle wants 5 to 50 letters, digits "
-                         "or '-'. Set package.name=<a longer or shorter name>.")
-    return slug
-
-
 def owner(cfg: Config) -> str:
     found = cfg.package.owner or os.environ.get("KAGGLE_USERNAME")
     if not found:
@@ -80,7 +71,7 @@ def make_spec(cfg: Config, plan: Plan, classes: list[str], tags: dict[str, str],
 
 def write_package(cfg: Config, out: Path, runs: list[str] | None) -> dict[str, Any]:
     """Every file of the package under `out` (a fresh folder); returns its manifest."""
-    slug = dataset_slug(paths.package_name(cfg))  # the cheap checks first
+    slug = pkg.kaggle_slug_of(paths.package_name(cfg), "package.name")  # the cheap checks first
     metadata = pkg.dataset_metadata(owner(cfg), slug, cfg.package.title or f"kpipe {slug}"[:50], cfg.package.license)
     classes = ingest.load_classes(cfg)
     plan = make_plan(cfg, runs, classes)
