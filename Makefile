@@ -24,7 +24,7 @@ RUNS ?= runs/$(notdir $(basename $(EXP)))
 RUN := $(KPIPE)
 CFG := -c $(EXP) --comp $(COMP)
 
-.PHONY: help setup check-python demo test test-fast lint audit folds train relabel infer oof-tta ensemble submit lb runs compare sweep bench clean
+.PHONY: help setup check-python demo test test-fast lint audit folds train relabel infer oof-tta ensemble submit package kernel lb runs compare sweep bench clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -111,6 +111,12 @@ ensemble: setup ## fit blend weights over RUNS='runs/a runs/b' (and TTA views) o
 submit: setup ## submit FILE (default: the newest submission CSV) to Kaggle, MSG optional, and wait for the score
 	$(RUN) submit $(if $(FILE),$(FILE),$$(ls -t submissions/*.csv | grep -v ledger.csv | head -n 1)) \
 		$(if $(MSG),-m "$(MSG)") $(CFG) --wait
+
+package: setup ## code competitions: EXP's runs as a Kaggle dataset in package/<name>/ (ARGS="package.owner=you")
+	$(RUN) package $(CFG) $(ARGS)
+
+kernel: setup ## code competitions: render the internet-off notebook and dry-run it locally (kernels/<name>/)
+	$(RUN) kernel $(CFG) --dry-run $(ARGS)
 
 lb: setup ## sync the ledger with Kaggle and show CV vs leaderboard
 	$(RUN) lb $(CFG)

@@ -12,6 +12,11 @@ where kpipe depends on it: submissions read PENDING for the first `pending_polls
 are scored by accuracy against `solution` (public = first half of the sorted ids), a
 malformed file ends in ERROR with a description, the daily limit is enforced, unaccepted
 rules answer 403, a wrong key 401. `fail_next` / `fail_after` inject errors.
+Code competitions too: blob uploads and datasets (create, version, status: PROCESSING for
+`dataset_polls` reads, then READY, or FAILED), notebooks (push = save a version; status RUNNING for
+`kernel_polls` reads, then COMPLETE with `kernel_outputs` as its files, or ERROR with `kernel_failure`
+and `kernel_log`), their output listing, and code submissions scored from the pushed version's
+submission.csv (the daily limit applies to them too).
 Usage: ``with FakeKaggle("tiny", files, solution) as fake: os.environ.update(fake.env())``
 """
 
@@ -30,6 +35,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 SERVICE = "/api/v1/competitions.CompetitionApiService/"
+# The services the fake answers (/api/v1/<package>.<Service>/<Method>); any other path is a 404.
+SERVICES = (SERVICE, "/api/v1/blobs.BlobApiService/", "/api/v1/datasets.DatasetApiService/",
+            "/api/v1/kernels.KernelsApiService/")
 # Methods that need the competition's rules accepted (Kaggle answers 403 otherwise).
 NEEDS_RULES = {"DownloadDataFiles", "DownloadDataFile", "StartSubmissionUpload", "CreateSubmission"}
 
@@ -86,6 +94,15 @@ class FakeKaggle:
         self._fail: dict[str, list[int]] = {}
         self._fail_after: dict[str, list[int]] = {}
         self._tokens: dict[str, dict[str, Any]] = {}
+        # code competitions
+        self.datasets: dict[str, dict[str, Any]] = {}  # "owner/slug" -> {"versions": [files], "reads_left": n}
+        self.dataset_polls, self.dataset_fails = 1, False
+        self.kernels: dict[str, list[dict[str, Any]]] = {}  # "owner/slug" -> versions (the SaveKernel bodies)
+        self.kernel_polls = 1
+        self.kernel_outputs: dict[str, bytes] = {}  # the files a run writes (set by the test)
+        self.kernel_failure: str = ""  # non-empty: runs end in ERROR with this message
+        self.kernel_log = "[cell 1] started\n"
+        self._kernel_reads: dict[str, int] = {}
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -192,6 +209,103 @@ class FakeKaggle:
 
         return "COMPLETE", acc(ids[:half]), acc(ids[half:]), ""
 
+    # ------------------------------------------------------------ code competitions
+
+    def _api_StartBlobUpload(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        token = f"blob{len(self._tokens)}"
+        self._tokens[token] = {"fileName": body.get("name", ""), "data": None}
+        return 200, {"token": token, "createUrl": f"http://localhost/upload/{token}"}
+
+    def _dataset_files(self, files: list[dict[str, Any]]) -> dict[str, bytes] | None:
+        out = {}
+        for f in files:
+            blob = self._tokens.get(f.get("token", ""))
+            if blob is None or blob["data"] is None:
+                return None
+            out[blob["fileName"]] = blob["data"]
+        return out
+
+    def _api_CreateDataset(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        ref = f"{body.get('ownerSlug')}/{body.get('slug')}"
+        if ref in self.datasets:
+            return 200, {"error": f"The dataset {ref} already exists"}
+        files = self._dataset_files(body.get("files", []))
+        if files is None:
+            return 400, {"code": 400, "message": "Upload not found"}
+        self.datasets[ref] = {"versions": [files], "reads_left": self.dataset_polls, "title": body.get("title")}
+        return 200, {"ref": ref, "url": f"https://www.kaggle.com/datasets/{ref}", "status": "ok"}
+
+    def _api_CreateDatasetVersion(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        ref = f"{body.get('ownerSlug')}/{body.get('datasetSlug')}"
+        if ref not in self.datasets:
+            return 404, {"code": 404, "message": f"Dataset {ref} not found"}
+        files = self._dataset_files((body.get("body") or {}).get("files", []))
+        if files is None:
+            return 400, {"code": 400, "message": "Upload not found"}
+        self.datasets[ref]["versions"].append(files)
+        self.datasets[ref]["reads_left"] = self.dataset_polls
+        return 200, {"ref": ref, "url": f"https://www.kaggle.com/datasets/{ref}", "status": "ok"}
+
+    def _api_GetDatasetStatus(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        ds = self.datasets.get(f"{body.get('ownerSlug')}/{body.get('datasetSlug')}")
+        if ds is None:
+            return 404, {"code": 404, "message": "Dataset not found"}
+        if ds["reads_left"] > 0:
+            ds["reads_left"] -= 1
+            return 200, {"status": "BLOBS_RECEIVED"}
+        return 200, {"status": "FAILED" if self.dataset_fails else "READY"}
+
+    def _api_SaveKernel(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        ref = body.get("slug", "")
+        missing = [d for d in body.get("datasetDataSources", []) if d not in self.datasets]
+        if missing:
+            return 200, {"error": f"Dataset sources not found: {missing}"}
+        versions = self.kernels.setdefault(ref, [])
+        versions.append({**body, "outputs": dict(self.kernel_outputs), "failure": self.kernel_failure,
+                         "log": self.kernel_log})
+        self._kernel_reads[ref] = self.kernel_polls
+        return 200, {"ref": ref, "url": f"https://www.kaggle.com/code/{ref}", "versionNumber": len(versions)}
+
+    def _kernel(self, body: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+        ref = f"{body.get('userName')}/{body.get('kernelSlug')}"
+        versions = self.kernels.get(ref)
+        return ref, versions[-1] if versions else None
+
+    def _api_GetKernelSessionStatus(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        ref, run = self._kernel(body)
+        if run is None:
+            return 404, {"code": 404, "message": f"Notebook {ref} not found"}
+        if self._kernel_reads.get(ref, 0) > 0:
+            self._kernel_reads[ref] -= 1
+            return 200, {"status": "RUNNING"}
+        if run["failure"]:
+            return 200, {"status": "ERROR", "failureMessage": run["failure"]}
+        return 200, {"status": "COMPLETE"}
+
+    def _api_ListKernelSessionOutput(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        ref, run = self._kernel(body)
+        if run is None:
+            return 404, {"code": 404, "message": f"Notebook {ref} not found"}
+        files = [{"fileName": n, "url": f"http://localhost/files/kernel/{ref}/{n}"} for n in sorted(run["outputs"])]
+        return 200, {"files": [] if run["failure"] else files, "log": run["log"], "nextPageToken": ""}
+
+    def _api_CreateCodeSubmission(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        ref = f"{body.get('kernelOwner')}/{body.get('kernelSlug')}"
+        versions = self.kernels.get(ref, [])
+        version = body.get("kernelVersion") or len(versions)
+        if not 1 <= int(version) <= len(versions):
+            return 404, {"code": 404, "message": f"Notebook {ref} version {version} not found"}
+        if len(self._today()) >= self.daily_limit:
+            return 400, {"code": 400, "message": f"Submission limit reached: {self.daily_limit} submissions per "
+                                                 "day; the count resets at 00:00 UTC"}
+        run = versions[int(version) - 1]
+        name = body.get("fileName") or "submission.csv"
+        data = run["outputs"].get(name, b"") if not run["failure"] else b""
+        sub = self._create(name, data, body.get("submissionDescription", ""), _now())
+        if name not in run["outputs"] or run["failure"]:
+            sub.status, sub.error = "ERROR", "Submission CSV Not Found"
+        return 200, {"message": "Your submission was queued for a re-run on the hidden test", "ref": sub.ref}
+
     def _api_DownloadDataFiles(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         return 302, {"Location": f"http://localhost/files/{self.slug}.zip"}
 
@@ -202,6 +316,10 @@ class FakeKaggle:
         return 302, {"Location": f"http://localhost/files/{name}"}
 
     def file_bytes(self, name: str) -> bytes | None:
+        if name.startswith("kernel/"):
+            ref, _, file = name[len("kernel/"):].rpartition("/")
+            versions = self.kernels.get(ref)
+            return versions[-1]["outputs"].get(file) if versions else None
         if name == f"{self.slug}.zip":
             buf = io.BytesIO()
             with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -299,9 +417,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         path, raw = urlsplit(self.path).path, self._body()
-        if not path.startswith(SERVICE):
+        if not path.startswith(SERVICES):
             return self._send(404, b'{"code": 404, "message": "not found"}')
-        status, out = self.fake.api(path[len(SERVICE):], json.loads(raw or b"{}"), self.headers.get("Authorization"))
+        status, out = self.fake.api(path.rsplit("/", 1)[-1], json.loads(raw or b"{}"), self.headers.get("Authorization"))
         if status == 302:
             return self._send(302, headers={"Location": out["Location"]})
         self._send(status, json.dumps(out).encode())

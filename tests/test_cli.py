@@ -16,7 +16,7 @@ from kpipe import cli, paths
 from kpipe.stages import folds
 
 COMMANDS = ["demo-data", "demo-report", "audit", "folds", "train", "relabel", "infer", "oof-tta", "ensemble",
-            "validate-submission", "kaggle", "submit", "lb", "bench"]
+            "validate-submission", "kaggle", "submit", "lb", "bench", "package", "kernel"]
 
 
 def test_top_level_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:

@@ -143,6 +143,27 @@ def _ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def _package(args: argparse.Namespace) -> int:
+    from kpipe.stages import package
+
+    overrides = args.overrides + ([f"package.bundle_deps={','.join(args.bundle_deps)}"] if args.bundle_deps else [])
+    cfg = load_config(args.exp, resolve_comp(args.comp), overrides)
+    package.run(cfg, runs=args.runs, upload=args.upload)
+    return 0
+
+
+def _kernel(args: argparse.Namespace) -> int:
+    from kpipe.stages import kernel
+
+    cfg = config_from(args)
+    kernel.run(cfg)
+    if args.dry_run:
+        kernel.dry_run(cfg, rows=args.rows, hidden_rows=args.hidden_size, time_limit_min=args.time_limit_min)
+    if args.push:
+        kernel.push(cfg, wait=not args.no_wait)
+    return 0
+
+
 def _validate(args: argparse.Namespace) -> int:
     from kpipe.kaggle import submission
 
@@ -159,6 +180,16 @@ def _kaggle_download(args: argparse.Namespace) -> int:
 def _submit(args: argparse.Namespace) -> int:
     from kpipe.stages import kaggle
 
+    if args.kernel and args.file and "=" in args.file:  # `submit --kernel X key=value`: an override, not a CSV
+        args.overrides, args.file = [args.file, *args.overrides], None
+    if args.kernel:
+        if args.file:
+            raise KpipeError("give a CSV or --kernel OWNER/SLUG, not both (a code competition submits the notebook).")
+        kaggle.submit_kernel(config_from(args), args.kernel, args.version, args.message, wait=args.wait,
+                             force=args.force)
+        return 0
+    if not args.file:
+        raise KpipeError("nothing to submit: give a submission CSV, or --kernel OWNER/SLUG for a code competition.")
     kaggle.submit(config_from(args), Path(args.file), args.message, wait=args.wait, force=args.force)
     return 0
 
@@ -270,6 +301,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="weights JSON (default: runs/ensembles/<exp>.json)")
     p.add_argument("--no-tta", action="store_true", help="blend runs only, not their TTA views")
 
+    p = add("package", _package, "the runs infer uses as a Kaggle dataset: safetensors weights, configs, "
+                                 "a kpipe wheel, manifest -> package/<name>/")
+    _config_args(p)
+    p.add_argument("--runs", nargs="+", default=None, help="run folders (default: infer.runs or runs/<exp>)")
+    p.add_argument("--upload", action="store_true", help="create (or version) the Kaggle dataset and wait until ready")
+    p.add_argument("--bundle-deps", nargs="+", default=None, metavar="DIST",
+                   help="add wheels of these libraries (kpipe's version range) for an image that lacks them "
+                        "(package.bundle_deps)")
+
+    p = add("kernel", _kernel, "render the internet-off inference notebook for a code competition -> kernels/<name>/")
+    _config_args(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="run the notebook here in a simulated /kaggle tree, on the public test and a resized one")
+    p.add_argument("--rows", type=int, default=None, metavar="N",
+                   help="rows of the dry-run's second test (default: kernel.dry_run_rows, else 3x the public test)")
+    p.add_argument("--hidden-size", type=int, default=None, metavar="N",
+                   help="rows of the hidden test to project the run time to (default: kernel.hidden_test_size)")
+    p.add_argument("--time-limit-min", type=float, default=None, metavar="MIN",
+                   help="the competition's notebook time limit (default: kernel.time_limit_min)")
+    p.add_argument("--push", action="store_true", help="push the notebook to Kaggle, wait for it, fetch its log")
+    p.add_argument("--no-wait", action="store_true", help="with --push: return once pushed")
+
     p = add("validate-submission", _validate, "check a submission CSV against sample_submission.csv")
     p.add_argument("file", help="submission CSV")
     _config_args(p)
@@ -280,8 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", default=None, help="download this one file only")
     _config_args(p)
 
-    p = add("submit", _submit, "validate, then submit a CSV to Kaggle and record it in submissions/ledger.csv")
-    p.add_argument("file", help="submission CSV")
+    p = add("submit", _submit, "validate, then submit a CSV (or a notebook: --kernel) to Kaggle and record it in "
+                               "submissions/ledger.csv")
+    p.add_argument("file", nargs="?", default=None, help="submission CSV")
+    p.add_argument("--kernel", default=None, metavar="OWNER/SLUG",
+                   help="code competition: submit this notebook's output (see `kpipe kernel --push`)")
+    p.add_argument("--version", type=int, default=None, metavar="N", help="with --kernel: the notebook version")
     p.add_argument("-m", "--message", default=None,
                    help="submission description (default: built from the runs and CV in the sidecar JSON)")
     p.add_argument("--wait", action="store_true", help="poll until the score (or the error) arrives")

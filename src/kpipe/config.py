@@ -224,6 +224,32 @@ class InferConfig(Section):
     batch_size: int = 64
     ensemble_weights: str | None = None  # JSON written by `kpipe ensemble`
     name: PlainName | None = None  # default: the experiment name
+    package: str | None = None  # a folder written by `kpipe package`: its runs, views and weights, not runs/
+
+
+class PackageConfig(Section):
+    """`kpipe package`: the runs as a Kaggle dataset (package/<name>/)."""
+
+    name: PlainName | None = None  # default: <experiment name>-package; also the dataset's slug
+    owner: str | None = None  # Kaggle user or organisation; default: $KAGGLE_USERNAME
+    title: str | None = None  # default: "kpipe <name>"
+    license: str = "CC0-1.0"
+    max_mb: float = Field(20_000.0, gt=0)  # refuse a larger package (Kaggle's dataset limits; upload time)
+    # Wheels of these distributions (at kpipe's version range) go into wheels/deps/ for the notebook to
+    # install offline, for a Kaggle image whose copy is missing or out of range (e.g. [albumentations, albucore]).
+    bundle_deps: list[str] = []
+    python: str = "3.11"  # the Kaggle image's Python, which the bundled wheels must fit
+    platform: list[str] = ["manylinux2014_x86_64", "manylinux_2_28_x86_64"]
+
+
+class KernelConfig(Section):
+    """`kpipe kernel`: the internet-off inference notebook (kernels/<name>/)."""
+
+    name: PlainName | None = None  # default: <experiment name>-infer; also the notebook's slug
+    enable_gpu: bool = True
+    time_limit_min: float = Field(540.0, gt=0)  # the competition's run-time limit (9 h on most)
+    hidden_test_size: int | None = Field(None, ge=1)  # rows of the hidden test, for the dry-run's projection
+    dry_run_rows: int | None = Field(None, ge=1)  # second dry-run's test size; default: 3x the public test
 
 
 class PathsConfig(Section):
@@ -232,6 +258,8 @@ class PathsConfig(Section):
     runs_dir: str = "runs"
     predictions_dir: str = "predictions"
     submissions_dir: str = "submissions"
+    packages_dir: str = "package"
+    kernels_dir: str = "kernels"
 
 
 class Config(Section):
@@ -244,6 +272,8 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     folds: FoldsConfig = FoldsConfig()
     infer: InferConfig = InferConfig()
+    package: PackageConfig = PackageConfig()
+    kernel: KernelConfig = KernelConfig()
     paths: PathsConfig = PathsConfig()
 
     def to_dict(self) -> dict[str, Any]:

@@ -13,6 +13,8 @@ reader can see the whole tree on one screen:
     runs/ensembles/<exp>.json    kpipe ensemble       predictions/<name>/   kpipe infer
     submissions/<name>.csv       kpipe infer          submissions/<name>.json (sidecar), ledger.csv
     cache/<comp>/<px>/<split>.npy  decode-once image cache
+    package/<name>/              kpipe package        (PackageDir: kpipe_package.json, runs/<tag>/, wheels/ ...)
+    kernels/<name>/              kpipe kernel         (KernelDir: <name>.ipynb, kernel-metadata.json, dry_run/)
 
 Usage: ``run = paths.run_dir(cfg); run.fold(0).best``; ``paths.folds_csv(cfg)``
 """
@@ -243,3 +245,96 @@ def ledger_csv(cfg: Config) -> Path:
 
 def ledger_csv_in(submissions_dir: str | Path) -> Path:
     return Path(submissions_dir) / "ledger.csv"
+
+
+# ------------------------------------------------------------------ code competitions
+
+# A packaged run folder (package/<name>/runs/<tag>/) holds config.yaml and, per fold, weights as
+# safetensors plus a JSON of the rest of the checkpoint (classes, data_config, config).
+PACKAGE_SPEC = "kpipe_package.json"
+
+
+def package_weights(run_root: Path, k: int) -> Path:
+    return run_root / f"fold{k}.safetensors"
+
+
+def package_fold_json(run_root: Path, k: int) -> Path:
+    return run_root / f"fold{k}.json"
+
+
+@dataclass(frozen=True)
+class PackageDir:
+    """`kpipe package`'s folder: exactly what `kpipe infer` needs, uploaded as one Kaggle dataset."""
+
+    root: Path
+
+    @property
+    def spec(self) -> Path:
+        """Runs, views, weights, classes and prior: what infer.package reads instead of infer.runs."""
+        return self.root / PACKAGE_SPEC
+
+    @property
+    def config(self) -> Path:
+        """The resolved config the package was made with (the notebook's `kpipe infer -c`)."""
+        return self.root / "config.yaml"
+
+    @property
+    def classes(self) -> Path:
+        return self.root / "classes.json"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def metadata(self) -> Path:
+        """Kaggle's dataset-metadata.json (title, id, licenses)."""
+        return self.root / "dataset-metadata.json"
+
+    @property
+    def wheels(self) -> Path:
+        return self.root / "wheels"
+
+    def run(self, tag: str) -> Path:
+        return self.root / "runs" / tag
+
+
+def package_dir(cfg: Config) -> PackageDir:
+    return PackageDir(Path(cfg.paths.packages_dir) / package_name(cfg))
+
+
+def package_name(cfg: Config) -> str:
+    return cfg.package.name or f"{cfg.name}-package"
+
+
+@dataclass(frozen=True)
+class KernelDir:
+    """`kpipe kernel`'s folder: the notebook and its kernel-metadata.json, pushed as they are."""
+
+    root: Path
+
+    @property
+    def notebook(self) -> Path:
+        return self.root / f"{self.root.name}.ipynb"
+
+    @property
+    def metadata(self) -> Path:
+        return self.root / "kernel-metadata.json"
+
+    @property
+    def dry_run(self) -> Path:
+        """Dry-run reports (dry_run.json) and the submissions each dry-run wrote."""
+        return self.root.parent / f"{self.root.name}.dry_run"
+
+    @property
+    def output(self) -> Path:
+        """What `kpipe kernel --push` fetched back: the log and submission.csv of the pushed version."""
+        return self.root.parent / f"{self.root.name}.output"
+
+
+def kernel_dir(cfg: Config) -> KernelDir:
+    return KernelDir(Path(cfg.paths.kernels_dir) / kernel_name(cfg))
+
+
+def kernel_name(cfg: Config) -> str:
+    return cfg.kernel.name or f"{cfg.name}-infer"

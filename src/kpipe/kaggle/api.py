@@ -175,6 +175,11 @@ def _env_seconds(name: str, default: float) -> float:
     return value
 
 
+def wait_settings() -> tuple[float, float]:
+    """(first pause between status polls, give up after) in seconds: $KPIPE_KAGGLE_POLL, $KPIPE_KAGGLE_WAIT_TIMEOUT."""
+    return _env_seconds(ENV_POLL, 10.0), _env_seconds(ENV_WAIT_TIMEOUT, 1800.0)
+
+
 def retry_policy() -> Backoff:
     return Backoff(first=_env_seconds(ENV_BACKOFF, 2.0))
 

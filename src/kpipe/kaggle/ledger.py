@@ -46,6 +46,11 @@ COLUMNS: tuple[str, ...] = (
     "public_score",
     "private_score",
     "error",  # Kaggle's error description for a submission it could not score
+    # Code competitions (`kpipe submit --kernel`): the notebook and version Kaggle re-runs, and the package
+    # dataset it reads. For these rows `sha256` is of "<kernel>@<version>:<package_sha256>" (no file is uploaded).
+    "kernel",
+    "kernel_version",
+    "package_sha256",
 )
 # A submission made outside kpipe is matched to a ref-less ledger row of the same file name
 # when the two times are this close.

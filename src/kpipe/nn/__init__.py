@@ -3,6 +3,7 @@
 models (timm and torchvision backbones behind one interface: stages, freezing, preprocessing),
 engine (one epoch, checkpoints, precision), checkpoint (best.pt / last.pt hold data, never code),
 optim (optimiser and scheduler registries), tta (views as batched tensor ops), predict (a run's fold
-models on images), dist (the few places DDP differs).
+models on images, from a run folder or a `kpipe package`), plan (which runs, views and weights infer
+uses), dist (the few places DDP differs).
 May import the foundation and kpipe.data.
 """

@@ -1,13 +1,15 @@
 """A trained run's fold models, loaded for prediction, and the batched prediction loop over images.
 
 `load_run` rebuilds each fold<k>/best.pt from the run's own saved config (never a download) and checks
-its classes; `predict_models` decodes each batch once and runs it through every fold model with every
+its classes; a run folder of a `kpipe package` (fold<k>.safetensors + fold<k>.json, no pickle at all)
+loads the same way through `load_package_run`; `predict_models` decodes each batch once and runs it through every fold model with every
 TTA view in one forward. Used by `kpipe infer`, `kpipe oof-tta` and the bench.
 Usage: ``rm = load_run("runs/demo", classes, device); probs, ok = predict_models(rm.models, loader, ["identity"], ...)``
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,8 +45,16 @@ def fold_of(path: Path) -> int:
     return int(path.parent.name.removeprefix("fold"))
 
 
+def package_folds(run: str | Path) -> list[int]:
+    """The folds of a packaged run folder (fold<k>.safetensors), sorted; [] for a training run."""
+    found = (re.fullmatch(r"fold(\d+)\.safetensors", p.name) for p in Path(run).glob("fold*.safetensors"))
+    return sorted(int(m[1]) for m in found if m)
+
+
 def load_run(run: str, classes: list[str], device: torch.device) -> RunModels:
     """Every fold<k>/best.pt of a run, built from the run's own config (no download) and checked against `classes`."""
+    if package_folds(run):
+        return load_package_run(run, classes, device)
     rcfg = load_run_config(run)
     ckpts = sorted((p for p in Path(run).glob("fold*/best.pt") if re.fullmatch(r"fold\d+", p.parent.name)),
                    key=fold_of)  # fold10 after fold9
@@ -68,6 +78,36 @@ def load_run(run: str, classes: list[str], device: torch.device) -> RunModels:
         model = model.eval().to(device)
         out.models.append(model.to(memory_format=torch.channels_last) if channels_last else model)
         out.folds.append(fold_of(path))
+        out.data_cfg = dc
+    return out
+
+
+def load_package_run(run: str, classes: list[str], device: torch.device) -> RunModels:
+    """A packaged run: each fold<k>.safetensors into a model built from the run's config.yaml (pretrained=False),
+    with its classes and preprocessing from fold<k>.json."""
+    from safetensors.torch import load_file  # only packaged runs need it
+
+    rcfg = load_run_config(run)
+    mcfg = rcfg.model.model_copy(update={"pretrained": False, "weights": None})
+    channels_last = device.type == "cuda" and rcfg.train.channels_last
+    out = RunModels(run, rcfg, [], [], {})
+    for k in package_folds(run):
+        meta_path = paths.package_fold_json(Path(run), k)
+        if not meta_path.is_file():
+            raise KpipeError(f"{meta_path}: missing beside {paths.package_weights(Path(run), k).name}. "
+                             "The package is incomplete: write it again with `kpipe package`.")
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if list(meta.get("classes", [])) != classes:
+            raise KpipeError(f"{meta_path}: trained on classes {preview(list(meta.get('classes', [])))}, but the "
+                             f"package lists {preview(classes)}. Write the package again with `kpipe package`.")
+        model = models.create_from_config(mcfg, len(classes))
+        model.load_state_dict(load_file(str(paths.package_weights(Path(run), k))))
+        dc = data_config(meta, model, rcfg)
+        if out.data_cfg and dc != out.data_cfg:
+            raise KpipeError(f"{meta_path}: preprocessing {dc} differs from fold {out.folds[0]}'s {out.data_cfg}.")
+        model = model.eval().to(device)
+        out.models.append(model.to(memory_format=torch.channels_last) if channels_last else model)
+        out.folds.append(k)
         out.data_cfg = dc
     return out
 

@@ -18,7 +18,6 @@ Usage: ``kpipe infer -c configs/exp/b0.yaml --comp demo infer.tta=identity,hflip
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +40,12 @@ from kpipe.eval.blend import blend, check_finite
 from kpipe.eval.oof import load_members
 from kpipe.io import atomic_path, read_csv_ids, write_csv, write_json
 from kpipe.kaggle import ledger, submission
+from kpipe.kaggle.package import PackageSpec, read_spec
 from kpipe.nn import dist, predict, tta
 from kpipe.nn.engine import amp_settings
+from kpipe.nn.plan import Plan, class_prior, make_plan, resolve_runs
+
+__all__ = ["Plan", "class_prior", "make_plan", "package_plan", "resolve_runs", "run", "run_oof_tta"]
 
 
 @dataclass(frozen=True)
@@ -53,24 +56,7 @@ class MemberPred:
     probs: np.ndarray  # (N, K) float32, test order
 
 
-@dataclass(frozen=True)
-class Plan:
-    runs: list[str]
-    views: dict[str, list[str]]  # run -> views to predict
-    weights: dict[tuple[str, str], float] | None  # (run, view) -> weight, from `kpipe ensemble`
-    how: str
-    cv: float | None  # the ensemble's OOF CV, when weights are used
-
-
 # ------------------------------------------------------------------ pure helpers
-
-
-def class_prior(labels: list[str], classes: list[str]) -> np.ndarray:
-    """Class frequencies of the training labels, in `classes` order: the guess for an unreadable image."""
-    counts = pd.Series(labels, dtype=object).value_counts().reindex(classes, fill_value=0).to_numpy(np.float64)
-    if counts.sum() == 0:
-        return np.full(len(classes), 1.0 / len(classes))
-    return counts / counts.sum()
 
 
 def blend_members(members: list[MemberPred], how: str, weights: dict[tuple[str, str], float] | None) -> np.ndarray:
@@ -87,51 +73,7 @@ def blend_members(members: list[MemberPred], how: str, weights: dict[tuple[str, 
     return blend(per_key, np.array([weights[k] for k in keys]), how)
 
 
-def resolve_runs(cfg: Config, runs: list[str] | None) -> list[str]:
-    return [str(r) for r in (runs or cfg.infer.runs or [paths.run_dir(cfg).root])]
-
-
-def make_plan(cfg: Config, runs: list[str] | None, classes: list[str]) -> Plan:
-    """Which runs and views to predict and how to combine them: infer.tta + infer.agg, or the ensemble JSON."""
-    if cfg.infer.ensemble_weights is None:
-        names = resolve_runs(cfg, runs)
-        views = tta.parse_views(cfg.infer.tta)
-        return Plan(names, {r: views for r in names}, None, cfg.infer.agg, None)
-    path = Path(cfg.infer.ensemble_weights)
-    if not path.is_file():
-        raise KpipeError(f"infer.ensemble_weights: {path} not found. Write it with `kpipe ensemble` first.")
-    rep = json.loads(path.read_text(encoding="utf-8"))
-    if set(rep.get("classes", classes)) != set(classes):
-        raise KpipeError(f"{path}: fitted on classes {preview(rep['classes'])}, not this competition's "
-                         f"{preview(classes)}. Re-run `kpipe ensemble`.")
-    given = runs or cfg.infer.runs
-    in_json = {Path(m["run"]).resolve() for m in rep["members"]}
-    if given and {Path(r).resolve() for r in given} != in_json:
-        raise KpipeError(f"{path} blends runs {preview(sorted(str(p) for p in in_json))}, but infer was given "
-                         f"{preview(list(given))}. Drop --runs / infer.runs, or re-run `kpipe ensemble` on these runs.")
-    for m in rep["members"]:  # NaN > 0 is False: a NaN weight would silently drop its member
-        if not math.isfinite(float(m["weight"])) or float(m["weight"]) < 0:
-            raise KpipeError(f"{path}: member {m['run']} [{m['view']}] has weight {m['weight']}; weights must be "
-                             "finite and >= 0. Re-run `kpipe ensemble` to fit them again.")
-    weights = {(m["run"], m["view"]): float(m["weight"]) for m in rep["members"] if float(m["weight"]) > 0}
-    if not weights:
-        raise KpipeError(f"{path}: every member has weight 0.")
-    names = list(dict.fromkeys(r for r, _ in weights))
-    views = {r: tta.parse_views([v for rr, v in weights if rr == r]) for r in names}
-    return Plan(names, views, weights, rep.get("how", cfg.infer.agg), rep.get("cv_blend"))
-
-
 # ------------------------------------------------------------------ models and prediction
-
-
-
-
-
-
-
-
-
-
 
 
 def _progress() -> Progress:
@@ -157,11 +99,25 @@ def _predict_run(cfg: Config, rm: predict.RunModels, files: list[str], views: li
 # ------------------------------------------------------------------ kpipe infer
 
 
+def package_plan(root: Path, spec: PackageSpec, runs: list[str] | None) -> Plan:
+    """The plan a package was made with, its runs at their place inside the package folder."""
+    if runs:
+        raise KpipeError(f"infer.package={root} brings its own runs; leave out --runs / infer.runs.")
+    where = {r.tag: str(paths.PackageDir(root).run(r.tag)) for r in spec.runs}
+    weights = None if spec.weights is None else {(where[w["run"]], w["view"]): float(w["weight"]) for w in spec.weights}
+    return Plan(list(where.values()), {where[r.tag]: r.views for r in spec.runs}, weights, spec.how, spec.cv)
+
+
 def run(cfg: Config, runs: list[str] | None = None) -> dict[str, Any]:
-    """Predict the test set with every fold of every run and TTA view; write predictions and a validated submission."""
+    """Predict the test set with every fold of every run and TTA view; write predictions and a validated submission.
+
+    With infer.package (a `kpipe package` folder, as in the Kaggle notebook) the runs, views, weights,
+    classes and class prior come from the package instead of runs/ and folds/.
+    """
     device = dist.pick_device(cfg.train.device)
-    classes = ingest.load_classes(cfg)
-    plan = make_plan(cfg, runs, classes)
+    spec = read_spec(Path(cfg.infer.package)) if cfg.infer.package else None
+    classes = spec.classes if spec else ingest.load_classes(cfg)
+    plan = make_plan(cfg, runs, classes) if spec is None else package_plan(Path(cfg.infer.package), spec, runs)
     test = ingest.load_test(cfg)
     files, ids = test["path"].tolist(), test["id"].tolist()
     ok = test["found"].to_numpy(bool).copy()
@@ -183,7 +139,10 @@ def run(cfg: Config, runs: list[str] | None = None) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     bad = ~ok
-    prior = class_prior(read_csv_ids(paths.folds_csv(cfg))["label"].tolist(), classes) if bad.any() else None
+    prior = None
+    if bad.any():
+        prior = (np.array(spec.prior) if spec else
+                 class_prior(read_csv_ids(paths.folds_csv(cfg))["label"].tolist(), classes))
     if prior is not None:
         for m in members:
             m.probs[bad] = prior
@@ -194,7 +153,7 @@ def run(cfg: Config, runs: list[str] | None = None) -> dict[str, Any]:
     write_predictions(out_dir, ids, classes, final, members, test.loc[bad, ["id", "found", "reason"]])
     sub_path = paths.submission_csv(cfg, name)
     write_submission(cfg, final, ids, classes, sub_path)
-    cv_value, cv_source = _cv(cfg, plan)
+    cv_value, cv_source = (spec.cv, "the package's CV") if spec else _cv(cfg, plan)
     sidecar = {"runs": plan.runs, "cv": cv_value, "cv_source": cv_source, "metric": cfg.competition.metric,
                "folds": folds,
                "tta": list(dict.fromkeys(v for r in plan.runs for v in plan.views[r])), "agg": plan.how,

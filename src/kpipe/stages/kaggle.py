@@ -13,6 +13,7 @@ Usage: ``download(cfg); submit(cfg, Path("submissions/r50.csv"), "r50 5 folds", 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -193,6 +194,62 @@ def submit(cfg: Config, path: Path, message: str | None, wait: bool = False, for
     if wait and not ref:
         print("Kaggle did not say which submission this is, so there is nothing to wait on; "
               "`kpipe lb` matches it by file name and time and fills in its score.")
+    if wait and ref:
+        final = wait_for(api, slug, ref, backoff)
+        scored = {k: final[k] for k in ("status", "public_score", "private_score", "error")}
+        ledger.update_ref(book, slug, ref, scored)
+        result.update(scored)
+        _report(result)
+    return result
+
+
+def submit_kernel(cfg: Config, kernel: str, version: int | None, message: str | None, wait: bool = False,
+                  force: bool = False) -> dict[str, Any]:
+    """A code-competition submission: Kaggle re-runs notebook `kernel` (OWNER/SLUG) at `version` on the hidden
+    test. Recorded in the ledger like a CSV one, with the kernel, its version and the package's sha256
+    (runs and CV from package/<name>/ when it is there); with `wait`, polled until scored."""
+    slug = kaggle_slug(cfg)
+    if kernel.count("/") != 1:
+        raise KpipeError(f"--kernel {kernel!r}: expected OWNER/SLUG, as in kernels/<name>/kernel-metadata.json's id.")
+    pkg = paths.package_dir(cfg)
+    man = json.loads(pkg.manifest.read_text(encoding="utf-8")) if pkg.manifest.is_file() else {}
+    spec = json.loads(pkg.spec.read_text(encoding="utf-8")) if pkg.spec.is_file() else {}
+    if not man:
+        print(f"no {pkg.manifest}: the ledger row gets no package sha256, runs or CV.", file=sys.stderr)
+    label = f"v{version}" if version else "latest"
+    message = message.strip() if message and message.strip() else (
+        f"{kernel} {label}" + (f", CV {spec['cv']:.4f}" if spec.get("cv") is not None else ""))
+    identity = f"{kernel}@{label}:{man.get('sha256', '')}"
+    started = datetime.now(UTC)
+    commit, dirty = ledger.git_state()
+    row = ledger.make_row({
+        "time_utc": _iso(started), "competition": slug, "file": f"kernel:{kernel}@{label}",
+        "sha256": hashlib.sha256(identity.encode()).hexdigest(), "message": message, "git_commit": commit,
+        "git_dirty": dirty, "runs": [r["source"] for r in spec.get("runs", [])], "cv": spec.get("cv"),
+        "metric": spec.get("metric"), "source": "kpipe", "kaggle_ref": "", "status": "pending", "kernel": kernel,
+        "kernel_version": version or "", "package_sha256": man.get("sha256", ""),
+    })
+    book = paths.ledger_csv(cfg)
+    same = ledger.reserve(book, row, force)
+    if len(same):
+        r = same.iloc[-1]
+        raise KpipeError(f"{kernel} {label} with this package was submitted {r['time_utc']} (ref {r['kaggle_ref'] or '?'}); "
+                         "not submitted again. Push a new version (kpipe kernel --push), or pass --force.")
+    try:
+        api, backoff = connect(), retry_policy()
+        if remaining(api, slug, backoff) == 0:
+            raise KpipeError(f"no submissions left today for '{slug}' (Kaggle's daily limit; it resets at 00:00 UTC). "
+                             f"{kernel} was not submitted.")
+        response = call(api.competition_submit_code, "submission.csv", message, slug, kernel, version, quiet=True,
+                        what=f"submitting notebook {kernel}", slug=slug, backoff=backoff)
+    except BaseException:
+        ledger.release(book, row)
+        raise
+    ref = str(response.ref) if response.ref else ""
+    ledger.settle(book, row, {"kaggle_ref": ref, "status": "pending"})
+    row = {**row, "kaggle_ref": ref, "status": "pending"}
+    print(f"submitted notebook {kernel} {label} to '{slug}' (ref {ref or 'unknown'}).")
+    result: dict[str, Any] = dict(row)
     if wait and ref:
         final = wait_for(api, slug, ref, backoff)
         scored = {k: final[k] for k in ("status", "public_score", "private_score", "error")}
