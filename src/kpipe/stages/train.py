@@ -55,7 +55,8 @@ from kpipe.paths import FoldDir
 
 LOSS_EVERY = 20  # optimiser steps between reads of the loss for the progress bar
 # Keys that may change between a run and its --resume (more epochs, other folds, other workers).
-RESUMABLE_CHANGES = {"train.epochs", "train.folds", "data.num_workers", "train.early_stop_patience", "infer"}
+RESUMABLE_CHANGES = {"train.epochs", "train.folds", "data.num_workers", "train.early_stop_patience", "infer", "package",
+                     "kernel"}
 
 
 def seed_everything(seed: int) -> None:
