@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 from collections.abc import Sequence
 from typing import Any
 
@@ -67,14 +68,22 @@ def build_eval(img_size: int) -> A.Compose:
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader worker_init_fn: give each worker its own augmentation stream.
+    """DataLoader worker_init_fn: give each worker its own augmentation stream; leave stops to the main process.
 
     Reseeds numpy and the Compose found as `.transform` on the worker's dataset (or on the
     dataset a Subset wraps) from torch's per-worker seed, which itself follows torch.manual_seed.
+    (Training goes further: loader.AugSeeds seeds every sample's augmentation from its place in the epoch.)
+
+    SIGINT / SIGTERM are ignored here: Ctrl-C, Slurm, `timeout` and `docker stop` signal the whole
+    process group, and a worker killed before the main process has saved last.pt turns the stop into a
+    DataLoader crash. The main process handles the stop, then shuts its workers down (they exit on
+    the loader's sentinel, or when they see the main process gone).
     """
     info = torch.utils.data.get_worker_info()
     if info is None:
         return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     seed = info.seed % 2**32
     np.random.seed(seed)
     random.seed(seed)
