@@ -98,3 +98,27 @@ def test_nan_loss_stops_the_fold_and_keeps_the_last_good_checkpoint(tmp_path: Pa
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
     best = torch.load(tmp_path / "runs" / cfg.name / "fold0" / "best.pt", map_location="cpu", weights_only=True)
     assert np.isfinite(best["score"])
+
+
+def test_a_worker_killed_by_the_stop_is_the_stop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop signal that also reaches a DataLoader worker (Slurm signals every process of a job) ends
+    in the usual save-and-resume path, not in torch's "DataLoader worker ... killed" RuntimeError."""
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = type("NoSchedule", (), {"after_step": lambda self: None})()
+    st = engine.FoldState(model, opt, sched, torch.amp.GradScaler("cpu", enabled=False))
+    step = engine.Step(engine.Precision(torch.device("cpu")), torch.nn.CrossEntropyLoss(), None, 3)
+
+    def batches(stop: bool):
+        yield torch.randn(2, 4), torch.tensor([0, 1]), torch.tensor([0, 1]), torch.ones(2, dtype=torch.bool)
+        if stop:
+            engine.StopRequested.signum = signal.SIGTERM
+        raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Terminated. ")
+
+    monkeypatch.setattr(engine.StopRequested, "signum", None)
+    with pytest.raises(Interrupted):
+        engine.train_epoch(st, batches(stop=True), step, lambda n, loss: None)
+    assert st.step_in_epoch == 1 and st.epoch_seen == 2  # what last.pt will hold
+    monkeypatch.setattr(engine.StopRequested, "signum", None)
+    with pytest.raises(RuntimeError, match="killed by signal"):  # no stop asked: a real crash stays one
+        engine.train_epoch(st, batches(stop=False), step, lambda n, loss: None)
