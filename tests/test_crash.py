@@ -25,6 +25,7 @@ import torch
 import yaml
 from rich.console import Console
 
+import kpipe
 from conftest import TINY_EXP, tiny_config, write_competition
 from kpipe import cli
 from kpipe.errors import Interrupted
@@ -41,7 +42,10 @@ class Proc:
     """`python -m kpipe <args>` with its stdout collected line by line on a thread."""
 
     def __init__(self, args: list[str], cwd: Path, new_group: bool = False) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "400"}
+        # The kpipe under test, whatever the cwd (a relative PYTHONPATH=src would not follow into tmp_path).
+        src = str(Path(kpipe.__file__).resolve().parents[1])
+        pythonpath = os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])])
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "400", "PYTHONPATH": pythonpath}
         # new_group: its own process group (session), which a scheduler's stop signals as a whole.
         self.p = subprocess.Popen([sys.executable, "-m", "kpipe", *args], cwd=cwd, env=env, text=True,
                                   encoding="utf-8", stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
