@@ -25,6 +25,7 @@ import torch
 import yaml
 from rich.console import Console
 
+import kpipe
 from conftest import TINY_EXP, tiny_config, write_competition
 from kpipe import cli
 from kpipe.errors import Interrupted
@@ -40,10 +41,15 @@ START_TIMEOUT_S = 90.0  # importing torch + timm takes 5-15 s on a busy 2-core m
 class Proc:
     """`python -m kpipe <args>` with its stdout collected line by line on a thread."""
 
-    def __init__(self, args: list[str], cwd: Path) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "400"}
+    def __init__(self, args: list[str], cwd: Path, new_group: bool = False) -> None:
+        # The kpipe under test, whatever the cwd (a relative PYTHONPATH=src would not follow into tmp_path).
+        src = str(Path(kpipe.__file__).resolve().parents[1])
+        pythonpath = os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])])
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "400", "PYTHONPATH": pythonpath}
+        # new_group: its own process group (session), which a scheduler's stop signals as a whole.
         self.p = subprocess.Popen([sys.executable, "-m", "kpipe", *args], cwd=cwd, env=env, text=True,
-                                  encoding="utf-8", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                  encoding="utf-8", stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  start_new_session=new_group)
         self.lines: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -166,6 +172,26 @@ def test_stop_signal_saves_last_and_says_how_to_resume(tmp_path: Path, sig: sign
     assert again.finish() == 0, again.output
     for k in (0, 1):
         assert pd.read_csv(run / f"fold{k}" / "metrics.csv")["epoch"].tolist() == list(range(1, epochs + 1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_stop_signal_to_the_whole_group_with_workers_saves_and_resumes(tmp_path: Path, sig: signal.Signals,
+                                                                        code: int) -> None:
+    """`kill -TERM -- -PGID` (Slurm, timeout, docker stop) or Ctrl-C reaches the DataLoader workers too."""
+    args = [*_setup(tmp_path), "train.epochs=500", "data.num_workers=2"]
+    run = tmp_path / "runs" / "crash"
+    proc = Proc(args, tmp_path, new_group=True)
+    assert proc.wait_for("fold 0 epoch 2/500"), proc.output  # workers up, and in their second epoch
+    time.sleep(0.3)  # inside a training epoch's steps, most likely
+    os.killpg(proc.p.pid, sig)
+    assert proc.finish(timeout=60) == code, proc.output
+    out = proc.output
+    assert "Traceback" not in out and "killed by signal" not in out, out
+    cmd = _resume_command(out)
+    assert cmd[:2] == ["kpipe", "train"] and cmd[-1] == "--resume", out
+    last = torch.load(run / "fold0" / "last.pt", map_location="cpu", weights_only=True)
+    assert not last["finished"] and last["epoch"] >= 2
 
 
 # ------------------------------------------------------------------ the resume line, in-process

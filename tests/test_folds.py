@@ -11,6 +11,7 @@ import pytest
 from conftest import tiny_config, write_competition
 from kpipe import paths
 from kpipe.data import folds as folds_lib
+from kpipe.data.ingest import load_train
 from kpipe.errors import KpipeError
 from kpipe.stages import folds
 
@@ -66,16 +67,22 @@ def test_apply_label_changes() -> None:
 def test_run_writes_files_and_uses_audit_groups(tmp_path: Path) -> None:
     comp = write_competition(tmp_path, n_per_class=6)
     cfg = tiny_config(tmp_path, comp, ["folds.n_folds=3"])
+    # A pair that an ungrouped split of the same rows puts in different folds: grouping must bring it together.
+    rows = load_train(cfg).df[["id", "label"]]
+    rows = rows[rows["id"] != "fox_005"].reset_index(drop=True)
+    ungrouped = folds_lib.make_folds(rows, 3, cfg.folds.seed).set_index("id")["fold"]
+    cats = [i for i in ungrouped.index if i.startswith("cat_")]
+    pair = next((a, b) for a in cats for b in cats if ungrouped[a] != ungrouped[b])
     audit = paths.work_dir(cfg) / "audit"
     audit.mkdir(parents=True)
-    pd.DataFrame({"id": ["cat_000", "cat_001", "dog_000"], "group": ["cat_000", "cat_000", "dog_000"]}).to_csv(
+    pd.DataFrame({"id": [*pair, "dog_000"], "group": [pair[0], pair[0], "dog_000"]}).to_csv(
         audit / "groups.csv", index=False)
     pd.DataFrame({"id": ["fox_005"], "split": ["train"], "path": ["x"], "reason": ["truncated"]}).to_csv(
         audit / "unreadable.csv", index=False)
     out = folds.run(cfg)
     written = pd.read_csv(paths.folds_csv(cfg), dtype=str)
     assert len(written) == 17 and "fox_005" not in set(written["id"])
-    assert written.set_index("id").loc[["cat_000", "cat_001"], "fold"].nunique() == 1
+    assert written.set_index("id").loc[list(pair), "fold"].nunique() == 1
     assert set(out.columns) == {"id", "label", "fold", "group"}
     excluded = pd.read_csv(paths.excluded_csv(cfg), dtype=str)
     assert excluded.loc[excluded["id"] == "fox_005", "reason"].item() == "audit: truncated"

@@ -167,14 +167,17 @@ def test_ensemble_weights_are_honoured(tmp_path: Path) -> None:
     assert both["cv"] is not None and both["runs"] == [run_a, run_b]  # equal blend of the two oof.csv
 
     weights = Path(tmp_path) / "weights.json"
-    members = [{"run": r, "view": v, "weight": w} for r, w in ((run_a, 0.0), (run_b, 0.5)) for v in ("identity", "hflip")]
+    # Unequal, non-trivial, unnormalised weights: run b counts three times as much as run a.
+    members = [{"run": r, "view": v, "weight": w} for r, w in ((run_a, 0.2), (run_b, 0.6)) for v in ("identity", "hflip")]
     write_json(weights, {"metric": "accuracy", "how": "mean", "cv_blend": 0.77, "classes": ingest.load_classes(cfg),
                          "members": members})
     wcfg = cfg.model_copy(update={"name": "weighted",
                                   "infer": cfg.infer.model_copy(update={"ensemble_weights": str(weights)})})
     result = infer.run(wcfg)
-    np.testing.assert_allclose(_probs(cfg, "weighted"), b, atol=1e-6)
-    assert result["cv"] == 0.77 and result["runs"] == [run_b] and len(result["weights"]) == 2
+    weighted = _probs(cfg, "weighted")
+    np.testing.assert_allclose(weighted, 0.25 * a + 0.75 * b, atol=1e-6)  # the hand-weighted mean
+    assert float(np.abs(weighted - (a + b) / 2).to_numpy().max()) > 1e-3  # ...which ignoring the weights would not give
+    assert result["cv"] == 0.77 and result["runs"] == [run_a, run_b] and len(result["weights"]) == 4
     with pytest.raises(KpipeError, match="blends runs"):
         infer.run(wcfg, runs=[run_a])
 

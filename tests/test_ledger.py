@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
+import multiprocessing.synchronize
 import subprocess
 import sys
 from pathlib import Path
@@ -15,19 +17,23 @@ from rich.console import Console
 from kpipe.errors import KpipeError
 from kpipe.kaggle import ledger
 
-APPENDER = """
-import sys
-from kpipe.kaggle import ledger
-path, who, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-for i in range(n):
-    ledger.append(path, [{"competition": "c", "message": f"{who}-{i}", "file": "café 1.csv"}])
-"""
+
+def _append_many(path: Path, who: str, n: int, start: multiprocessing.synchronize.Barrier) -> None:
+    start.wait(timeout=60)  # both writers begin together: their appends overlap
+    for i in range(n):
+        ledger.append(path, [{"competition": "c", "message": f"{who}-{i}", "file": "café 1.csv"}])
 
 
 def test_two_processes_appending_at_once_lose_nothing(tmp_path: Path) -> None:
     path, n = tmp_path / "submissions" / "ledger.csv", 40
-    procs = [subprocess.Popen([sys.executable, "-c", APPENDER, str(path), who, str(n)]) for who in ("a", "b")]
-    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    ctx = multiprocessing.get_context("fork")  # the test's imports are already done: no start-up skew
+    start = ctx.Barrier(2)
+    procs = [ctx.Process(target=_append_many, args=(path, who, n, start)) for who in ("a", "b")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
     df = ledger.read(path)
     assert sorted(df["message"]) == sorted(f"{w}-{i}" for w in "ab" for i in range(n))
     assert list(df.columns) == list(ledger.COLUMNS)

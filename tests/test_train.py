@@ -112,15 +112,44 @@ def test_baseline_cnn_with_resampling_and_an_aug_list(tmp_path: Path) -> None:
     assert saved.data.aug == ["hflip", "rotate", "color_jitter"] and saved.model.kwargs["width"] == 8
 
 
-def test_schedules_optimisers_and_extras_run(tmp_path: Path) -> None:
+def test_schedules_optimisers_and_extras_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = _setup(tmp_path, ["train.folds=0", "train.optimizer=nadam", "train.scheduler=plateau", "train.ema=true",
                             "train.mixup_alpha=0.2", "train.label_smoothing=0.1", "train.accum_steps=2",
                             "train.clip_grad=1.0", "data.balanced_sampling=true", "data.aug=heavy",
                             "model.freeze_until=layer2", "model.unfreeze_epoch=1", "model.act=silu",
                             "data.cache=true", "data.hflip=false"])
+    seen: dict[str, object] = {}
+    real_fit = train.fit
+
+    def fit(fold: train.Fold, st: engine.FoldState) -> None:
+        """Look at what build_fold made of each option, then fit as usual."""
+        seen["frozen_before"] = not fold.model.conv1[0].weight.requires_grad  # stages before layer2 frozen
+        seen["fold"], seen["st"] = fold, st
+        real_fit(fold, st)
+        seen["frozen_after"] = not fold.model.conv1[0].weight.requires_grad
+
+    monkeypatch.setattr(train, "fit", fit)
     train.run(cfg)
     m = pd.read_csv(paths.run_dir(cfg).root / "fold0" / "metrics.csv")
     assert len(m) == 2
+    fold, st = seen["fold"], seen["st"]
+    assert isinstance(st.optimizer, torch.optim.NAdam)
+    assert isinstance(st.scheduler.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    assert st.ema is not None
+    assert fold.step.mixup is not None and fold.step.label_smoothing == 0.1
+    assert fold.step.accum_steps == 2 and fold.step.clip_grad == 1.0
+    assert fold.sampler.weights is not None  # balanced sampling
+    dataset = fold.loader.dataset
+    assert dataset.cache is not None and any(Path(cfg.data.cache_dir).rglob("*"))  # read from the decode-once cache
+    ops = {type(t).__name__: t for t in dataset.transform.transforms}
+    assert {"Affine", "ColorJitter", "CoarseDropout"} <= ops.keys()  # the heavy preset
+    assert ops["HorizontalFlip"].p == 0.0  # data.hflip=false
+    assert any(isinstance(mod, torch.nn.SiLU) for mod in fold.model.modules())
+    assert seen["frozen_before"] and not seen["frozen_after"]  # frozen for epoch 1, unfrozen at epoch 2
+    # accum_steps=2: one optimiser step per two batches (and one for a trailing odd batch), per epoch.
+    # (The classifier's weights: the frozen stem was stepped in epoch 2 only.)
+    state = st.optimizer.state_dict()["state"]
+    assert int(state[max(state)]["step"]) == 2 * -(-len(fold.loader) // 2)
 
 
 def test_batch_augmentation_trains_from_the_cache(tmp_path: Path) -> None:

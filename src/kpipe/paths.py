@@ -69,6 +69,15 @@ def clean_labels_csv(cfg: Config) -> Path:
     return work_dir(cfg) / "labels_clean.csv"
 
 
+def clean_labels_source(cfg: Config) -> Path:
+    """Beside labels_clean.csv: the fingerprint of the training data it was computed from."""
+    return work_dir(cfg) / "labels_clean.source.json"
+
+
+def audit_summary(cfg: Config) -> Path:
+    return audit_dir(cfg) / "summary.json"
+
+
 def lock_file(path: Path) -> Path:
     """The lock beside a file that several writers change in place (relabels.csv.lock)."""
     return path.with_name(path.name + ".lock")

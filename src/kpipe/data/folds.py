@@ -39,6 +39,13 @@ def make_folds(df: pd.DataFrame, n_folds: int, seed: int, group_col: str | None 
     y = df["label"].to_numpy()
     fold = np.full(len(df), -1, dtype=int)
     if group_col:
+        n_groups = df[group_col].nunique()
+        if n_groups < n_folds:
+            raise KpipeError(
+                f"folds.n_folds={n_folds}, but the {len(df)} images fall into only {n_groups} groups (column "
+                f"'{group_col}': the competition's group column and the audit's near-duplicate groups), and no "
+                f"group may be split across folds. Lower folds.n_folds to {max(n_groups, 2)} or less, check the "
+                "group column, or re-run `kpipe audit` with a lower --threshold / higher --min-similarity.")
         splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
         splits = splitter.split(np.zeros(len(df)), y, groups=df[group_col].to_numpy())
     else:

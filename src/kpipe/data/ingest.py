@@ -12,6 +12,7 @@ Usage: ``ing = load_train(cfg); test = load_test(cfg); classes = load_classes(cf
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -312,6 +313,40 @@ def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True).reindex(columns=cols).fillna("")
 
 
+# ------------------------------------------------------------------ fingerprint of the training data
+
+
+def fingerprint(cfg: Config) -> str:
+    """sha256 over the train CSV's bytes and the sorted list of training images with their sizes.
+
+    What the audit's tables and labels_clean.csv were computed from: `kpipe folds` compares it with
+    today's data, so files made for an older download are never applied to a new one. Sizes, not
+    contents: cheap for 100,000 images, and a re-encoded or replaced image changes its size.
+    """
+    comp = cfg.competition
+    h = hashlib.sha256()
+    csv_path = paths.data_dir(cfg) / comp.train_csv
+    if comp.layout == "csv" and csv_path.is_file():
+        h.update(csv_path.read_bytes())
+    train_dir = paths.data_dir(cfg) / comp.train_dir
+    listing = []
+    for root, _, names in os.walk(train_dir):
+        for name in names:
+            if name.lower().endswith(IMAGE_EXTS):
+                f = Path(root) / name
+                listing.append(f"{f.relative_to(train_dir).as_posix()}\t{f.stat().st_size}\n")
+    for line in sorted(listing):
+        h.update(line.encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def check_fingerprint(recorded: str, current: str, what: Path, rerun: str, alternative: str = "") -> None:
+    """Refuse a kpipe file computed from other training data than today's (KpipeError naming the command)."""
+    if recorded != current:
+        raise KpipeError(f"{what} was computed from other training data (the train CSV or images changed since, "
+                         f"e.g. a new download). Re-run `{rerun}` to redo it for this data{alternative}.")
+
+
 # ------------------------------------------------------------------ test and sample submission
 
 
@@ -322,6 +357,9 @@ def read_sample_submission(cfg: Config) -> pd.DataFrame:
     df = _read_table(path, "sample submission")
     if df.shape[1] < 2:
         raise KpipeError(f"{path}: expected an id column and at least one target column, got {list(df.columns)}.")
+    if df.empty:
+        raise KpipeError(f"{path}: the sample submission has a header but no rows, so there are no test ids to "
+                         "predict. Download the competition's data again (kpipe kaggle download) or fix the file.")
     return df
 
 

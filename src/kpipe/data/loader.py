@@ -11,7 +11,8 @@ layout, so a worker started with `spawn` (macOS, Windows) maps the file itself i
 copy of every image. The sampler owns the epoch's order, seeded by (seed, epoch),
 so a run resumed mid-epoch replays the same order and skips what was done, and a DDP rank takes
 its own shard (class-balanced sampling too: weighted draws, or over/under-sampling to the mean
-class count, `SAMPLINGS`).
+class count, `SAMPLINGS`); `AugSeeds` gives each sample of that order its own augmentation seed, so
+the resumed epoch also augments exactly as the uninterrupted one would.
 
 Usage: ``ds = ImageDataset(paths, labels, tf); dl = make_loader(ds, EpochSampler(train_rows, 42), 32, 2)``
 """
@@ -85,7 +86,11 @@ class ImageDataset(Dataset):
                                              "to leave unreadable images out of training") from None
             return np.zeros((self.blank_size, self.blank_size, 3), np.uint8), False
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int, bool]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int, bool]:
+        """key: a row index, or (row index, augmentation seed) from AugSeeds."""
+        i, seed = key if isinstance(key, tuple) else (key, None)
+        if seed is not None:
+            self.transform.set_random_seed(seed)  # type: ignore[attr-defined]
         img, ok = self._image(i)
         x = self.transform(image=img)["image"]
         y = int(self.labels[i]) if self.labels is not None else -1
@@ -194,6 +199,33 @@ class EpochSampler(Sampler[int]):
     def __len__(self) -> int:
         per_rank = -(-self.n // self.world) if self.pad else len(range(self.rank, self.n, self.world))
         return max(per_rank - self.start, 0)
+
+
+def sample_seed(seed: int, epoch: int, rank: int, position: int) -> int:
+    """The augmentation seed of the sample at `position` of a rank's epoch order (a 32-bit int)."""
+    return int(np.random.SeedSequence([seed % 2**32, epoch, rank, position]).generate_state(1)[0])
+
+
+class AugSeeds(Sampler[tuple[int, int]]):
+    """An EpochSampler's indices, each paired with its augmentation seed (ImageDataset reseeds its
+    transform with it): sample_seed(sampler seed, epoch, rank, position in the epoch).
+
+    A per-worker stream would depend on which worker drew which batch and on how far it had got,
+    so a run resumed mid-epoch (fresh workers, the order skipped to the resume point) would crop and
+    flip differently from one never stopped. Seeded by its place, each sample gets the same
+    augmentation whatever the worker count and wherever the run was stopped.
+    """
+
+    def __init__(self, sampler: EpochSampler) -> None:
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        s = self.sampler
+        for position, i in enumerate(s, start=s.start):
+            yield i, sample_seed(s.seed, s.epoch, s.rank, position)
 
 
 class CachedBatches:

@@ -19,6 +19,7 @@ Usage: ``tf = build_train("medium", 224); x = Normalize(mean, std)(default_colla
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -72,14 +73,25 @@ def build_eval(img_size: int) -> A.Compose:
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader worker_init_fn: give each worker its own augmentation stream.
+    """DataLoader worker_init_fn: give each worker its own augmentation stream; leave stops to the main process.
 
     Reseeds numpy and the Compose found as `.transform` on the worker's dataset (or on the
     dataset a Subset wraps) from torch's per-worker seed, which itself follows torch.manual_seed.
+    (Training goes further: loader.AugSeeds seeds every sample's augmentation from its place in the epoch.)
+
+    Each worker leaves the main process's process group: Ctrl-C, `timeout` and `kill -- -PGID` (what
+    batch schedulers send) signal the whole group, and a worker killed before the main process has saved last.pt turns the
+    stop into a DataLoader crash. Out of the group, only the main process gets the stop; it saves,
+    then shuts its workers down as usual. (Ignoring SIGTERM in the worker instead would also ignore
+    the main process's own terminate() of a worker at exit, and hang there.) A worker whose main
+    process is SIGKILLed notices within seconds (torch's watchdog) and exits. (A stop that still kills a
+    worker, e.g. Slurm signalling every process of the job, is turned into the same save by engine.train_epoch.)
     """
     info = torch.utils.data.get_worker_info()
     if info is None:
         return
+    if hasattr(os, "setpgid"):  # POSIX; Windows has no process groups to leave
+        os.setpgid(0, 0)
     seed = info.seed % 2**32
     np.random.seed(seed)
     random.seed(seed)

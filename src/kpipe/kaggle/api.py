@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -189,8 +190,23 @@ def _status(e: BaseException) -> int | None:
     return None if response is None else int(response.status_code)
 
 
+# A query string that signs or authorises a request (GCS / S3 signed URLs, tokens): never shown or logged.
+_QUERY = re.compile(r"\?[^\s'\"<>()]*")
+_SECRET_KEY = re.compile(r"(?i)(?:^|[?&])(?:x-goog-[\w-]*|x-amz-[\w-]*|signature|sig|token|access_token|key|"
+                         r"googleaccessid|credential|policy)=")
+
+
+def redact(text: str) -> str:
+    """`text` with the query string of every signed storage URL in it replaced by `?<redacted>`.
+
+    A 403 from a download carries the signed URL it was sent to; that URL is a bearer credential
+    for the file until it expires, and kpipe's messages end up in logs and bug reports.
+    """
+    return _QUERY.sub(lambda m: "?<redacted>" if _SECRET_KEY.search(m.group(0)) else m.group(0), text)
+
+
 def _explain(e: BaseException, what: str, slug: str) -> KaggleError:
-    status, detail = _status(e), str(e)
+    status, detail = _status(e), redact(str(e))
     if status == 401:
         msg = (f"Kaggle rejected the credentials while {what} (401 Unauthorized). They come from "
                f"{credential_source() or 'nowhere'}; create a new token at {TOKEN_PAGE} and put it there.")

@@ -52,6 +52,17 @@ class StopRequested:
         return lambda: [signal.signal(s, h) for s, h in old.items()]  # type: ignore[func-returns-value]
 
 
+class NonFiniteLoss(Exception):
+    """The training loss became NaN or inf at optimiser step `step` (1-based) of epoch `epoch` (0-based).
+
+    Raised before anything is saved, so last.pt and best.pt keep the last good state.
+    """
+
+    def __init__(self, epoch: int, step: int) -> None:
+        super().__init__(f"non-finite training loss at epoch {epoch + 1}, step {step}")
+        self.epoch, self.step = epoch, step
+
+
 def amp_settings(device: torch.device, t: TrainConfig) -> tuple[torch.dtype | None, bool]:
     """(autocast dtype or None, whether a grad scaler is needed)."""
     if device.type != "cuda" or not t.amp:
@@ -123,6 +134,9 @@ class FoldState:
     ema: Any = None
     epoch: int = 0  # the epoch to run next (or in progress)
     step_in_epoch: int = 0  # optimiser steps done in `epoch` when interrupted mid-epoch
+    # Sum of the training loss x images, and images, over those steps: a resumed epoch's mean covers all of it.
+    epoch_loss_sum: float = 0.0
+    epoch_seen: int = 0
     best_score: float | None = None
     bad_epochs: int = 0
     finished: bool = False
@@ -137,6 +151,8 @@ class FoldState:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
+            "epoch_loss_sum": self.epoch_loss_sum,
+            "epoch_seen": self.epoch_seen,
             "best_score": self.best_score,
             "bad_epochs": self.bad_epochs,
             "finished": self.finished,
@@ -154,6 +170,8 @@ class FoldState:
             self.ema.load_state_dict(ck["ema"])
         for k in ("epoch", "step_in_epoch", "best_score", "bad_epochs", "finished", "history"):
             setattr(self, k, ck[k])
+        # absent from a last.pt written before resume carried the epoch's partial loss
+        self.epoch_loss_sum, self.epoch_seen = float(ck.get("epoch_loss_sum", 0.0)), int(ck.get("epoch_seen", 0))
         checkpoint.set_rng_state(ck["rng"])
 
 
@@ -183,25 +201,59 @@ def train_epoch(st: FoldState, loader: Iterable[Any], step: Step, on_step: Calla
     only now and then (a per-step read cost 3 % of resnet50's training speed on an H100).
     """
     train_mode(st.model)  # frozen BatchNorm layers keep their running statistics
-    total, seen, micro = torch.zeros((), device=step.precision.device), 0, 0
+    # A resumed epoch starts from the loss of the steps done before the stop.
+    total = torch.tensor(st.epoch_loss_sum, dtype=torch.float32, device=step.precision.device)
+    seen, micro = st.epoch_seen, 0
+    done = (total.clone(), seen)  # as of the last optimiser step: what a stop saves
+    # The first optimiser step whose loss was not finite (0: none), kept on the device: checking
+    # each step would wait for the GPU every step; it is read when the loop reads a loss anyway.
+    first_bad = torch.zeros((), dtype=torch.long, device=step.precision.device)
     st.optimizer.zero_grad(set_to_none=True)
-    for x, y, _, _ in loader:
-        x, target = step.batch(x, y)
-        with step.precision.autocast():
-            loss = step.criterion(st.model(x), target) / step.accum_steps
-        st.scaler.scale(loss).backward()
-        micro += 1
-        step_loss = loss.detach() * step.accum_steps
-        total += step_loss * len(x)
-        seen += len(x)
-        if micro % step.accum_steps == 0:
-            _optimizer_step(st, step.clip_grad)
-            on_step(len(x), step_loss)
-            if StopRequested.signum is not None:
-                raise Interrupted(StopRequested.signum)
+    try:
+        for x, y, _, _ in loader:
+            x, target = step.batch(x, y)
+            with step.precision.autocast():
+                loss = step.criterion(st.model(x), target) / step.accum_steps
+            st.scaler.scale(loss).backward()
+            micro += 1
+            step_loss = loss.detach() * step.accum_steps
+            total += step_loss * len(x)
+            seen += len(x)
+            n_step = st.step_in_epoch + 1
+            first_bad = torch.where((first_bad == 0) & ~torch.isfinite(step_loss), n_step, first_bad)
+            if micro % step.accum_steps == 0:
+                _optimizer_step(st, step.clip_grad)
+                done = (total.clone(), seen)
+                on_step(len(x), step_loss)
+                if StopRequested.signum is not None:
+                    raise Interrupted(StopRequested.signum)
+    except Interrupted:
+        _stopped(st, first_bad, done)
+        raise
+    except RuntimeError as e:
+        # A stop signalled to the whole process group can reach a DataLoader worker before the
+        # workers ignore it (seed_worker): its death is then part of the stop, not a crash.
+        if StopRequested.signum is None or "DataLoader worker" not in str(e):
+            raise
+        _stopped(st, first_bad, done)
+        raise Interrupted(StopRequested.signum) from None
     if micro % step.accum_steps:
         _optimizer_step(st, step.clip_grad)
+    _check_finite(st, first_bad)
+    st.epoch_loss_sum, st.epoch_seen = 0.0, 0
     return float(total) / max(seen, 1), seen
+
+
+def _stopped(st: FoldState, first_bad: torch.Tensor, done: tuple[torch.Tensor, int]) -> None:
+    """Before a stop saves last.pt: no NaN weights go into it; the epoch's loss so far goes with it."""
+    _check_finite(st, first_bad)
+    st.epoch_loss_sum, st.epoch_seen = float(done[0]), done[1]
+
+
+def _check_finite(st: FoldState, first_bad: torch.Tensor) -> None:
+    bad = int(first_bad)
+    if bad:
+        raise NonFiniteLoss(st.epoch, bad)
 
 
 def _optimizer_step(st: FoldState, clip_grad: float | None) -> None:

@@ -39,6 +39,7 @@ from kpipe.config import Config
 from kpipe.console import console
 from kpipe.data.dedup import MAX_PAIRS, DupGraph, connected_groups, dup_graph, expand_pairs, train_group_edges
 from kpipe.data.image import max_pixels
+from kpipe.data.ingest import fingerprint
 from kpipe.io import write_csv, write_json
 
 NEAR_THRESHOLD = 6  # max pHash Hamming distance (of 64 bits): a resized, re-encoded copy mostly scores 0-4
@@ -360,6 +361,7 @@ def run(
     max_pairs: int = MAX_PAIRS,
 ) -> dict[str, Any]:
     """Inspect every file, write <work_dir>/audit/*.csv and summary.json, print a summary; return it."""
+    source = fingerprint(cfg)  # before reading: a change during the audit then shows as a mismatch
     items = collect_items(cfg)
     todo = items["reason"] == ""
     info = pd.DataFrame(inspect_files(items.loc[todo, "path"].astype(str).tolist(), workers),
@@ -372,7 +374,8 @@ def run(
         write_csv(paths.audit_table(cfg, name), table)
     params = {"threshold": threshold, "min_similarity": min_similarity, "tiny_side": TINY_SIDE, "max_aspect": MAX_ASPECT,
               "max_pairs": max_pairs}
-    summary = {"competition": cfg.competition.name, **summarize(tables, truncated, **params)}
+    summary = {"competition": cfg.competition.name, "train_fingerprint": source,
+               **summarize(tables, truncated, **params)}
     write_json(paths.audit_summary(cfg), summary)
     print_summary(summary, out)
     return summary

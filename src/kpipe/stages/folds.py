@@ -10,14 +10,16 @@ Usage: ``kpipe folds --comp demo folds.n_folds=5``
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 from rich.table import Table
 
 from kpipe import paths
 from kpipe.config import Config
-from kpipe.console import console, print_problems, safe
+from kpipe.console import console, print_problems, safe, warn
 from kpipe.data.folds import apply_label_changes, make_folds, merge_groups
-from kpipe.data.ingest import Ingest, load_train, save_classes
+from kpipe.data.ingest import Ingest, check_fingerprint, fingerprint, load_train, save_classes
 from kpipe.errors import Problem
 from kpipe.io import read_csv_ids, write_csv
 
@@ -49,8 +51,28 @@ def _apply_audit(ing: Ingest, cfg: Config) -> list[str]:
     return group_cols
 
 
+def _check_sources(cfg: Config) -> None:
+    """The audit's tables and labels_clean.csv must come from today's training data (ingest.fingerprint)."""
+    current = None
+    comp = cfg.competition.name
+    summary, clean = paths.audit_summary(cfg), paths.clean_labels_csv(cfg)
+    found = [(summary, paths.audit_dir(cfg), f"kpipe audit --comp {comp}", "")] if paths.audit_dir(cfg).is_dir() else []
+    if cfg.folds.clean_labels and clean.is_file():
+        found.append((paths.clean_labels_source(cfg), clean, f"kpipe relabel -c <exp.yaml> --comp {comp} --apply",
+                      ", or set folds.clean_labels=false to use the original labels"))
+    for record, what, rerun, alternative in found:
+        saved = json.loads(record.read_text()) if record.is_file() else {}
+        if "train_fingerprint" not in saved:
+            warn(safe(f"{what} does not say which training data it was computed from (made by an older kpipe, or "
+                      f"{record.name} is missing): re-run `{rerun}` if the data changed since."))
+            continue
+        current = current or fingerprint(cfg)
+        check_fingerprint(saved["train_fingerprint"], current, what, rerun, alternative)
+
+
 def build_folds(cfg: Config) -> tuple[pd.DataFrame, Ingest]:
     """Everything `kpipe folds` computes, without writing: (folds table, ingest result)."""
+    _check_sources(cfg)
     ing = load_train(cfg)
     group_cols = _apply_audit(ing, cfg)
     clean = paths.clean_labels_csv(cfg)

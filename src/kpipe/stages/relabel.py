@@ -29,7 +29,7 @@ from kpipe import paths
 from kpipe.config import Config, validate
 from kpipe.console import console, safe
 from kpipe.data.folds import apply_label_changes
-from kpipe.data.ingest import Ingest, load_train
+from kpipe.data.ingest import Ingest, fingerprint, load_train
 from kpipe.data.relabels import (
     COLUMNS,
     accept_above_threshold,
@@ -43,7 +43,7 @@ from kpipe.errors import KpipeError
 from kpipe.eval.cleaning import find_suspects
 from kpipe.eval.oof import read_oof
 from kpipe.eval.review import decision_counts, fmt_score, write_review
-from kpipe.io import read_csv_ids, write_csv
+from kpipe.io import read_csv_ids, write_csv, write_json
 from kpipe.paths import RunDir
 
 QUICK_MAX_EPOCHS = 4
@@ -131,6 +131,7 @@ def _apply(cfg: Config, table: pd.DataFrame, ing: Ingest, csv_path: Path) -> Non
     clean = build_clean_labels(table, dict(zip(ing.df["id"], ing.df["label"], strict=True)), ing.classes, str(csv_path))
     out = paths.clean_labels_csv(cfg)
     write_csv(out, clean)
+    write_json(paths.clean_labels_source(cfg), {"train_fingerprint": fingerprint(cfg)})
     _, summary = apply_label_changes(ing.df[["id", "label"]], clean)
     t = Table(title=f"label changes in {out}")
     for col in ("class", "relabelled from", "relabelled to", "dropped"):

@@ -32,7 +32,14 @@ from kpipe.config import Config, load_run_config
 from kpipe.console import console
 from kpipe.data import transforms
 from kpipe.data.folds import load_fold_table
-from kpipe.data.loader import CachedBatches, EpochSampler, ImageDataset, balanced_weights, make_loader
+from kpipe.data.loader import (
+    AugSeeds,
+    CachedBatches,
+    EpochSampler,
+    ImageDataset,
+    balanced_weights,
+    make_loader,
+)
 from kpipe.errors import Interrupted, KpipeError
 from kpipe.eval import metrics, reports
 from kpipe.eval.oof import frame, parse, write_oof
@@ -40,6 +47,7 @@ from kpipe.io import read_csv_ids, write_csv, write_json, write_text, write_yaml
 from kpipe.nn import dist, models
 from kpipe.nn.engine import (
     FoldState,
+    NonFiniteLoss,
     Precision,
     Step,
     StopRequested,
@@ -225,9 +233,9 @@ def build_fold(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device
         prepare: Any = transforms.BatchAugment(d.aug, size, mean, std, hflip=d.hflip)
     else:
         tf_train = transforms.build_train(d.aug, size, hflip=d.hflip)
-        tf_train.set_random_seed(t.seed + k)
-        loader = make_loader(ImageDataset(files, y, tf_train, cache), sampler, d.batch_size, d.num_workers,
-                             t.seed + k, pin, drop_last)
+        # Each sample's augmentation seeded by (seed + fold, epoch, rank, position): a resumed epoch augments alike.
+        loader = make_loader(ImageDataset(files, y, tf_train, cache), AugSeeds(sampler), d.batch_size,
+                             d.num_workers, t.seed + k, pin, drop_last)
         prepare = normalize
     val_sampler = EpochSampler(val_rows, 0, shuffle=False, rank=dist.rank(), world=dist.world(), pad=False)
     if cache is not None:  # cached rows are already the eval pixels (same INTER_AREA resize), if the size matches
@@ -288,6 +296,11 @@ def fit(fold: Fold, st: FoldState) -> None:
             except Interrupted:
                 _save_last(fold, st)
                 raise
+            except NonFiniteLoss as e:  # nothing saved since the last good state: last.pt / best.pt keep it
+                raise KpipeError(
+                    f"fold {k}: the training loss became NaN or inf at epoch {e.epoch + 1}, step {e.step}; stopped "
+                    f"without saving, so {fold.dir.last} keeps the last good state, if any. Lower train.lr, "
+                    "set train.clip_grad, or check the images and labels, and train again (name=<new>).") from None
             progress.remove_task(bar)
             row = validate(fold, st)
             row.update(epoch=epoch + 1, train_loss=train_loss, lr=st.optimizer.param_groups[0]["lr"],
