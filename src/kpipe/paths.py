@@ -74,10 +74,6 @@ def clean_labels_source(cfg: Config) -> Path:
     return work_dir(cfg) / "labels_clean.source.json"
 
 
-def audit_summary(cfg: Config) -> Path:
-    return audit_dir(cfg) / "summary.json"
-
-
 def lock_file(path: Path) -> Path:
     """The lock beside a file that several writers change in place (relabels.csv.lock)."""
     return path.with_name(path.name + ".lock")
