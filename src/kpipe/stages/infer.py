@@ -12,6 +12,8 @@ view's CV.
 
 Writes predictions/<name>/{probs.csv, ids.csv, classes.json, members.json, members/*.npy},
 submissions/<name>.csv (validated before it is written) and submissions/<name>.json (what made it).
+The per-member .npy files are float32, float16 or not written (infer.save_views: 100k images x 1,000
+classes x 5 folds x 8 views is 16 GB in float32); free disk space is checked before anything is written.
 Usage: ``kpipe infer -c configs/exp/b0.yaml --comp demo infer.tta=identity,hflip``
 """
 
@@ -39,7 +41,7 @@ from kpipe.errors import KpipeError, preview
 from kpipe.eval import metrics
 from kpipe.eval.blend import blend, check_finite
 from kpipe.eval.oof import load_members
-from kpipe.io import atomic_path, read_csv_ids, write_csv, write_json
+from kpipe.io import atomic_path, check_free_space, read_csv_ids, write_csv, write_json
 from kpipe.kaggle import ledger, submission
 from kpipe.nn import dist, predict, tta
 from kpipe.nn.engine import amp_settings
@@ -191,7 +193,8 @@ def run(cfg: Config, runs: list[str] | None = None) -> dict[str, Any]:
     _warn_unreadable(test, ok)
     name = cfg.infer.name or cfg.name
     out_dir = paths.predictions_dir(cfg, name)
-    write_predictions(out_dir, ids, classes, final, members, test.loc[bad, ["id", "found", "reason"]])
+    write_predictions(out_dir, ids, classes, final, members, test.loc[bad, ["id", "found", "reason"]],
+                      cfg.infer.save_views)
     sub_path = paths.submission_csv(cfg, name)
     write_submission(cfg, final, ids, classes, sub_path)
     cv_value, cv_source = _cv(cfg, plan)
@@ -222,9 +225,23 @@ def _warn_unreadable(test: pd.DataFrame, ok: np.ndarray) -> None:
                   "They get the class prior of the training labels; see unreadable.csv beside probs.csv.", soft_wrap=True)
 
 
+VIEW_DTYPES = {"float32": np.float32, "float16": np.float16}
+CSV_BYTES_PER_VALUE = 24  # a probability printed by pandas: up to ~20 digits and a comma (an upper bound)
+
+
+def predictions_bytes(n: int, k: int, n_members: int, save_views: str | bool) -> int:
+    """Bytes predictions/<name>/ will take: probs.csv plus one (n, k) .npy per member unless save_views is off."""
+    per_value = np.dtype(VIEW_DTYPES[save_views]).itemsize if save_views else 0
+    return n * k * (CSV_BYTES_PER_VALUE + n_members * per_value) + n * 64
+
+
 def write_predictions(out_dir: Path, ids: list[str], classes: list[str], final: np.ndarray,
-                      members: list[MemberPred], unreadable: pd.DataFrame) -> None:
-    """probs.csv (the blend), ids.csv, classes.json, and one (N, K) float32 .npy per (run, fold, view)."""
+                      members: list[MemberPred], unreadable: pd.DataFrame, save_views: str | bool = "float32") -> None:
+    """probs.csv (the blend), ids.csv, classes.json, and one (N, K) .npy per (run, fold, view) in the
+    save_views dtype (none when False; members.json then lists them with file null)."""
+    check_free_space(out_dir, predictions_bytes(len(ids), len(classes), len(members), save_views),
+                     f"the test predictions ({len(members)} members x {len(ids)} images x {len(classes)} classes)",
+                     "paths.predictions_dir, or infer.save_views=float16 / false")
     probs = pd.DataFrame(final, columns=[f"p_{c}" for c in classes])
     write_csv(out_dir / "probs.csv", pd.concat([pd.DataFrame({"id": ids}), probs], axis=1))
     write_csv(out_dir / "ids.csv", pd.DataFrame({"id": ids}))
@@ -236,10 +253,12 @@ def write_predictions(out_dir: Path, ids: list[str], classes: list[str], final: 
                    strict=True))
     index = []
     for m in members:
-        rel = f"members/{tag[m.run]}_fold{m.fold}_{m.view}.npy"
-        with atomic_path(out_dir / rel) as tmp, open(tmp, "wb") as fh:
-            np.save(fh, m.probs.astype(np.float32))
-        index.append({"run": m.run, "fold": m.fold, "view": m.view, "file": rel})
+        rel = f"members/{tag[m.run]}_fold{m.fold}_{m.view}.npy" if save_views else None
+        if rel is not None:
+            with atomic_path(out_dir / rel) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, m.probs.astype(VIEW_DTYPES[save_views]))
+        index.append({"run": m.run, "fold": m.fold, "view": m.view, "file": rel,
+                      "dtype": save_views if save_views else None})
     write_json(out_dir / "members.json", index)
     reasons = np.where(unreadable["found"].to_numpy(bool), "not decodable", unreadable["reason"].astype(str))
     write_csv(out_dir / "unreadable.csv", pd.DataFrame({"id": unreadable["id"].tolist(), "reason": reasons}))
