@@ -6,7 +6,9 @@ every batch goes through all of the run's fold models, each with all TTA views i
 (tta.predict_batched). Probabilities are averaged over views and folds, then runs (infer.agg), or
 blended with the weights `kpipe ensemble` fitted (infer.ensemble_weights: members are (run, view),
 each the fold average). Missing or undecodable test images still get a row: the class prior of
-the training labels, with a warning. `run_oof_tta` predicts each fold's own validation images with
+the training labels, with a warning. Each run predicts in the form infer.precision picks
+(nn.precision: with `auto`, bf16 / AMP only after it agreed with fp32 on a sample of the run's own
+validation images), recorded per run in the sidecar. `run_oof_tta` predicts each fold's own validation images with
 every view (runs/<exp>/oof_tta/<view>.csv), so `kpipe ensemble` can weigh views, and shows each
 view's CV.
 
@@ -43,8 +45,7 @@ from kpipe.eval.blend import blend, check_finite
 from kpipe.eval.oof import load_members
 from kpipe.io import atomic_path, check_free_space, read_csv_ids, write_csv, write_json
 from kpipe.kaggle import ledger, submission
-from kpipe.nn import dist, predict, tta
-from kpipe.nn.engine import amp_settings
+from kpipe.nn import dist, precision, predict, tta
 
 
 @dataclass(frozen=True)
@@ -126,14 +127,32 @@ def make_plan(cfg: Config, runs: list[str] | None, classes: list[str]) -> Plan:
 # ------------------------------------------------------------------ models and prediction
 
 
+def check_sample(table: pd.DataFrame, folds: list[int], n: int, seed: int = 0) -> dict[int, list[str]]:
+    """About n validation image paths, split evenly over `folds`, each fold's drawn from its own rows."""
+    per_fold = max(1, math.ceil(n / max(len(folds), 1)))
+    out = {}
+    for k in folds:
+        rows = table[table["fold"].astype(int) == k]
+        out[k] = rows.sample(min(per_fold, len(rows)), random_state=seed)["path"].tolist()
+    return out
 
 
-
-
-
-
-
-
+def choose_precision(cfg: Config, rm: predict.RunModels, device: torch.device,
+                     table: pd.DataFrame | KpipeError) -> precision.PrecisionChoice:
+    """infer.precision for this run; with `auto`, the proposal is checked on the run's own validation images
+    (each fold model on a sample of its fold: `table` is the folds table, or why it could not be read)."""
+    inf = cfg.infer
+    check = None
+    if inf.precision == "auto" and precision.native_fast(device)[0] is not None:
+        if isinstance(table, KpipeError):
+            console.print(f"[yellow]{safe(rm.run)}: no precision check, so fp32: {safe(str(table))}", soft_wrap=True)
+        else:
+            sample = check_sample(table, rm.folds, inf.precision_check_images)
+            if any(sample.values()):
+                check = predict.sample_predictor(rm, sample, inf.batch_size, device, inf.channels_last)
+    choice = precision.choose(inf.precision, device, inf.channels_last, check)
+    console.print(f"{safe(rm.run)}: precision {choice.reason}", soft_wrap=True)
+    return choice
 
 
 def _progress() -> Progress:
@@ -142,18 +161,27 @@ def _progress() -> Progress:
 
 
 def _predict_run(cfg: Config, rm: predict.RunModels, files: list[str], views: list[str], n_classes: int,
-                 device: torch.device, tolerant: bool, label: str) -> tuple[np.ndarray, np.ndarray, float]:
+                 device: torch.device, tolerant: bool, label: str,
+                 choice: precision.PrecisionChoice) -> tuple[np.ndarray, np.ndarray, float]:
     """All fold models of a run on `files`; returns (probs (F, V, N, K), ok (N,), images/s)."""
     loader = predict.make_eval_loader(files, rm.data_cfg, cfg.infer.batch_size, cfg.data.num_workers, device, tolerant)
-    amp_dtype, _ = amp_settings(device, rm.cfg.train)
-    channels_last = device.type == "cuda" and rm.cfg.train.channels_last
     start = time.perf_counter()
     with _progress() as progress:
         task = progress.add_task(label, total=len(files))
         prepare = transforms.Normalize(rm.data_cfg["mean"], rm.data_cfg["std"])
-        probs, ok = predict.predict_models(rm.models, loader, views, n_classes, device, amp_dtype, channels_last, prepare,
-                                   lambda n: progress.advance(task, n))
+        probs, ok = predict.predict_models(rm.models, loader, views, n_classes, device, choice.amp_dtype,
+                                           choice.channels_last, prepare, lambda n: progress.advance(task, n))
     return probs, ok, len(files) / max(time.perf_counter() - start, 1e-9)
+
+
+def _fold_table(cfg: Config) -> pd.DataFrame | KpipeError:
+    """The folds table for the precision check, or why it cannot be read (then the check is skipped, said aloud)."""
+    if cfg.infer.precision != "auto":
+        return KpipeError("infer.precision is not auto")
+    try:
+        return load_fold_table(cfg)[0]
+    except KpipeError as e:
+        return e
 
 
 # ------------------------------------------------------------------ kpipe infer
@@ -169,15 +197,20 @@ def run(cfg: Config, runs: list[str] | None = None) -> dict[str, Any]:
     ok = test["found"].to_numpy(bool).copy()
     members: list[MemberPred] = []
     folds: dict[str, list[int]] = {}
+    forms: dict[str, dict[str, Any]] = {}
+    table = _fold_table(cfg)
     for r in plan.runs:
-        rm = predict.load_run(r, classes, device)
+        rm = predict.load_run(r, classes, device, cfg.infer.channels_last)
         views = plan.views[r]
-        probs, good, rate = _predict_run(cfg, rm, files, views, len(classes), device, True, f"infer {r}")
+        choice = choose_precision(cfg, rm, device, table)
+        forms[r] = choice.to_json()
+        probs, good, rate = _predict_run(cfg, rm, files, views, len(classes), device, True, f"infer {r}", choice)
         for f, k in enumerate(rm.folds):
             for j, v in enumerate(views):
                 check_finite(probs[f, j], f"{r}/fold{k}/best.pt, TTA view {v}, on the test images")
         console.print(f"{r}: {len(files)} test images x {len(rm.folds)} folds x {len(views)} views "
-                      f"at {rm.data_cfg['img_size']} px, {rate:.1f} images/s on {device}")
+                      f"at {rm.data_cfg['img_size']} px, {rate:.1f} images/s on {device} ({choice.name}"
+                      f"{', channels_last' if choice.channels_last else ''})")
         ok &= good
         folds[r] = rm.folds
         members += [MemberPred(r, k, v, probs[f, j]) for f, k in enumerate(rm.folds) for j, v in enumerate(views)]
@@ -199,7 +232,7 @@ def run(cfg: Config, runs: list[str] | None = None) -> dict[str, Any]:
     write_submission(cfg, final, ids, classes, sub_path)
     cv_value, cv_source = _cv(cfg, plan)
     sidecar = {"runs": plan.runs, "cv": cv_value, "cv_source": cv_source, "metric": cfg.competition.metric,
-               "folds": folds,
+               "folds": folds, "precision": forms,
                "tta": list(dict.fromkeys(v for r in plan.runs for v in plan.views[r])), "agg": plan.how,
                "weights": None if plan.weights is None else
                [{"run": r, "view": v, "weight": w} for (r, v), w in plan.weights.items()],
@@ -323,7 +356,8 @@ def run_oof_tta(cfg: Config, runs: list[str] | None = None) -> dict[str, dict[st
     table, _ = load_fold_table(cfg)
     results: dict[str, dict[str, float]] = {}
     for r in resolve_runs(cfg, runs):
-        rm = predict.load_run(r, classes, device)
+        rm = predict.load_run(r, classes, device, cfg.infer.channels_last)
+        choice = choose_precision(cfg, rm, device, table)
         parts: list[tuple[pd.DataFrame, np.ndarray]] = []  # (rows, probs (V, n, K)) per fold
         for k, model in zip(rm.folds, rm.models, strict=True):
             rows = table[table["fold"] == k]
@@ -332,7 +366,7 @@ def run_oof_tta(cfg: Config, runs: list[str] | None = None) -> dict[str, dict[st
                 continue
             solo = predict.RunModels(r, rm.cfg, [k], [model], rm.data_cfg)
             probs, _, rate = _predict_run(cfg, solo, rows["path"].tolist(), views, len(classes), device, False,
-                                          f"oof-tta {r} fold {k}")
+                                          f"oof-tta {r} fold {k}", choice)
             console.print(f"{r} fold {k}: {len(rows)} images x {len(views)} views, {rate:.1f} images/s")
             parts.append((rows, probs[0]))
         if not parts:
