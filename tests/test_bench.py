@@ -88,11 +88,11 @@ def test_make_plan_and_targets() -> None:
     with pytest.raises(KpipeError, match="--images"):
         bench.make_plan(10, 3, False)
     res = {"data": {"ratios": {"kpipe_files": 2.0, "kpipe_cache": 2.0, "kpipe_cache_batch_aug": 5.0}},
-           "inference": {"ratios": {"hflip_cost": 2.1}}, "training": {"ratios": {"kpipe": 0.99}}}
+           "inference": {"ratios": {"hflip_cost": 2.1, "kpipe_infer_auto": 3.2}}, "training": {"ratios": {"kpipe": 0.99}}}
     met = {t["key"]: t["met"] for t in bench.check_targets(res)}
     assert met == {"data.ratios.kpipe_files": True, "data.ratios.kpipe_cache": False,
                    "data.ratios.kpipe_cache_batch_aug": True, "inference.ratios.hflip_cost": False,
-                   "training.ratios.kpipe": True}
+                   "inference.ratios.kpipe_infer_auto": True, "training.ratios.kpipe": True}
 
 
 def test_quick_bench_end_to_end(tmp_path: Path) -> None:
@@ -105,10 +105,13 @@ def test_quick_bench_end_to_end(tmp_path: Path) -> None:
     assert cases <= saved["data"].keys() and set(saved["data"]["ratios"]) == cases - {"tutorial"}
     assert all(saved["data"][c]["median"] > 0 and len(saved["data"][c]["runs"]) == 1 for c in cases)
     assert {"kpipe_infer", "kpipe_infer_hflip", "fp32", "fp32_hflip"} <= saved["inference"].keys() and "hflip_cost" in saved["inference"]["ratios"]
+    assert "kpipe_infer_auto" in saved["inference"]["ratios"]
+    auto = saved["inference"]["auto_precision"]
+    assert auto["form"].endswith("+ channels_last") and 0 <= auto["argmax_agreement"] <= 1
     assert "kpipe" in saved["training"]["ratios"]
     assert len(saved["targets"]) == len(bench.TARGETS) and all(isinstance(t["met"], bool) for t in saved["targets"])
     if not torch.cuda.is_available():
         assert "skipped" in saved["gpu"]
     md = (tmp_path / "results.md").read_text(encoding="utf-8")
-    assert "kpipe bench --out" in md and "## Targets" in md
+    assert "kpipe bench --out" in md and "## Targets" in md and "infer.precision=auto's form here" in md
     assert res["targets"] == saved["targets"]
