@@ -150,3 +150,5 @@ def test_choose_keeps_an_agreeing_proposal(monkeypatch: pytest.MonkeyPatch) -> N
     flipped[:2] = flipped[:2, ::-1]  # 1% of the argmaxes change: below the 99.5% bar
     assert precision.choose("auto", torch.device("cpu"), True, lambda d: p if d is None else flipped).name == "fp32"
     assert precision.choose("auto", torch.device("cpu"), True, None).reason.startswith("fp32: no validation images")
+    unreadable = precision.choose("auto", torch.device("cpu"), True, lambda d: np.zeros((0, 0), np.float32))
+    assert unreadable.name == "fp32" and "could be read" in unreadable.reason

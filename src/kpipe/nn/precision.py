@@ -87,7 +87,11 @@ def choose(requested: str, device: torch.device, channels_last: bool,
         return PrecisionChoice("fp32", channels_last, f"fp32: {why}")
     if check is None:
         return PrecisionChoice("fp32", channels_last, f"fp32: no validation images to check {name} against fp32 on")
-    stats = agreement(check(None), check(DTYPES[name]))
+    ref = check(None)
+    if ref.size == 0:
+        return PrecisionChoice("fp32", channels_last, f"fp32: none of the validation images sampled to check {name} "
+                               "against fp32 could be read")
+    stats = agreement(ref, check(DTYPES[name]))
     figures = (f"argmax agreement {stats['argmax_agreement']:.2%} (min {AGREEMENT_MIN:.1%}), max probability "
                f"difference {stats['max_prob_diff']:.4f} (max {MAX_PROB_DIFF}) on {stats['images']} validation images")
     if passes(stats):
