@@ -88,11 +88,11 @@ def test_make_plan_and_targets() -> None:
     with pytest.raises(KpipeError, match="--images"):
         bench.make_plan(10, 3, False)
     res = {"data": {"ratios": {"kpipe_files": 2.0, "kpipe_cache": 2.0, "kpipe_cache_batch_aug": 5.0}},
-           "inference": {"ratios": {"hflip_cost": 2.1}}, "training": {"ratios": {"kpipe": 0.99}}}
+           "inference": {"ratios": {"hflip_cost": 2.1, "kpipe_infer_auto": 3.2}}, "training": {"ratios": {"kpipe": 0.99}}}
     met = {t["key"]: t["met"] for t in bench.check_targets(res)}
     assert met == {"data.ratios.kpipe_files": True, "data.ratios.kpipe_cache": False,
                    "data.ratios.kpipe_cache_batch_aug": True, "inference.ratios.hflip_cost": False,
-                   "training.ratios.kpipe": True}
+                   "inference.ratios.kpipe_infer_auto": True, "training.ratios.kpipe": True}
 
 
 def test_quick_bench_end_to_end(tmp_path: Path) -> None:
@@ -105,10 +105,36 @@ def test_quick_bench_end_to_end(tmp_path: Path) -> None:
     assert cases <= saved["data"].keys() and set(saved["data"]["ratios"]) == cases - {"tutorial"}
     assert all(saved["data"][c]["median"] > 0 and len(saved["data"][c]["runs"]) == 1 for c in cases)
     assert {"kpipe_infer", "kpipe_infer_hflip", "fp32", "fp32_hflip"} <= saved["inference"].keys() and "hflip_cost" in saved["inference"]["ratios"]
+    assert "kpipe_infer_auto" in saved["inference"]["ratios"]
+    auto = saved["inference"]["auto_precision"]
+    assert auto["form"].endswith("+ channels_last") and 0 <= auto["argmax_agreement"] <= 1
     assert "kpipe" in saved["training"]["ratios"]
     assert len(saved["targets"]) == len(bench.TARGETS) and all(isinstance(t["met"], bool) for t in saved["targets"])
     if not torch.cuda.is_available():
         assert "skipped" in saved["gpu"]
     md = (tmp_path / "results.md").read_text(encoding="utf-8")
-    assert "kpipe bench --out" in md and "## Targets" in md
+    assert "kpipe bench --out" in md and "## Targets" in md and "infer.precision=auto's form here" in md
     assert res["targets"] == saved["targets"]
+
+
+def test_scale_growth_and_targets() -> None:
+    def sizes(t: float, rss: float) -> dict:
+        return {s: {"seconds": t, "peak_rss_mb": rss} for s in ("audit", "folds", "cache", "infer")}
+
+    g = bench.growth(sizes(1.0, 300.0), sizes(4.2, 400.0), 1000, 4)
+    assert g["time_ratio"]["audit"] == 4.2
+    assert g["audit_rss_mb_at_50k"] == pytest.approx(400 + 100 / 3000 * 46_000, abs=0.1)
+    res = {"factor": 4, "growth": {**g, "time_ratio": {**g["time_ratio"], "infer": 4.6}}}
+    met = [t["met"] for t in bench.check_scale(res)]
+    assert met == [True, True, True, False, True]
+
+
+@pytest.mark.slow
+def test_scale_runs_every_stage_as_a_subprocess(tmp_path: Path) -> None:
+    res = bench.run_scale(tmp_path, 100, 2, 32, "test_resnet")
+    assert set(res["sizes"]) == {"100", "200"}
+    for n, stages in res["sizes"].items():
+        assert stages["folds"]["images"] == int(n) and stages["infer"]["images"] == int(n) // 4
+        assert all(s["seconds"] > 0 and s["peak_rss_mb"] > 50 for s in stages.values())
+    assert (tmp_path / "scale_results.md").is_file() and len(res["targets"]) == 5
+    assert (tmp_path / "scale_200" / "work" / "submissions_dir" / "scale.csv").is_file()

@@ -148,3 +148,16 @@ def test_build_waits_for_the_lock_without_fcntl(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["waited", "built"]
+
+
+def test_kpipe_cache_stage_builds_what_train_opens(tiny_cfg) -> None:
+    from kpipe.data.folds import load_fold_table
+    from kpipe.stages import cache as cache_stage
+    from kpipe.stages import folds
+
+    folds.run(tiny_cfg)
+    path = cache_stage.run(tiny_cfg)
+    assert path == paths.cache_file(tiny_cfg, 32, "train")
+    df, _ = load_fold_table(tiny_cfg)
+    arr = cache.open_cache(path, df["path"].tolist(), 32)  # not stale: what train's _cache would open as is
+    np.testing.assert_array_equal(arr[0], resize_square(read_rgb(df["path"].iloc[0]), 32))

@@ -76,6 +76,13 @@ def _folds(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache(args: argparse.Namespace) -> int:
+    from kpipe.stages import cache
+
+    cache.run(config_from(args))
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     if args.gpus or args.fold_per_gpu:
         from kpipe import launch
@@ -227,6 +234,9 @@ def _sweep(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from kpipe.tools import bench
 
+    if args.scale is not None:
+        bench.run_scale(Path(args.out), args.scale, args.scale_factor, args.scale_size, args.scale_model)
+        return 0
     bench.run(out_dir=Path(args.out), n_images=args.images, repeats=args.repeats, quick=args.quick)
     return 0
 
@@ -264,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pairs", type=int, default=2_000_000, help="cap on listed pairs (groups stay complete)")
     _config_args(add("folds", _folds, "write stratified (duplicate-grouped) K folds to folds/<comp>.csv"))
 
+    _config_args(add("cache", _cache, "build the decode-once image cache of the training images (as data.cache=true)"))
     p = add("train", _train, "train the experiment's folds; writes runs/<exp>/")
     _config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from each fold's last.pt")
@@ -375,6 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=1000, help="synthetic JPEGs to generate")
     p.add_argument("--repeats", type=int, default=3, help="repetitions per measurement (median reported)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
+    p.add_argument("--scale", type=int, default=None, metavar="N",
+                   help="instead: time audit, folds, cache and infer as subprocesses on N and 4N images")
+    p.add_argument("--scale-factor", type=int, default=4, metavar="F", help="with --scale: the larger set is F x N")
+    p.add_argument("--scale-size", type=int, default=224, metavar="PX", help="with --scale: cache and model input size")
+    p.add_argument("--scale-model", default="resnet18", help="with --scale: the (random-weight) model infer runs")
     return parser
 
 

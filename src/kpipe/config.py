@@ -225,6 +225,13 @@ class InferConfig(Section):
     ensemble_weights: str | None = None  # JSON written by `kpipe ensemble`
     name: PlainName | None = None  # default: the experiment name
     package: str | None = None  # a folder written by `kpipe package`: its runs, views and weights, not runs/
+    # auto: the fastest form this device runs natively (bf16 on a CPU with native bf16, AMP on CUDA), kept only
+    # when it agrees with fp32 on a sample of the run's own validation images; else fp32 (reason in the sidecar).
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool = True  # NHWC tensors: faster convolutions on CPUs (oneDNN) and GPUs alike
+    precision_check_images: int = Field(256, ge=1)  # validation images the auto check predicts twice
+    # predictions/<name>/members/*.npy, one per run x fold x view: float32, float16 (half the bytes) or none.
+    save_views: Literal["float32", "float16", False] = "float32"
 
 
 class PackageConfig(Section):

@@ -5,7 +5,8 @@ fsync'ed, then renamed over the target: a reader (or a run killed half-way) sees
 file or the new one, never a torn one.
 Read-modify-write sequences that several processes may run at once (the ledger, a cache build
 shared by DDP ranks) hold `exclusive(lock_file)`, an OS file lock that works on Linux, macOS
-and Windows (the `filelock` package).
+and Windows (the `filelock` package). A large write (an image cache, test predictions) first calls
+`check_free_space`, so a full disk is a clear refusal up front, not a torn file hours later.
 Usage: ``with atomic_path(out / "oof.csv") as tmp: df.to_csv(tmp)``.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -23,6 +25,8 @@ from typing import Any
 import pandas as pd
 import yaml
 from filelock import FileLock
+
+from kpipe.errors import KpipeError
 
 
 def _umask_mode() -> int:
@@ -111,3 +115,26 @@ def write_yaml(path: str | os.PathLike[str], obj: Any) -> None:
 def read_csv_ids(path: str | os.PathLike[str], **kwargs: Any) -> pd.DataFrame:
     """Read a CSV keeping every column as text, so ids like '007' or 'café 1' survive byte for byte."""
     return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8", **kwargs)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def check_free_space(folder: str | os.PathLike[str], needed: int, what: str, setting: str) -> None:
+    """Refuse (KpipeError) to write `needed` bytes into `folder` when its file system has less free.
+
+    `setting` names the config key that moves or shrinks the write, so the message says what to do.
+    The nearest existing parent is checked: the folder itself may not exist yet.
+    """
+    probe = Path(folder).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed > free:
+        raise KpipeError(f"{what} needs {human_bytes(needed)} in {folder}, but only {human_bytes(free)} is free "
+                         f"there. Free some space, or change {setting}.")

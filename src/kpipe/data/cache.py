@@ -9,7 +9,8 @@ cache is stale and is rebuilt.
 Building is resumable and atomic: rows are filled in chunks into `<name>.npy.partial` and
 `<name>.progress.json` records how many are done after each chunk is flushed, so a killed
 build carries on where it stopped; the finished file is renamed into place and only then is
-the index written. A lock file (`io.exclusive`) makes a second process (another DDP rank) wait
+the index written. Before a new file is made, `io.check_free_space` refuses when the disk holds
+less than the cache's size (N x S x S x 3 bytes). A lock file (`io.exclusive`) makes a second process (another DDP rank) wait
 for the first, on every OS.
 
 Unreadable images never become silent zeros: their rows are zero-filled but listed in the
@@ -35,7 +36,7 @@ import numpy as np
 
 from kpipe.data.image import ImageReadError, read_rgb, resize_square
 from kpipe.errors import KpipeError, preview
-from kpipe.io import exclusive, write_json
+from kpipe.io import check_free_space, exclusive, write_json
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,10 @@ def _fill(
         filled, failed = int(progress["filled"]), {int(k): v for k, v in progress["failed"].items()}
         log.info("cache %s: resuming at %d/%d", cache_file, filled, len(paths))
     else:
+        partial.unlink(missing_ok=True)  # a stale attempt's space is free again before it is counted
+        # The .npy is sparse until filled: without this check a full disk shows up mid-build as a failed write.
+        check_free_space(cache_file.parent, int(np.prod(shape)), f"the {img_size} px image cache of {len(paths)} images",
+                         "data.cache_dir (or data.cache=false, or a smaller data.img_size)")
         arr = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
         filled, failed = 0, {}
     t0, last_log = time.monotonic(), 0.0

@@ -2,8 +2,10 @@
 
 `load_run` rebuilds each fold<k>/best.pt from the run's own saved config (never a download) and checks
 its classes; a run folder of a `kpipe package` (fold<k>.safetensors + fold<k>.json, no pickle at all)
-loads the same way through `load_package_run`; `predict_models` decodes each batch once and runs it through every fold model with every
-TTA view in one forward. Used by `kpipe infer`, `kpipe oof-tta` and the bench.
+loads the same way through `load_package_run`; `predict_models` decodes each batch once and runs it
+through every fold model with every TTA view in one forward; `sample_predictor` runs each fold model on
+a few of its own fold's images under a chosen autocast dtype (nn.precision's agreement check). Used by
+`kpipe infer`, `kpipe oof-tta` and the bench.
 Usage: ``rm = load_run("runs/demo", classes, device); probs, ok = predict_models(rm.models, loader, ["identity"], ...)``
 """
 
@@ -51,17 +53,17 @@ def package_folds(run: str | Path) -> list[int]:
     return sorted(int(m[1]) for m in found if m)
 
 
-def load_run(run: str, classes: list[str], device: torch.device) -> RunModels:
-    """Every fold<k>/best.pt of a run, built from the run's own config (no download) and checked against `classes`."""
+def load_run(run: str, classes: list[str], device: torch.device, channels_last: bool = False) -> RunModels:
+    """Every fold<k>/best.pt of a run, built from the run's own config (no download) and checked against `classes`;
+    in channels_last memory format when asked (infer.channels_last: faster on CPU and GPU alike)."""
     if package_folds(run):
-        return load_package_run(run, classes, device)
+        return load_package_run(run, classes, device, channels_last)
     rcfg = load_run_config(run)
     ckpts = sorted((p for p in Path(run).glob("fold*/best.pt") if re.fullmatch(r"fold\d+", p.parent.name)),
                    key=fold_of)  # fold10 after fold9
     if not ckpts:
         raise KpipeError(f"{run}: no fold<k>/best.pt. Train the run first (kpipe train), or leave it out of infer.runs.")
     mcfg = rcfg.model.model_copy(update={"pretrained": False, "weights": None})
-    channels_last = device.type == "cuda" and rcfg.train.channels_last
     out = RunModels(run, rcfg, [], [], {})
     for path in ckpts:
         ck = load_checkpoint(path)
@@ -82,14 +84,13 @@ def load_run(run: str, classes: list[str], device: torch.device) -> RunModels:
     return out
 
 
-def load_package_run(run: str, classes: list[str], device: torch.device) -> RunModels:
+def load_package_run(run: str, classes: list[str], device: torch.device, channels_last: bool = False) -> RunModels:
     """A packaged run: each fold<k>.safetensors into a model built from the run's config.yaml (pretrained=False),
     with its classes and preprocessing from fold<k>.json."""
     from safetensors.torch import load_file  # only packaged runs need it
 
     rcfg = load_run_config(run)
     mcfg = rcfg.model.model_copy(update={"pretrained": False, "weights": None})
-    channels_last = device.type == "cuda" and rcfg.train.channels_last
     out = RunModels(run, rcfg, [], [], {})
     for k in package_folds(run):
         meta_path = paths.package_fold_json(Path(run), k)
@@ -152,3 +153,25 @@ def predict_models(fold_models: list[nn.Module], loader: DataLoader, views: list
         ok[rows] = good.numpy()
         on_batch(len(x))
     return out, ok
+
+
+def sample_predictor(rm: RunModels, files_by_fold: dict[int, list[str]], batch_size: int, device: torch.device,
+                     channels_last: bool) -> Callable[[torch.dtype | None], np.ndarray]:
+    """A function dtype -> (N, K) probabilities of each fold model on its own fold's `files_by_fold[k]`, no TTA,
+    under that autocast dtype (None: fp32). The images are decoded once, here; unreadable ones are left out."""
+    prepare = transforms.Normalize(rm.data_cfg["mean"], rm.data_cfg["std"])
+    batches: list[tuple[nn.Module, torch.Tensor]] = []
+    for k, model in zip(rm.folds, rm.models, strict=True):
+        files = files_by_fold.get(k, [])
+        if files:
+            loader = make_eval_loader(files, rm.data_cfg, batch_size, 0, device, tolerant=True)
+            batches += [(model, x[good]) for x, _, _, good in loader if bool(good.any())]
+
+    def run(dtype: torch.dtype | None) -> np.ndarray:
+        out = []
+        for model, x in batches:
+            with autocast(device, dtype):
+                out.append(tta.predict_batched(model, model_input(x, device, prepare, channels_last), ["identity"])[0])
+        return torch.cat(out).float().cpu().numpy() if out else np.zeros((0, 0), np.float32)
+
+    return run

@@ -6,18 +6,23 @@ every batch goes through all of the run's fold models, each with all TTA views i
 (tta.predict_batched). Probabilities are averaged over views and folds, then runs (infer.agg), or
 blended with the weights `kpipe ensemble` fitted (infer.ensemble_weights: members are (run, view),
 each the fold average). Missing or undecodable test images still get a row: the class prior of
-the training labels, with a warning. `run_oof_tta` predicts each fold's own validation images with
+the training labels, with a warning. Each run predicts in the form infer.precision picks
+(nn.precision: with `auto`, bf16 / AMP only after it agreed with fp32 on a sample of the run's own
+validation images), recorded per run in the sidecar. `run_oof_tta` predicts each fold's own validation images with
 every view (runs/<exp>/oof_tta/<view>.csv), so `kpipe ensemble` can weigh views, and shows each
 view's CV.
 
 Writes predictions/<name>/{probs.csv, ids.csv, classes.json, members.json, members/*.npy},
 submissions/<name>.csv (validated before it is written) and submissions/<name>.json (what made it).
+The per-member .npy files are float32, float16 or not written (infer.save_views: 100k images x 1,000
+classes x 5 folds x 8 views is 16 GB in float32); free disk space is checked before anything is written.
 Usage: ``kpipe infer -c configs/exp/b0.yaml --comp demo infer.tta=identity,hflip``
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,11 +43,10 @@ from kpipe.errors import KpipeError, preview
 from kpipe.eval import metrics
 from kpipe.eval.blend import blend, check_finite
 from kpipe.eval.oof import load_members
-from kpipe.io import atomic_path, read_csv_ids, write_csv, write_json
+from kpipe.io import atomic_path, check_free_space, read_csv_ids, write_csv, write_json
 from kpipe.kaggle import ledger, submission
 from kpipe.kaggle.package import PackageSpec, read_spec
-from kpipe.nn import dist, predict, tta
-from kpipe.nn.engine import amp_settings
+from kpipe.nn import dist, precision, predict, tta
 from kpipe.nn.plan import Plan, class_prior, make_plan, resolve_runs
 
 __all__ = ["Plan", "class_prior", "make_plan", "package_plan", "resolve_runs", "run", "run_oof_tta"]
@@ -76,24 +80,61 @@ def blend_members(members: list[MemberPred], how: str, weights: dict[tuple[str, 
 # ------------------------------------------------------------------ models and prediction
 
 
+def check_sample(table: pd.DataFrame, folds: list[int], n: int, seed: int = 0) -> dict[int, list[str]]:
+    """About n validation image paths, split evenly over `folds`, each fold's drawn from its own rows."""
+    per_fold = max(1, math.ceil(n / max(len(folds), 1)))
+    out = {}
+    for k in folds:
+        rows = table[table["fold"].astype(int) == k]
+        out[k] = rows.sample(min(per_fold, len(rows)), random_state=seed)["path"].tolist()
+    return out
+
+
+def choose_precision(cfg: Config, rm: predict.RunModels, device: torch.device,
+                     table: pd.DataFrame | KpipeError) -> precision.PrecisionChoice:
+    """infer.precision for this run; with `auto`, the proposal is checked on the run's own validation images
+    (each fold model on a sample of its fold: `table` is the folds table, or why it could not be read)."""
+    inf = cfg.infer
+    check = None
+    if inf.precision == "auto" and precision.native_fast(device)[0] is not None:
+        if isinstance(table, KpipeError):
+            console.print(f"[yellow]{safe(rm.run)}: no precision check, so fp32: {safe(str(table))}", soft_wrap=True)
+        else:
+            sample = check_sample(table, rm.folds, inf.precision_check_images)
+            if any(sample.values()):
+                check = predict.sample_predictor(rm, sample, inf.batch_size, device, inf.channels_last)
+    choice = precision.choose(inf.precision, device, inf.channels_last, check)
+    console.print(f"{safe(rm.run)}: precision {choice.reason}", soft_wrap=True)
+    return choice
+
+
 def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                     console=console, transient=True)
 
 
 def _predict_run(cfg: Config, rm: predict.RunModels, files: list[str], views: list[str], n_classes: int,
-                 device: torch.device, tolerant: bool, label: str) -> tuple[np.ndarray, np.ndarray, float]:
+                 device: torch.device, tolerant: bool, label: str,
+                 choice: precision.PrecisionChoice) -> tuple[np.ndarray, np.ndarray, float]:
     """All fold models of a run on `files`; returns (probs (F, V, N, K), ok (N,), images/s)."""
     loader = predict.make_eval_loader(files, rm.data_cfg, cfg.infer.batch_size, cfg.data.num_workers, device, tolerant)
-    amp_dtype, _ = amp_settings(device, rm.cfg.train)
-    channels_last = device.type == "cuda" and rm.cfg.train.channels_last
     start = time.perf_counter()
     with _progress() as progress:
         task = progress.add_task(label, total=len(files))
         prepare = transforms.Normalize(rm.data_cfg["mean"], rm.data_cfg["std"])
-        probs, ok = predict.predict_models(rm.models, loader, views, n_classes, device, amp_dtype, channels_last, prepare,
-                                   lambda n: progress.advance(task, n))
+        probs, ok = predict.predict_models(rm.models, loader, views, n_classes, device, choice.amp_dtype,
+                                           choice.channels_last, prepare, lambda n: progress.advance(task, n))
     return probs, ok, len(files) / max(time.perf_counter() - start, 1e-9)
+
+
+def _fold_table(cfg: Config) -> pd.DataFrame | KpipeError:
+    """The folds table for the precision check, or why it cannot be read (then the check is skipped, said aloud)."""
+    if cfg.infer.precision != "auto":
+        return KpipeError("infer.precision is not auto")
+    try:
+        return load_fold_table(cfg)[0]
+    except KpipeError as e:
+        return e
 
 
 # ------------------------------------------------------------------ kpipe infer
@@ -123,15 +164,20 @@ def run(cfg: Config, runs: list[str] | None = None) -> dict[str, Any]:
     ok = test["found"].to_numpy(bool).copy()
     members: list[MemberPred] = []
     folds: dict[str, list[int]] = {}
+    forms: dict[str, dict[str, Any]] = {}
+    table = _fold_table(cfg)
     for r in plan.runs:
-        rm = predict.load_run(r, classes, device)
+        rm = predict.load_run(r, classes, device, cfg.infer.channels_last)
         views = plan.views[r]
-        probs, good, rate = _predict_run(cfg, rm, files, views, len(classes), device, True, f"infer {r}")
+        choice = choose_precision(cfg, rm, device, table)
+        forms[r] = choice.to_json()
+        probs, good, rate = _predict_run(cfg, rm, files, views, len(classes), device, True, f"infer {r}", choice)
         for f, k in enumerate(rm.folds):
             for j, v in enumerate(views):
                 check_finite(probs[f, j], f"{r}/fold{k}/best.pt, TTA view {v}, on the test images")
         console.print(f"{r}: {len(files)} test images x {len(rm.folds)} folds x {len(views)} views "
-                      f"at {rm.data_cfg['img_size']} px, {rate:.1f} images/s on {device}")
+                      f"at {rm.data_cfg['img_size']} px, {rate:.1f} images/s on {device} ({choice.name}"
+                      f"{', channels_last' if choice.channels_last else ''})")
         ok &= good
         folds[r] = rm.folds
         members += [MemberPred(r, k, v, probs[f, j]) for f, k in enumerate(rm.folds) for j, v in enumerate(views)]
@@ -150,12 +196,13 @@ def run(cfg: Config, runs: list[str] | None = None) -> dict[str, Any]:
     _warn_unreadable(test, ok)
     name = cfg.infer.name or cfg.name
     out_dir = paths.predictions_dir(cfg, name)
-    write_predictions(out_dir, ids, classes, final, members, test.loc[bad, ["id", "found", "reason"]])
+    write_predictions(out_dir, ids, classes, final, members, test.loc[bad, ["id", "found", "reason"]],
+                      cfg.infer.save_views)
     sub_path = paths.submission_csv(cfg, name)
     write_submission(cfg, final, ids, classes, sub_path)
     cv_value, cv_source = (spec.cv, "the package's CV") if spec else _cv(cfg, plan)
     sidecar = {"runs": plan.runs, "cv": cv_value, "cv_source": cv_source, "metric": cfg.competition.metric,
-               "folds": folds,
+               "folds": folds, "precision": forms,
                "tta": list(dict.fromkeys(v for r in plan.runs for v in plan.views[r])), "agg": plan.how,
                "weights": None if plan.weights is None else
                [{"run": r, "view": v, "weight": w} for (r, v), w in plan.weights.items()],
@@ -181,9 +228,23 @@ def _warn_unreadable(test: pd.DataFrame, ok: np.ndarray) -> None:
                   "They get the class prior of the training labels; see unreadable.csv beside probs.csv.", soft_wrap=True)
 
 
+VIEW_DTYPES = {"float32": np.float32, "float16": np.float16}
+CSV_BYTES_PER_VALUE = 24  # a probability printed by pandas: up to ~20 digits and a comma (an upper bound)
+
+
+def predictions_bytes(n: int, k: int, n_members: int, save_views: str | bool) -> int:
+    """Bytes predictions/<name>/ will take: probs.csv plus one (n, k) .npy per member unless save_views is off."""
+    per_value = np.dtype(VIEW_DTYPES[save_views]).itemsize if save_views else 0
+    return n * k * (CSV_BYTES_PER_VALUE + n_members * per_value) + n * 64
+
+
 def write_predictions(out_dir: Path, ids: list[str], classes: list[str], final: np.ndarray,
-                      members: list[MemberPred], unreadable: pd.DataFrame) -> None:
-    """probs.csv (the blend), ids.csv, classes.json, and one (N, K) float32 .npy per (run, fold, view)."""
+                      members: list[MemberPred], unreadable: pd.DataFrame, save_views: str | bool = "float32") -> None:
+    """probs.csv (the blend), ids.csv, classes.json, and one (N, K) .npy per (run, fold, view) in the
+    save_views dtype (none when False; members.json then lists them with file null)."""
+    check_free_space(out_dir, predictions_bytes(len(ids), len(classes), len(members), save_views),
+                     f"the test predictions ({len(members)} members x {len(ids)} images x {len(classes)} classes)",
+                     "paths.predictions_dir, or infer.save_views=float16 / false")
     probs = pd.DataFrame(final, columns=[f"p_{c}" for c in classes])
     write_csv(out_dir / "probs.csv", pd.concat([pd.DataFrame({"id": ids}), probs], axis=1))
     write_csv(out_dir / "ids.csv", pd.DataFrame({"id": ids}))
@@ -195,10 +256,12 @@ def write_predictions(out_dir: Path, ids: list[str], classes: list[str], final: 
                    strict=True))
     index = []
     for m in members:
-        rel = f"members/{tag[m.run]}_fold{m.fold}_{m.view}.npy"
-        with atomic_path(out_dir / rel) as tmp, open(tmp, "wb") as fh:
-            np.save(fh, m.probs.astype(np.float32))
-        index.append({"run": m.run, "fold": m.fold, "view": m.view, "file": rel})
+        rel = f"members/{tag[m.run]}_fold{m.fold}_{m.view}.npy" if save_views else None
+        if rel is not None:
+            with atomic_path(out_dir / rel) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, m.probs.astype(VIEW_DTYPES[save_views]))
+        index.append({"run": m.run, "fold": m.fold, "view": m.view, "file": rel,
+                      "dtype": save_views if save_views else None})
     write_json(out_dir / "members.json", index)
     reasons = np.where(unreadable["found"].to_numpy(bool), "not decodable", unreadable["reason"].astype(str))
     write_csv(out_dir / "unreadable.csv", pd.DataFrame({"id": unreadable["id"].tolist(), "reason": reasons}))
@@ -263,7 +326,8 @@ def run_oof_tta(cfg: Config, runs: list[str] | None = None) -> dict[str, dict[st
     table, _ = load_fold_table(cfg)
     results: dict[str, dict[str, float]] = {}
     for r in resolve_runs(cfg, runs):
-        rm = predict.load_run(r, classes, device)
+        rm = predict.load_run(r, classes, device, cfg.infer.channels_last)
+        choice = choose_precision(cfg, rm, device, table)
         parts: list[tuple[pd.DataFrame, np.ndarray]] = []  # (rows, probs (V, n, K)) per fold
         for k, model in zip(rm.folds, rm.models, strict=True):
             rows = table[table["fold"] == k]
@@ -272,7 +336,7 @@ def run_oof_tta(cfg: Config, runs: list[str] | None = None) -> dict[str, dict[st
                 continue
             solo = predict.RunModels(r, rm.cfg, [k], [model], rm.data_cfg)
             probs, _, rate = _predict_run(cfg, solo, rows["path"].tolist(), views, len(classes), device, False,
-                                          f"oof-tta {r} fold {k}")
+                                          f"oof-tta {r} fold {k}", choice)
             console.print(f"{r} fold {k}: {len(rows)} images x {len(views)} views, {rate:.1f} images/s")
             parts.append((rows, probs[0]))
         if not parts:

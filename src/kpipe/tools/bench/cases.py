@@ -28,7 +28,7 @@ from kpipe.config import DataConfig, TrainConfig
 from kpipe.data import transforms
 from kpipe.data.image import read_rgb
 from kpipe.data.loader import CachedBatches, EpochSampler, ImageDataset, make_loader
-from kpipe.nn import engine, models, predict, tta
+from kpipe.nn import engine, models, precision, predict, tta
 from kpipe.nn.optim import Schedule, build_optimizer
 from kpipe.tools.bench.harness import Case, Plan, cpus, sync
 from kpipe.tools.bench.images import N_CLASSES
@@ -192,12 +192,6 @@ def breakdown(plan: Plan, paths: list[str], mean: tuple[float, ...], std: tuple[
 # ---------------------------------------------------------------- inference and training
 
 
-def cpu_bf16() -> bool:
-    """Whether this CPU runs bf16 natively (AVX512-BF16 or AMX); elsewhere autocast would emulate it."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, c, lambda: False)() for c in checks)
-
-
 def infer_cases(model_name: str, size: int, batch: int, n_batches: int, device: torch.device,
                 bf16: bool, compile_: bool = False) -> dict[str, Case]:
     """tta.predict_batched images/s: no TTA vs hflip (fp32), and bf16 autocast / channels_last variants."""
@@ -232,29 +226,41 @@ def infer_cases(model_name: str, size: int, batch: int, n_batches: int, device: 
     return cases
 
 
-def infer_pipeline_cases(plan: Plan, paths: list[str], device: torch.device) -> tuple[dict[str, Case], DataLoader]:
+def infer_pipeline_cases(plan: Plan, paths: list[str],
+                         device: torch.device) -> tuple[dict[str, Case], DataLoader, dict[str, Any]]:
     """kpipe infer's own loop (predict.predict_models) over real JPEGs: the eval loader's workers decode and
     resize, the batch is normalised, and every TTA view goes through the model in one forward.
-    The ideal hflip cost is just under 2.0: decoding is shared by the views."""
+    The ideal hflip cost is just under 2.0: decoding is shared by the views. `kpipe_infer_auto` is the loop in
+    the form infer.precision=auto proposes on this device (bf16 + channels_last on a CPU with native bf16,
+    else fp32 + channels_last); returned beside the cases: that form and its agreement with fp32 here."""
     model = models.create(plan.model, N_CLASSES).eval().to(device)
+    fast = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    form = precision.native_fast(device)[0] or "fp32"
     dc = models.resolve_data_config(model, DataConfig(img_size=plan.img_size))
     sample = paths[: plan.infer_batches * plan.batch]
     loader = predict.make_eval_loader(sample, dc, plan.batch, plan.workers, device, tolerant=False)
     prepare = transforms.Normalize(dc["mean"], dc["std"])
 
-    def case(views: list[str]) -> Case:
+    def forward(m: nn.Module, views: list[str], dtype: torch.dtype | None, channels_last: bool) -> np.ndarray:
+        return predict.predict_models([m], loader, views, N_CLASSES, device, dtype, channels_last, prepare)[0]
+
+    def case(m: nn.Module, views: list[str], dtype: torch.dtype | None = None, channels_last: bool = False) -> Case:
         def run() -> float:
             t0 = time.perf_counter()
-            predict.predict_models([model], loader, views, N_CLASSES, device, None, False, prepare)
+            forward(m, views, dtype, channels_last)
             sync(device)
             return len(sample) / (time.perf_counter() - t0)
 
         return run
 
-    cases = {"kpipe_infer": case(["identity"]), "kpipe_infer_hflip": case(["identity", "hflip"])}
+    cases = {"kpipe_infer": case(model, ["identity"]), "kpipe_infer_hflip": case(model, ["identity", "hflip"]),
+             "kpipe_infer_auto": case(fast, ["identity"], precision.DTYPES[form], True)}
     for run in cases.values():  # warm-up: workers, oneDNN primitives
         run()
-    return cases, loader
+    # Random weights: near-uniform outputs, so argmax agreement here is a harsh lower bound (docs/bench.md).
+    check = precision.agreement(forward(model, ["identity"], None, False)[0, 0],
+                                forward(fast, ["identity"], precision.DTYPES[form], True)[0, 0])
+    return cases, loader, {"form": f"{form} + channels_last", **check}
 
 
 def _batches(size: int, batch: int, steps: int, device: torch.device, channels_last: bool) -> list[tuple]:

@@ -22,6 +22,7 @@ TARGETS: dict[str, tuple[str, float, str]] = {
     "data.ratios.kpipe_cache": (">=", 2.8, "kpipe loader (cache) vs tutorial"),
     "data.ratios.kpipe_cache_batch_aug": (">=", 4.5, "cache + batch augmentation vs tutorial"),
     "inference.ratios.hflip_cost": ("<=", 2.05, "kpipe infer: hflip TTA cost vs no TTA (ideal 2.0)"),
+    "inference.ratios.kpipe_infer_auto": (">=", 3.0, "kpipe infer, infer.precision=auto's form vs the fp32 loop"),
     "training.ratios.kpipe": (">=", 0.95, "kpipe training step vs bare loop"),
 }
 
@@ -50,6 +51,7 @@ LABELS = {
     "ceiling_decode": "ceiling: decode only (image.read_rgb, one thread per core)",
     "kpipe_infer": "kpipe infer loop (JPEGs -> eval loader -> model), fp32, no TTA",
     "kpipe_infer_hflip": "kpipe infer loop, fp32, hflip TTA (2 views in one forward)",
+    "kpipe_infer_auto": "kpipe infer loop, infer.precision=auto's form (bf16 + channels_last where native), no TTA",
     "fp32": "model alone (random batch): fp32, no TTA",
     "fp32_hflip": "fp32, hflip TTA (2 views)",
     "fp32_channels_last": "fp32 + channels_last",
@@ -109,6 +111,8 @@ def print_table(res: dict[str, Any]) -> None:
                 table.add_row(f"  ratio {name}", "", "", f"{value:.2f}x")
         table.add_section()
     console.print(table)
+    if res["inference"].get("auto_precision"):
+        console.print(auto_line(res["inference"]["auto_precision"]))
     if "skipped" in res["gpu"]:
         console.print(f"GPU: {res['gpu']['skipped']}")
     targets = Table(title="targets")
@@ -117,6 +121,12 @@ def print_table(res: dict[str, Any]) -> None:
     for t in res["targets"]:
         targets.add_row(t["target"], f"{t['value']:.2f}", t["goal"], "[green]yes" if t["met"] else "[red]no")
     console.print(targets)
+
+
+def auto_line(auto: dict[str, Any]) -> str:
+    return (f"infer.precision=auto's form here: {auto['form']}; against the fp32 loop on the same {auto['images']} "
+            f"images (random weights): argmax agreement {auto['argmax_agreement']:.2%}, max probability difference "
+            f"{auto['max_prob_diff']:.4f}.")
 
 
 def _md_table(header: list[str], rows: list[tuple[str, ...]]) -> str:
@@ -148,6 +158,9 @@ def render_md(res: dict[str, Any]) -> str:
             rows = [(k, f"{v:.3f}") for k, v in sec["breakdown_ms_per_image"].items()]
             parts += ["\nWhere the time goes (one core, main process, ms per image):\n",
                       _md_table(["step", "ms/image"], rows)]
+    auto = res["inference"].get("auto_precision")
+    if auto:
+        parts.append(f"\n{auto_line(auto)}")
     if "skipped" in res["gpu"]:
         parts.append(f"\n## GPU\n\n{res['gpu']['skipped']}.")
     parts.append(f"\nWhat each row measures, how, and why its target is set there: {DOC} in kpipe's repository.")

@@ -23,10 +23,10 @@ from kpipe.console import console, safe
 from kpipe.data import cache
 from kpipe.io import write_json, write_text
 from kpipe.nn import models
+from kpipe.nn.precision import cpu_bf16
 from kpipe.tools.bench.cases import (
     breakdown,
     consumer_threads,
-    cpu_bf16,
     data_cases,
     infer_cases,
     infer_pipeline_cases,
@@ -78,13 +78,14 @@ def data_section(plan: Plan, out_dir: Path) -> dict[str, Any]:
 
 def inference_section(plan: Plan, out_dir: Path) -> dict[str, Any]:
     cpu = torch.device("cpu")
-    pipeline, loader = infer_pipeline_cases(plan, image_set(out_dir, plan)[1], cpu)
+    pipeline, loader, auto = infer_pipeline_cases(plan, image_set(out_dir, plan)[1], cpu)
     cases = {**pipeline, **infer_cases(plan.model, plan.img_size, plan.batch, plan.infer_batches, cpu, cpu_bf16())}
     out = summarise(interleave(cases, plan.repeats, "inference"), base="kpipe_infer")
     del cases, pipeline, loader  # its workers end with the loader
     med = {k: v["median"] for k, v in out.items() if isinstance(v, dict) and "median" in v}
     out["ratios"]["hflip_cost"] = med["kpipe_infer"] / med["kpipe_infer_hflip"]
     out["ratios"]["model_hflip_cost"] = med["fp32"] / med["fp32_hflip"]
+    out["auto_precision"] = auto  # the form kpipe_infer_auto ran in, and its agreement with fp32
     return out
 
 
