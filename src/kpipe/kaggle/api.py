@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import requests
 
 from kpipe.config import Config
+from kpipe.console import err_console, safe
 from kpipe.errors import KpipeError
 
 T = TypeVar("T")
@@ -143,7 +144,7 @@ def connect() -> Any:
         except requests.RequestException as e:
             raise _explain(e, "signing in", "") from None
     if said.getvalue().strip():
-        print(said.getvalue().strip(), file=sys.stderr)
+        err_console.print(safe(said.getvalue().strip()), soft_wrap=True)
     return api
 
 
@@ -258,8 +259,8 @@ def call(fn: Callable[..., T], *args: Any, what: str, slug: str, backoff: Backof
             hint = _retry_after(e)
             if hint is not None:  # the server's Retry-After, within our cap
                 delay = min(backoff.cap, max(delay, hint))
-            print(f"kaggle: {what} failed ({_status(e) or type(e).__name__}); "
-                  f"retry {attempt + 1}/{len(delays)} in {delay:.1f} s", file=sys.stderr)
+            err_console.print(safe(f"kaggle: {what} failed ({_status(e) or type(e).__name__}); "
+                  f"retry {attempt + 1}/{len(delays)} in {delay:.1f} s"), soft_wrap=True)
             time.sleep(delay)
             if recover is not None and _status(e) != 429:
                 found = recover()

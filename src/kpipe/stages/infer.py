@@ -36,7 +36,7 @@ from rich.table import Table
 
 from kpipe import paths
 from kpipe.config import Config
-from kpipe.console import console, plain, safe
+from kpipe.console import console, print_problems, safe
 from kpipe.data import ingest, transforms
 from kpipe.data.folds import load_fold_table
 from kpipe.errors import KpipeError, preview
@@ -273,9 +273,7 @@ def write_submission(cfg: Config, probs: np.ndarray, ids: list[str], classes: li
     sample = ingest.read_sample_submission(cfg)
     sub = submission.make_submission(probs, ids, classes, sample, c)
     problems = submission.validate_submission(sub, sample, classes, c.sub_id_col, c.submission_format)
-    for p in problems:
-        if p.severity != "error":
-            console.print(plain(p.render()), style="yellow", markup=False, highlight=False)
+    print_problems([p for p in problems if p.severity != "error"])
     errors = [p.render() for p in problems if p.severity == "error"]
     if errors:
         raise KpipeError(f"refusing to write {path}: it would not match sample_submission:\n  " + "\n  ".join(errors))

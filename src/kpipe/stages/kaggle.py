@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 import zipfile
@@ -36,7 +35,7 @@ from rich.markup import escape
 
 from kpipe import paths
 from kpipe.config import Config, relative_name
-from kpipe.console import console, plain
+from kpipe.console import console, err_console, print_problems, safe
 from kpipe.errors import KpipeError
 from kpipe.eval.metrics import higher_is_better
 from kpipe.io import write_json
@@ -78,7 +77,7 @@ def download(cfg: Config, force: bool = False, *, file: str | None = None) -> Pa
     slug, dest = kaggle_slug(cfg), paths.data_dir(cfg)
     target = dest if file is None else dest / relative_name(file, "kaggle download --file")
     if not force and (is_complete(dest, slug) if file is None else target.exists()):
-        print(f"{target}: already downloaded from '{slug}'; pass --force to download again.")
+        console.print(safe(f"{target}: already downloaded from '{slug}'; pass --force to download again."), soft_wrap=True)
         return target
     api, backoff = connect(), retry_policy()
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -99,7 +98,7 @@ def download(cfg: Config, force: bool = False, *, file: str | None = None) -> Pa
             write_json(dest / MARKER, {"slug": slug, "downloaded_utc": ledger.now_utc(), "files": inventory})
     finally:
         shutil.rmtree(staging)
-    print(f"{target}: downloaded {len(inventory)} files from Kaggle competition '{slug}'.")
+    console.print(safe(f"{target}: downloaded {len(inventory)} files from Kaggle competition '{slug}'."), soft_wrap=True)
     return target
 
 
@@ -148,9 +147,7 @@ def _check_submission(path: Path, cfg: Config) -> None:
     if not path.is_file():
         raise KpipeError(f"{path}: no such file. Give the CSV `kpipe infer` wrote (submissions/<name>.csv).")
     problems = validate_file(path, cfg)
-    for p in problems:
-        if p.severity != "error":
-            print(plain(p.render()), file=sys.stderr)
+    print_problems([p for p in problems if p.severity != "error"])
     errors = [p.render() for p in problems if p.severity == "error"]
     if errors:
         raise KpipeError(f"{path}: not a valid submission for '{cfg.competition.name}', so nothing was "
@@ -188,12 +185,12 @@ def submit(cfg: Config, path: Path, message: str | None, wait: bool = False, for
     api, backoff, ref = _upload_reserved(book, row, path, message, slug, started)
     row = {**row, "kaggle_ref": ref, "status": "pending"}
     left = remaining(api, slug, backoff)
-    print(f"submitted {path} to '{slug}' (ref {ref or 'unknown'}); submissions left today: "
-          f"{'unknown' if left is None else left}.")
+    console.print(safe(f"submitted {path} to '{slug}' (ref {ref or 'unknown'}); submissions left today: "
+          f"{'unknown' if left is None else left}."), soft_wrap=True)
     result: dict[str, Any] = {**row, "remaining": left}
     if wait and not ref:
-        print("Kaggle did not say which submission this is, so there is nothing to wait on; "
-              "`kpipe lb` matches it by file name and time and fills in its score.")
+        console.print(safe("Kaggle did not say which submission this is, so there is nothing to wait on; "
+              "`kpipe lb` matches it by file name and time and fills in its score."), soft_wrap=True)
     if wait and ref:
         final = wait_for(api, slug, ref, backoff)
         scored = {k: final[k] for k in ("status", "public_score", "private_score", "error")}
@@ -215,7 +212,7 @@ def submit_kernel(cfg: Config, kernel: str, version: int | None, message: str | 
     man = json.loads(pkg.manifest.read_text(encoding="utf-8")) if pkg.manifest.is_file() else {}
     spec = json.loads(pkg.spec.read_text(encoding="utf-8")) if pkg.spec.is_file() else {}
     if not man:
-        print(f"no {pkg.manifest}: the ledger row gets no package sha256, runs or CV.", file=sys.stderr)
+        err_console.print(safe(f"no {pkg.manifest}: the ledger row gets no package sha256, runs or CV."), soft_wrap=True)
     label = f"v{version}" if version else "latest"
     message = message.strip() if message and message.strip() else (
         f"{kernel} {label}" + (f", CV {spec['cv']:.4f}" if spec.get("cv") is not None else ""))
@@ -248,7 +245,7 @@ def submit_kernel(cfg: Config, kernel: str, version: int | None, message: str | 
     ref = str(response.ref) if response.ref else ""
     ledger.settle(book, row, {"kaggle_ref": ref, "status": "pending"})
     row = {**row, "kaggle_ref": ref, "status": "pending"}
-    print(f"submitted notebook {kernel} {label} to '{slug}' (ref {ref or 'unknown'}).")
+    console.print(safe(f"submitted notebook {kernel} {label} to '{slug}' (ref {ref or 'unknown'})."), soft_wrap=True)
     result: dict[str, Any] = dict(row)
     if wait and ref:
         final = wait_for(api, slug, ref, backoff)
@@ -291,7 +288,7 @@ def _report(row: dict[str, Any]) -> None:
     if row["status"] == "complete":
         named = (("public", "public_score"), ("private", "private_score"), ("CV", "cv"))
         scores = [f"{k} {row[c]}" for k, c in named if row[c]]
-        print(f"{name}: " + ", ".join(scores or ["scored"]))
+        console.print(safe(f"{name}: " + ", ".join(scores or ["scored"])), soft_wrap=True)
 
 
 def remaining(api: Any, slug: str, backoff: Backoff) -> int | None:
@@ -384,8 +381,8 @@ def wait_for(api: Any, slug: str, ref: str, backoff: Backoff) -> dict[str, str]:
             if row["status"] != "pending":
                 return row
             if time.monotonic() + delay > deadline:
-                print(f"submission {ref} is still being scored after {timeout:.0f} s; "
-                      "`kpipe lb` picks up its score later.")
+                console.print(safe(f"submission {ref} is still being scored after {timeout:.0f} s; "
+                      "`kpipe lb` picks up its score later."), soft_wrap=True)
                 return row
             time.sleep(delay)
             delay = min(60.0, delay * 1.5)
