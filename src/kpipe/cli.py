@@ -21,6 +21,9 @@ from kpipe.config import Config, PathsConfig, load_config
 from kpipe.console import console, err_console, safe, setup_logging
 from kpipe.errors import Interrupted, KpipeError
 
+# kpipe.eval.blend.METHODS, spelled here so that `import kpipe.cli` never imports torch (a test keeps them equal)
+ENSEMBLE_METHODS = ["weights", "hill_climb", "rank_mean"]
+
 
 def resolve_comp(comp: str | None) -> str | None:
     """A competition given by name means configs/competition/<name>.yaml."""
@@ -136,7 +139,8 @@ def _oof_tta(args: argparse.Namespace) -> int:
 def _ensemble(args: argparse.Namespace) -> int:
     from kpipe.stages import ensemble
 
-    ensemble.run(config_from(args), run_dirs=args.runs, out=args.out, include_tta=not args.no_tta)
+    ensemble.run(config_from(args), run_dirs=args.runs, out=args.out, include_tta=not args.no_tta,
+                 method=args.method)
     return 0
 
 
@@ -266,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", nargs="+", required=True, help="run folders to blend")
     p.add_argument("--out", default=None, help="weights JSON (default: runs/ensembles/<exp>.json)")
     p.add_argument("--no-tta", action="store_true", help="blend runs only, not their TTA views")
+    p.add_argument("--method", default="weights", choices=ENSEMBLE_METHODS,
+                   help="weights: fitted weights; hill_climb: Caruana selection; rank_mean: rank averaging")
 
     p = add("validate-submission", _validate, "check a submission CSV against sample_submission.csv")
     p.add_argument("file", help="submission CSV")
