@@ -156,6 +156,8 @@ class TrainConfig(Section):
     cutmix_alpha: float = 0.0
     ema: bool = False
     ema_decay: float = 0.999
+    swa: bool = False  # also average the end-of-epoch weights of the last swa_epochs epochs (kpipe.nn.average)
+    swa_epochs: int = Field(3, ge=1)
     accum_steps: int = 1
     clip_grad: float | None = None
     early_stop_patience: int | None = None

@@ -110,6 +110,11 @@ class FoldDir:
     def log(self) -> Path:
         return self.root / "train.log"
 
+    @property
+    def weights_json(self) -> Path:
+        """Which weights best.pt holds (raw / ema / swa) and each candidate's validation score."""
+        return self.root / "weights.json"
+
 
 @dataclass(frozen=True)
 class RunDir:

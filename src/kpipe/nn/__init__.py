@@ -2,7 +2,8 @@
 
 models (timm and torchvision backbones behind one interface: stages, freezing, preprocessing),
 engine (one epoch, checkpoints, precision), checkpoint (best.pt / last.pt hold data, never code),
-optim (optimiser and scheduler registries), tta (views as batched tensor ops), predict (a run's fold
+optim (optimiser and scheduler registries), average (SWA: the last epochs' weights
+averaged, BatchNorm statistics re-estimated), tta (views as batched tensor ops), predict (a run's fold
 models on images), dist (the few places DDP differs).
 May import the foundation and kpipe.data.
 """

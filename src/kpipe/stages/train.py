@@ -38,6 +38,7 @@ from kpipe.eval import metrics, reports
 from kpipe.eval.oof import frame, parse, write_oof
 from kpipe.io import read_csv_ids, write_csv, write_json, write_text, write_yaml
 from kpipe.nn import dist, models
+from kpipe.nn.average import WeightAverage
 from kpipe.nn.engine import (
     FoldState,
     Precision,
@@ -169,6 +170,7 @@ class Fold:
     val_loader: Any
     step: Step
     normalize: transforms.Normalize  # uint8 batch -> eval input (validation, OOF)
+    average: WeightAverage | None = None  # train.swa: the last epochs' weights, averaged
 
     def checkpoint(self, state: dict[str, Any], **extra: Any) -> dict[str, Any]:
         return {"model": state, "classes": self.classes, "config": self.cfg.to_dict(), "data_config": self.data_cfg,
@@ -189,6 +191,7 @@ def train_fold(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device
     fold, st = build_fold(cfg, k, df, classes, device, cache, ck)
     fit(fold, st)
     dist.barrier()  # rank 0 has written best.pt: every rank may read it now
+    choose_weights(fold, st)
     write_fold_oof(fold, df)
 
 
@@ -247,12 +250,15 @@ def build_fold(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device
     steps_per_epoch = max(len(sampler) // d.batch_size // t.accum_steps, 1)
     st = FoldState(net, optimizer, Schedule(optimizer, t, steps_per_epoch),
                    torch.amp.GradScaler(device.type, enabled=precision.scaler), ema=_ema(model, t))
+    average = _average(model, t)
     if ck is not None:
         st.load_state_dict(ck)
+        if average is not None and ck.get("average") is not None:
+            average.load_state_dict(ck["average"])
         if dist.is_main():
             console.print(f"fold {k}: resumed at epoch {st.epoch + 1}, step {st.step_in_epoch}")
     fold = Fold(cfg, k, paths.run_dir(cfg).fold(k), classes, y, data_cfg, model, sampler, loader, val_loader,
-                step, normalize)
+                step, normalize, average)
     return fold, st
 
 
@@ -288,6 +294,8 @@ def fit(fold: Fold, st: FoldState) -> None:
             row = validate(fold, st)
             row.update(epoch=epoch + 1, train_loss=train_loss, lr=st.optimizer.param_groups[0]["lr"],
                        seconds=meter.seconds, images_per_s=meter.rate)
+            if fold.average is not None:  # before end_epoch, whose last.pt carries the average
+                fold.average.end_epoch(unwrap(st.model), epoch)
             end_epoch(fold, st, row)
     st.finished = True
     _save_last(fold, st)
@@ -376,6 +384,60 @@ def _ema(model: torch.nn.Module, t: Any) -> Any:
     return ModelEmaV3(model, decay=t.ema_decay)
 
 
+def _average(model: torch.nn.Module, t: Any) -> WeightAverage | None:
+    if not t.swa:
+        return None
+    if dist.world() > 1:
+        raise KpipeError("train.swa=true is single-process for now: each DDP rank would re-estimate BatchNorm "
+                         "on its own shard. Train with one process, or train.swa=false.")
+    return WeightAverage(model, t.swa_epochs, t.epochs)
+
+
+# ------------------------------------------------------------------ which weights the fold keeps
+
+
+def choose_weights(fold: Fold, st: FoldState) -> None:
+    """Score the candidates on the fold's validation images, keep the best in best.pt, say which in
+    weights.json (and best.pt's "weights"): best.pt as the epochs left it (EMA's or the raw model's),
+    with EMA also the raw model's last weights, with train.swa the averaged weights (BatchNorm re-estimated)."""
+    if fold.dir.weights_json.is_file():  # chosen before (a resumed, finished fold): best.pt already holds it
+        return
+    metric, t = fold.cfg.competition.metric, fold.cfg.train
+    best = load_checkpoint(fold.dir.best)
+    kept = "ema" if st.ema is not None else "raw"
+    scores = {kept: float(best["score"])}
+    states: dict[str, dict[str, Any]] = {}
+    if st.ema is not None:
+        scores["raw"] = _score(fold, unwrap(st.model))
+        states["raw"] = unwrap(st.model).state_dict()
+    note = ""
+    if fold.average is not None:
+        if fold.average.n_averaged == 0:  # stopped early, before the averaging window
+            note = f"no epoch reached the last {t.swa_epochs} of {t.epochs}: nothing averaged"
+        else:
+            swa = fold.average.finish(fold.step.precision.input(x, fold.normalize) for x, *_ in fold.loader)
+            scores["swa"], states["swa"] = _score(fold, swa), swa.state_dict()
+    sign = 1.0 if metrics.higher_is_better(metric) else -1.0
+    chosen = max(scores, key=lambda name: (sign * scores[name], name == kept))  # a tie keeps best.pt as it is
+    if dist.is_main():
+        payload = {**best, "weights": chosen, "score": scores[chosen]}
+        if chosen != kept:
+            payload["model"] = states[chosen]
+        save_checkpoint(fold.dir.best, payload)
+        n_avg = fold.average.n_averaged if fold.average is not None else 0
+        write_json(fold.dir.weights_json, {"chosen": chosen, "metric": metric, "val_scores": scores,
+                                           "best_epoch": int(best["epoch"]), "swa_averaged": n_avg, "note": note})
+        if len(scores) > 1:
+            shown = "  ".join(f"{n} {v:.4f}" for n, v in scores.items())
+            console.print(f"fold {fold.k}: validation {metric}: {shown} -> keeps {chosen}")
+    dist.barrier()
+
+
+def _score(fold: Fold, model: torch.nn.Module) -> float:
+    idx, probs = gather_predictions(model, fold.val_loader, fold.step.precision, fold.normalize)
+    return float(metrics.score(fold.cfg.competition.metric, fold.y[idx], probs))
+
+
 def _criterion_and_mixup(cfg: Config, n_classes: int) -> tuple[torch.nn.Module, Any]:
     t = cfg.train
     if t.mixup_alpha > 0 or t.cutmix_alpha > 0:
@@ -390,8 +452,9 @@ def _criterion_and_mixup(cfg: Config, n_classes: int) -> tuple[torch.nn.Module, 
 
 def _save_last(fold: Fold, st: FoldState) -> None:
     if dist.is_main():
+        average = {"average": fold.average.state_dict()} if fold.average is not None else {}
         save_checkpoint(fold.dir.last, {**st.state_dict(), "classes": fold.classes, "config": fold.cfg.to_dict(),
-                                        "data_config": fold.data_cfg})
+                                        "data_config": fold.data_cfg, **average})
 
 
 def _progress() -> Progress:
@@ -423,7 +486,9 @@ def finish_run(cfg: Config, df: pd.DataFrame, classes: list[str]) -> dict[str, A
                 for f in np.unique(oof.folds)}
     cv = metrics.score(metric, labels, oof.probs)
     result = {"metric": metric, "cv": cv, "per_fold": per_fold, "n_oof": len(oof.ids),
-              "complete": len(oof.ids) == len(df)}
+              "complete": len(oof.ids) == len(df),
+              "weights": {int(f.root.name[4:]): json.loads(f.weights_json.read_text())["chosen"]
+                          for f in run.fold_dirs() if f.weights_json.is_file()}}
     write_json(run.cv, result)
     reports.write_all(run.root, oof.frame(), classes)
     folds_txt = "  ".join(f"fold {f}: {s:.4f}" for f, s in per_fold.items())
