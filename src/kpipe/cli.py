@@ -85,6 +85,9 @@ def _train(args: argparse.Namespace) -> int:
         return launch.torchrun(args.gpus, args.argv)
     from kpipe.stages import train
 
+    if args.full:
+        train.run_full(config_from(args))
+        return 0
     train.run(config_from(args), resume=args.resume)
     return 0
 
@@ -237,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", _train, "train the experiment's folds; writes runs/<exp>/")
     _config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from each fold's last.pt")
+    p.add_argument("--full", action="store_true",
+                   help="train one model on every usable row -> runs/<exp>_full/ (no OOF, no CV of its own); "
+                        "epochs: train.full_epochs or the mean best epoch of runs/<exp>")
     p.add_argument("--gpus", type=int, default=0, help="launch DDP over N GPUs via torchrun (same command)")
     p.add_argument("--fold-per-gpu", action="store_true", help="train one fold per visible GPU, in parallel")
 

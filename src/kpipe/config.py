@@ -142,6 +142,7 @@ class DataConfig(Section):
 class TrainConfig(Section):
     epochs: int = Field(10, ge=1)
     folds: list[int] | None = None  # default: every fold in the folds file
+    full_epochs: int | None = Field(None, ge=1)  # `kpipe train --full`; default: the CV run's mean best epoch
     optimizer: Annotated[str, Choice(OPTIMIZERS)] = "adamw"  # kpipe.nn.optim
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = 1e-4

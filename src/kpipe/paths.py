@@ -166,12 +166,25 @@ class RunDir:
     def fold(self, k: int) -> FoldDir:
         return FoldDir(self.root / f"fold{k}")
 
+    @property
+    def full(self) -> FoldDir:
+        """The full-data model of a `kpipe train --full` run (runs/<exp>_full/full/): no validation, no OOF."""
+        return FoldDir(self.root / "full")
+
     def fold_dirs(self) -> list[FoldDir]:
         return [FoldDir(p) for p in sorted(self.root.glob("fold*")) if p.is_dir()]
 
 
 def run_dir(cfg: Config) -> RunDir:
     return RunDir(Path(cfg.paths.runs_dir) / cfg.name)
+
+
+FULL_SUFFIX = "_full"
+
+
+def full_run_dir(cfg: Config) -> RunDir:
+    """`kpipe train --full`'s run: runs/<exp>_full/, beside the CV run runs/<exp>/ whose epochs it takes."""
+    return RunDir(Path(cfg.paths.runs_dir) / f"{cfg.name}{FULL_SUFFIX}")
 
 
 # Folders under runs_dir that hold no training run.

@@ -39,8 +39,11 @@ class RunModels:
     data_cfg: dict[str, Any]  # img_size, mean, std
 
 
+FULL_FOLD = -1  # the fold number of a full-data model (full/best.pt, `kpipe train --full`)
+
+
 def fold_of(path: Path) -> int:
-    return int(path.parent.name.removeprefix("fold"))
+    return FULL_FOLD if path.parent.name == "full" else int(path.parent.name.removeprefix("fold"))
 
 
 def load_run(run: str, classes: list[str], device: torch.device) -> RunModels:
@@ -48,8 +51,11 @@ def load_run(run: str, classes: list[str], device: torch.device) -> RunModels:
     rcfg = load_run_config(run)
     ckpts = sorted((p for p in Path(run).glob("fold*/best.pt") if re.fullmatch(r"fold\d+", p.parent.name)),
                    key=fold_of)  # fold10 after fold9
+    full = paths.RunDir(Path(run)).full.best
+    ckpts += [full] if full.is_file() else []  # a full-data run (`kpipe train --full`), alone or beside folds
     if not ckpts:
-        raise KpipeError(f"{run}: no fold<k>/best.pt. Train the run first (kpipe train), or leave it out of infer.runs.")
+        raise KpipeError(f"{run}: no fold<k>/best.pt or full/best.pt. Train the run first (kpipe train), "
+                         "or leave it out of infer.runs.")
     mcfg = rcfg.model.model_copy(update={"pretrained": False, "weights": None})
     channels_last = device.type == "cuda" and rcfg.train.channels_last
     out = RunModels(run, rcfg, [], [], {})

@@ -10,6 +10,9 @@ then fitted (`fit`: epochs of train_epoch, validation, checkpoints), then its OO
 best.pt. Under DDP every rank runs the same code; rank 0 alone writes files, and every rank waits at
 a barrier before it reads a file rank 0 wrote.
 
+`kpipe train --full` (`run_full`) trains one model on every usable row for the CV run's mean best epoch
+(or train.full_epochs) into runs/<exp>_full/full/: no validation images, so no OOF and no CV of its own.
+
 Usage: ``kpipe train -c configs/exp/resnet50.yaml --comp demo train.folds=0,2``
 """
 
@@ -29,6 +32,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from kpipe import paths
 from kpipe.config import Config, load_run_config
+from kpipe.config import validate as validate_config
 from kpipe.console import console
 from kpipe.data import transforms
 from kpipe.data.folds import load_fold_table
@@ -54,6 +58,7 @@ from kpipe.nn.engine import (
 from kpipe.nn.optim import Schedule, build_optimizer
 from kpipe.paths import FoldDir
 
+FULL = -1  # the fold number of the full-data fit: no row of the folds file has it, so none is held out
 LOSS_EVERY = 20  # optimiser steps between reads of the loss for the progress bar
 # Keys that may change between a run and its --resume (more epochs, other folds, other workers).
 RESUMABLE_CHANGES = {"train.epochs", "train.folds", "data.num_workers", "train.early_stop_patience", "infer"}
@@ -347,6 +352,95 @@ def write_fold_oof(fold: Fold, df: pd.DataFrame) -> None:
         ids, labels = df["id"].to_numpy()[idx], df["label"].to_numpy()[idx]
         write_oof(fold.dir.oof, frame(ids, fold.k, labels, probs, fold.classes))
     dist.barrier()
+
+
+# ------------------------------------------------------------------ full-data fit
+
+
+def best_epochs(metric: str, metrics_csvs: list[pd.DataFrame]) -> list[int]:
+    """Each fold's best epoch (1-based, the first of ties) by val_score, as best.pt kept it."""
+    out = []
+    for m in metrics_csvs:
+        scores = m["val_score"].to_numpy(np.float64)
+        i = int(np.argmax(scores) if metrics.higher_is_better(metric) else np.argmin(scores))
+        out.append(int(m["epoch"].iloc[i]))
+    return out
+
+
+def full_epochs(cfg: Config) -> tuple[int, str]:
+    """(epochs, where the number came from): train.full_epochs, else the CV run's mean best epoch, rounded."""
+    if cfg.train.full_epochs is not None:
+        return cfg.train.full_epochs, "train.full_epochs"
+    cv_run = paths.run_dir(cfg)
+    found = [f for f in cv_run.fold_dirs() if f.metrics.is_file()]
+    if not found:
+        raise KpipeError(f"{cv_run.root}: no fold<k>/metrics.csv to take the epoch count from. Train the CV run "
+                         "first (kpipe train), or set train.full_epochs=N.")
+    best = best_epochs(cfg.competition.metric, [pd.read_csv(f.metrics) for f in found])
+    n = max(1, round(float(np.mean(best))))
+    each = ", ".join(f"{f.root.name}: {b}" for f, b in zip(found, best, strict=True))
+    return n, f"mean best epoch of {cv_run.root} ({each})"
+
+
+def run_full(cfg: Config) -> dict[str, Any]:
+    """Train on every usable row -> runs/<exp>_full/full/{best.pt,last.pt,metrics.csv}, cv.json saying no CV."""
+    if cfg.train.swa:
+        raise KpipeError("train.swa=true with --full: there are no validation images to choose between raw and "
+                         "averaged weights on. Add train.swa=false.")
+    device = dist.setup(cfg.train.device)
+    try:
+        if dist.world() > 1:
+            raise KpipeError("kpipe train --full runs in one process; drop --gpus.")
+        return _run_full(cfg, device)
+    finally:
+        dist.teardown(True)
+
+
+def _run_full(cfg: Config, device: torch.device) -> dict[str, Any]:
+    df, classes = load_fold_table(cfg)
+    epochs, source = full_epochs(cfg)
+    d = cfg.to_dict()
+    fcfg = validate_config({**d, "name": cfg.name + paths.FULL_SUFFIX, "train": {**d["train"], "epochs": epochs}})
+    run = paths.full_run_dir(cfg)
+    if run.full.last.is_file():
+        raise KpipeError(f"{run.root} already has a full-data model. Delete the folder to train it again, "
+                         "or use another experiment name (name=<new>).")
+    write_yaml(run.config, fcfg.to_dict())
+    write_text(run.folds_sha256, hashlib.sha256(paths.folds_csv(cfg).read_bytes()).hexdigest() + "\n")
+    console.print(f"[bold]full-data fit[/]: {len(df)} images, {epochs} epochs ({source})")
+    # Every row trains: fold -1 matches none of the folds file's folds, so no row is held out.
+    fold, st = build_fold(fcfg, FULL, df, classes, device, _cache(fcfg, df), None)
+    fold.dir = run.full
+    stop_restore = StopRequested.install()
+    try:
+        for epoch in range(epochs):
+            fold.sampler.set_epoch(epoch)
+            meter = Throughput()
+            train_loss, seen = train_epoch(st, fold.loader, fold.step, lambda n, loss, m=meter: m.add(n))
+            st.scheduler.after_epoch(train_loss)  # no validation loss: a plateau schedule reads the training loss
+            st.epoch = epoch + 1
+            st.history.append({"epoch": epoch + 1, "train_loss": train_loss, "images": seen,
+                               "lr": st.optimizer.param_groups[0]["lr"], "seconds": meter.seconds})
+            write_csv(fold.dir.metrics, pd.DataFrame(st.history))
+            console.print(f"full epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}")
+            _save_last(fold, st)
+    except Interrupted:
+        _save_last(fold, st)
+        raise
+    finally:
+        stop_restore()
+    st.finished = True
+    _save_last(fold, st)
+    kept = "ema" if st.ema is not None else "raw"
+    final = st.ema.module if st.ema is not None else unwrap(st.model)
+    save_checkpoint(fold.dir.best, fold.checkpoint(final.state_dict(), epoch=epochs, weights=kept))
+    result = {"metric": cfg.competition.metric, "cv": None, "has_oof": False, "full_data": True,
+              "n_train": len(df), "epochs": epochs, "epochs_from": source, "cv_run": str(paths.run_dir(cfg).root),
+              "note": "trained on every usable row: no out-of-fold predictions, so no CV of its own; "
+                      "judge it by its CV run's figure and by the leaderboard"}
+    write_json(run.cv, result)
+    console.print(f"[bold green]full-data model[/] written to {fold.dir.best} (no CV of its own: every row trained)")
+    return result
 
 
 # ------------------------------------------------------------------ helpers
