@@ -147,6 +147,13 @@ def _ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pseudo(args: argparse.Namespace) -> int:
+    from kpipe.stages import pseudo
+
+    pseudo.run(config_from(args), args.source, threshold=args.threshold, hard=args.hard, out=args.out)
+    return 0
+
+
 def _validate(args: argparse.Namespace) -> int:
     from kpipe.kaggle import submission
 
@@ -278,6 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tta", action="store_true", help="blend runs only, not their TTA views")
     p.add_argument("--method", default="weights", choices=ENSEMBLE_METHODS,
                    help="weights: fitted weights; hill_climb: Caruana selection; rank_mean: rank averaging")
+
+    p = add("pseudo", _pseudo, "pseudo-label test images from `kpipe infer`'s predictions (data.pseudo)")
+    _config_args(p)
+    p.add_argument("--from", dest="source", required=True,
+                   help="predictions folder of `kpipe infer` on a run or an ensemble (predictions/<name>)")
+    p.add_argument("--threshold", type=float, default=0.9, help="keep rows whose top probability is at least this")
+    p.add_argument("--hard", action="store_true", help="one-hot labels instead of the soft probabilities")
+    p.add_argument("--out", default=None, help="CSV to write (default: data/<comp>/pseudo/<name>.csv)")
 
     p = add("validate-submission", _validate, "check a submission CSV against sample_submission.csv")
     p.add_argument("file", help="submission CSV")

@@ -137,6 +137,8 @@ class DataConfig(Section):
     batch_size: int = Field(32, ge=1)
     num_workers: int = Field(2, ge=0)
     balanced_sampling: bool = False
+    pseudo: str | None = None  # `kpipe pseudo`'s CSV: test images added to every fold's training rows only
+    pseudo_weight: float = Field(1.0, gt=0)  # each pseudo row's loss weight (labelled rows weigh 1)
 
 
 class TrainConfig(Section):

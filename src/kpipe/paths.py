@@ -54,6 +54,11 @@ def review_html(cfg: Config) -> Path:
     return work_dir(cfg) / "review.html"
 
 
+def pseudo_csv(cfg: Config, name: str) -> Path:
+    """`kpipe pseudo`'s labels for test images (data.pseudo); its provenance in the .json beside it."""
+    return work_dir(cfg) / "pseudo" / f"{name}.csv"
+
+
 def clean_labels_csv(cfg: Config) -> Path:
     return work_dir(cfg) / "labels_clean.csv"
 
@@ -146,6 +151,11 @@ class RunDir:
     def run_json(self) -> Path:
         """Facts of the run that the config does not hold: parameter counts, wall time per fold."""
         return self.root / "run.json"
+
+    @property
+    def pseudo_json(self) -> Path:
+        """Which pseudo-label file (data.pseudo) the run trained on: path, sha256, rows, weight."""
+        return self.root / "pseudo.json"
 
     @property
     def oof_tta_dir(self) -> Path:

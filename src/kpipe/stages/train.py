@@ -23,6 +23,7 @@ import json
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,9 +35,16 @@ from kpipe import paths
 from kpipe.config import Config, load_run_config
 from kpipe.config import validate as validate_config
 from kpipe.console import console
-from kpipe.data import transforms
+from kpipe.data import ingest, pseudo, transforms
 from kpipe.data.folds import load_fold_table
-from kpipe.data.loader import CachedBatches, EpochSampler, ImageDataset, balanced_weights, make_loader
+from kpipe.data.loader import (
+    CachedBatches,
+    EpochSampler,
+    ImageDataset,
+    SoftTargets,
+    balanced_weights,
+    make_loader,
+)
 from kpipe.errors import Interrupted, KpipeError
 from kpipe.eval import metrics, reports
 from kpipe.eval.oof import frame, parse, write_oof
@@ -127,12 +135,13 @@ def _run(cfg: Config, resume: bool, device: torch.device) -> dict[str, Any]:
     if dist.is_main():
         write_yaml(run_dir.config, cfg.to_dict())
         write_text(run_dir.folds_sha256, folds_hash + "\n")
+    rows, targets = add_pseudo(cfg, df, classes)
     cache = _cache(cfg, df)
     stop_restore = StopRequested.install()
     try:
         for k in fold_ids:
             t0 = time.perf_counter()
-            train_fold(cfg, k, df, classes, device, cache)
+            train_fold(cfg, k, rows, classes, device, cache, targets)
             _record(cfg, k, wall_s=time.perf_counter() - t0)
     except Interrupted as e:
         raise Interrupted(e.signum, dist.is_main()) from None
@@ -183,7 +192,7 @@ class Fold:
 
 
 def train_fold(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device: torch.device,
-               cache: np.ndarray | None) -> None:
+               cache: np.ndarray | None, targets: np.ndarray | None = None) -> None:
     fdir = paths.run_dir(cfg).fold(k)
     if dist.is_main():  # temporaries of a write that a SIGKILL cut short; the real files are intact
         for stale in fdir.root.glob(".*.tmp"):
@@ -193,7 +202,7 @@ def train_fold(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device
         if dist.is_main():
             console.print(f"fold {k}: finished earlier, skipped")
         return
-    fold, st = build_fold(cfg, k, df, classes, device, cache, ck)
+    fold, st = build_fold(cfg, k, df, classes, device, cache, ck, targets)
     fit(fold, st)
     dist.barrier()  # rank 0 has written best.pt: every rank may read it now
     choose_weights(fold, st)
@@ -201,8 +210,10 @@ def train_fold(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device
 
 
 def build_fold(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device: torch.device,
-               cache: np.ndarray | None, ck: dict[str, Any] | None) -> tuple[Fold, FoldState]:
-    """Model, loaders, optimiser and schedule for fold k; the state restored from `ck` (last.pt) if given."""
+               cache: np.ndarray | None, ck: dict[str, Any] | None,
+               targets: np.ndarray | None = None) -> tuple[Fold, FoldState]:
+    """Model, loaders, optimiser and schedule for fold k; the state restored from `ck` (last.pt) if given.
+    `targets` (N, K): probability targets for the training rows (data.pseudo), else the labels' classes."""
     t, d = cfg.train, cfg.data
     seed_everything(t.seed + k)
     model, data_cfg = _model(cfg, len(classes), device)
@@ -230,8 +241,10 @@ def build_fold(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device
     else:
         tf_train = transforms.build_train(d.aug, size, hflip=d.hflip)
         tf_train.set_random_seed(t.seed + k)
-        loader = make_loader(ImageDataset(files, y, tf_train, cache), sampler, d.batch_size, d.num_workers,
-                             t.seed + k, pin, drop_last)
+        train_ds: Any = ImageDataset(files, y, tf_train, cache)
+        if targets is not None:
+            train_ds = SoftTargets(train_ds, targets)
+        loader = make_loader(train_ds, sampler, d.batch_size, d.num_workers, t.seed + k, pin, drop_last)
         prepare = normalize
     val_sampler = EpochSampler(val_rows, 0, shuffle=False, rank=dist.rank(), world=dist.world(), pad=False)
     if cache is not None:  # cached rows are already the eval pixels (same INTER_AREA resize), if the size matches
@@ -399,6 +412,7 @@ def run_full(cfg: Config) -> dict[str, Any]:
 def _run_full(cfg: Config, device: torch.device) -> dict[str, Any]:
     df, classes = load_fold_table(cfg)
     epochs, source = full_epochs(cfg)
+    rows, targets = add_pseudo(cfg, df, classes, paths.full_run_dir(cfg))
     d = cfg.to_dict()
     fcfg = validate_config({**d, "name": cfg.name + paths.FULL_SUFFIX, "train": {**d["train"], "epochs": epochs}})
     run = paths.full_run_dir(cfg)
@@ -409,7 +423,7 @@ def _run_full(cfg: Config, device: torch.device) -> dict[str, Any]:
     write_text(run.folds_sha256, hashlib.sha256(paths.folds_csv(cfg).read_bytes()).hexdigest() + "\n")
     console.print(f"[bold]full-data fit[/]: {len(df)} images, {epochs} epochs ({source})")
     # Every row trains: fold -1 matches none of the folds file's folds, so no row is held out.
-    fold, st = build_fold(fcfg, FULL, df, classes, device, _cache(fcfg, df), None)
+    fold, st = build_fold(fcfg, FULL, rows, classes, device, _cache(fcfg, df), None, targets)
     fold.dir = run.full
     stop_restore = StopRequested.install()
     try:
@@ -441,6 +455,36 @@ def _run_full(cfg: Config, device: torch.device) -> dict[str, Any]:
     write_json(run.cv, result)
     console.print(f"[bold green]full-data model[/] written to {fold.dir.best} (no CV of its own: every row trained)")
     return result
+
+
+# ------------------------------------------------------------------ pseudo-labels
+
+
+def add_pseudo(cfg: Config, df: pd.DataFrame, classes: list[str],
+               run: paths.RunDir | None = None) -> tuple[pd.DataFrame, np.ndarray | None]:
+    """The rows to train on (the fold table, plus data.pseudo's test rows in fold PSEUDO_FOLD, never a
+    validation fold) and their probability targets; (df, None) without data.pseudo. Records the file used."""
+    d, t = cfg.data, cfg.train
+    if d.pseudo is None:
+        return df, None
+    if d.cache or d.batch_aug:
+        raise KpipeError("data.pseudo with data.cache / data.batch_aug: the cache holds the train images only. "
+                         "Add data.cache=false data.batch_aug=false.")
+    if t.mixup_alpha > 0 or t.cutmix_alpha > 0:
+        raise KpipeError("data.pseudo with mixup/cutmix: pseudo rows train on probability targets, which "
+                         "timm's Mixup does not take. Set train.mixup_alpha=0 train.cutmix_alpha=0.")
+    path = Path(d.pseudo)
+    table = pseudo.read_pseudo(path, classes)
+    test = ingest.load_test(cfg)
+    rows, targets = pseudo.with_pseudo(df, table, test.set_index("id")["path"], classes, d.pseudo_weight)
+    if dist.is_main():
+        write_json((run or paths.run_dir(cfg)).pseudo_json,
+                   {"file": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                    "n_rows": len(table), "weight": d.pseudo_weight,
+                    "note": "pseudo rows train in every fold and are never validated; CV is on labelled rows only"})
+        console.print(f"data.pseudo: {len(table)} pseudo-labelled test images from {path} join every fold's "
+                      f"training rows (weight {d.pseudo_weight}); validation stays on labelled rows")
+    return rows, targets
 
 
 # ------------------------------------------------------------------ helpers
