@@ -144,7 +144,10 @@ class DataConfig(Section):
 class TrainConfig(Section):
     epochs: int = Field(10, ge=1)
     folds: list[int] | None = None  # default: every fold in the folds file
-    full_epochs: int | None = Field(None, ge=1)  # `kpipe train --full`; default: the CV run's mean best epoch
+    full_epochs: int | None = Field(None, ge=1)
+    teacher: str | None = None  # run folder: fold k's student learns from the teacher's own fold<k>/best.pt
+    distill_temperature: float = Field(1.0, gt=0)  # softens the teacher's probabilities: p^(1/T), renormalised
+    distill_weight: float = Field(0.5, ge=0, le=1)  # target = (1 - w) x label + w x softened teacher  # `kpipe train --full`; default: the CV run's mean best epoch
     optimizer: Annotated[str, Choice(OPTIMIZERS)] = "adamw"  # kpipe.nn.optim
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = 1e-4

@@ -116,6 +116,11 @@ class FoldDir:
         return self.root / "train.log"
 
     @property
+    def teacher_json(self) -> Path:
+        """train.teacher: which teacher checkpoint gave this fold's soft targets."""
+        return self.root / "teacher.json"
+
+    @property
     def weights_json(self) -> Path:
         """Which weights best.pt holds (raw / ema / swa) and each candidate's validation score."""
         return self.root / "weights.json"

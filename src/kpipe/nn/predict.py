@@ -56,18 +56,10 @@ def load_run(run: str, classes: list[str], device: torch.device) -> RunModels:
     if not ckpts:
         raise KpipeError(f"{run}: no fold<k>/best.pt or full/best.pt. Train the run first (kpipe train), "
                          "or leave it out of infer.runs.")
-    mcfg = rcfg.model.model_copy(update={"pretrained": False, "weights": None})
     channels_last = device.type == "cuda" and rcfg.train.channels_last
     out = RunModels(run, rcfg, [], [], {})
     for path in ckpts:
-        ck = load_checkpoint(path)
-        if list(ck.get("classes", [])) != classes:
-            raise KpipeError(
-                f"{path}: trained on classes {preview(list(ck.get('classes', [])))}, but {paths.classes_json(rcfg)} "
-                f"now lists {preview(classes)}. The folds were rebuilt after training (relabel?): re-train this run.")
-        model = models.create_from_config(mcfg, len(classes))
-        model.load_state_dict(ck["model"])
-        dc = data_config(ck, model, rcfg)
+        model, dc = load_model(path, rcfg, classes)
         if out.data_cfg and dc != out.data_cfg:
             raise KpipeError(f"{path}: preprocessing {dc} differs from fold {out.folds[0]}'s {out.data_cfg}; "
                              "the folds of one run must share it. Re-train the odd fold.")
@@ -76,6 +68,20 @@ def load_run(run: str, classes: list[str], device: torch.device) -> RunModels:
         out.folds.append(fold_of(path))
         out.data_cfg = dc
     return out
+
+
+def load_model(path: Path, rcfg: Config, classes: list[str]) -> tuple[nn.Module, dict[str, Any]]:
+    """One best.pt built from its run's config `rcfg` (no download), checked against `classes`: (model on the
+    CPU, its preprocessing)."""
+    ck = load_checkpoint(path)
+    if list(ck.get("classes", [])) != classes:
+        raise KpipeError(
+            f"{path}: trained on classes {preview(list(ck.get('classes', [])))}, but {paths.classes_json(rcfg)} "
+            f"now lists {preview(classes)}. The folds were rebuilt after training (relabel?): re-train this run.")
+    model = models.create_from_config(rcfg.model.model_copy(update={"pretrained": False, "weights": None}),
+                                      len(classes))
+    model.load_state_dict(ck["model"])
+    return model, data_config(ck, model, rcfg)
 
 
 def data_config(ck: dict[str, Any], model: nn.Module, rcfg: Config) -> dict[str, Any]:

@@ -49,7 +49,7 @@ from kpipe.errors import Interrupted, KpipeError
 from kpipe.eval import metrics, reports
 from kpipe.eval.oof import frame, parse, write_oof
 from kpipe.io import read_csv_ids, write_csv, write_json, write_text, write_yaml
-from kpipe.nn import dist, models
+from kpipe.nn import dist, distill, models
 from kpipe.nn.average import WeightAverage
 from kpipe.nn.engine import (
     FoldState,
@@ -202,6 +202,7 @@ def train_fold(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device
         if dist.is_main():
             console.print(f"fold {k}: finished earlier, skipped")
         return
+    targets = distill_targets(cfg, k, df, classes, device, targets)
     fold, st = build_fold(cfg, k, df, classes, device, cache, ck, targets)
     fit(fold, st)
     dist.barrier()  # rank 0 has written best.pt: every rank may read it now
@@ -397,6 +398,9 @@ def full_epochs(cfg: Config) -> tuple[int, str]:
 
 def run_full(cfg: Config) -> dict[str, Any]:
     """Train on every usable row -> runs/<exp>_full/full/{best.pt,last.pt,metrics.csv}, cv.json saying no CV."""
+    if cfg.train.teacher is not None:
+        raise KpipeError("train.teacher with --full: distillation takes fold k's targets from the teacher's fold k "
+                         "model, and the full-data fit has no fold. Drop train.teacher for --full.")
     if cfg.train.swa:
         raise KpipeError("train.swa=true with --full: there are no validation images to choose between raw and "
                          "averaged weights on. Add train.swa=false.")
@@ -485,6 +489,44 @@ def add_pseudo(cfg: Config, df: pd.DataFrame, classes: list[str],
         console.print(f"data.pseudo: {len(table)} pseudo-labelled test images from {path} join every fold's "
                       f"training rows (weight {d.pseudo_weight}); validation stays on labelled rows")
     return rows, targets
+
+
+# ------------------------------------------------------------------ distillation
+
+
+def distill_targets(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device: torch.device,
+                    targets: np.ndarray | None) -> np.ndarray | None:
+    """With train.teacher, fold k's training targets: each labelled training row's label mixed with the
+    teacher's fold-k model's softened probabilities (kpipe.nn.distill); pseudo rows keep theirs. Records the
+    checkpoint in fold<k>/teacher.json."""
+    t, d = cfg.train, cfg.data
+    if t.teacher is None:
+        return targets
+    if d.batch_aug or t.mixup_alpha > 0 or t.cutmix_alpha > 0:
+        raise KpipeError("train.teacher with data.batch_aug or mixup/cutmix: the student trains on probability "
+                         "targets, which those do not take. Add data.batch_aug=false train.mixup_alpha=0 "
+                         "train.cutmix_alpha=0.")
+    teacher = paths.RunDir(Path(t.teacher))
+    here = hashlib.sha256(paths.folds_csv(cfg).read_bytes()).hexdigest()
+    if not teacher.folds_sha256.is_file() or teacher.folds_sha256.read_text().strip() != here:
+        raise KpipeError(f"train.teacher: {teacher.root} was not trained on {paths.folds_csv(cfg)} as it is now "
+                         "(folds.sha256 differs or is missing): its fold k model may have trained on this fold's "
+                         "validation rows. Use a teacher trained on these folds.")
+    if targets is None:
+        targets = np.eye(len(classes), dtype=np.float32)[df["y"].to_numpy()]
+    fold = df["fold"].to_numpy()
+    rows = np.flatnonzero((fold >= 0) & (fold != k))  # labelled training rows: never fold k's, never pseudo
+    probs, ckpt = distill.teacher_probs(str(teacher.root), k, df["path"].to_numpy()[rows].tolist(), classes,
+                                        device, d.batch_size, d.num_workers)
+    out = targets.copy()
+    out[rows] = distill.mix(targets[rows], distill.soften(probs, t.distill_temperature), t.distill_weight)
+    if dist.is_main():
+        write_json(paths.run_dir(cfg).fold(k).teacher_json,
+                   {"checkpoint": str(ckpt), "sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest(),
+                    "n_rows": len(rows), "temperature": t.distill_temperature, "weight": t.distill_weight})
+        console.print(f"fold {k}: soft targets for {len(rows)} training rows from {ckpt} "
+                      f"(T={t.distill_temperature:g}, weight {t.distill_weight:g})")
+    return out
 
 
 # ------------------------------------------------------------------ helpers
