@@ -242,3 +242,18 @@ def test_unknown_method_and_single_fold_fail_clearly(tmp_path: Path) -> None:
         ensemble.run(_cfg(tmp_path), [str(run)], tmp_path / "w.json", method="caruana")
     with pytest.raises(KpipeError, match="at least 2 folds"):
         blend_lib.nested(_fixed_members(), Y, np.zeros(6), "accuracy", "mean", blend_lib.fitter("weights", "accuracy", "mean"))
+
+
+def test_blended_oof_for_relabel_from_runs_or_an_ensemble(tmp_path: Path, runs) -> None:
+    a, b, _, _ = runs
+    ref, members = oof_lib.load_members([str(a), str(b)], include_tta=True)
+    oof = blend_lib.blended_oof([str(a), str(b)])  # every view of every run, equal weights
+    np.testing.assert_allclose(oof.probs, np.mean([m.probs for m in members], axis=0))
+    assert oof.ids == ref.ids and oof.labels == ref.labels and oof.folds is not None
+    rep = ensemble.run(_cfg(tmp_path), [str(a), str(b)], tmp_path / "w.json", include_tta=True)
+    from_json = blend_lib.blended_oof([str(tmp_path / "w.json")])  # the ensemble's own weights
+    w = np.array([m["weight"] for m in rep["members"]])
+    np.testing.assert_allclose(from_json.probs, blend_lib.blend([m.probs for m in members], w))
+    ensemble.run(_cfg(tmp_path), [str(a), str(b)], tmp_path / "r.json", method="rank_mean")
+    with pytest.raises(KpipeError, match="ranks, not probabilities"):
+        blend_lib.blended_oof([str(tmp_path / "r.json")])

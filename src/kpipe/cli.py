@@ -96,6 +96,8 @@ def _relabel(args: argparse.Namespace) -> int:
     from kpipe.stages import relabel
 
     cfg, run_dir = config_from(args), args.run
+    if args.sources and (run_dir or args.quick):
+        raise KpipeError("--from blends the OOF of the runs it names; leave out --run and --quick.")
     if args.quick:  # no run yet: train a small CV model first, then read its OOF
         if run_dir is not None:
             raise KpipeError("--quick trains its own run; leave out --run (or leave out --quick to use that run).")
@@ -107,7 +109,7 @@ def _relabel(args: argparse.Namespace) -> int:
                       f"{qcfg.train.epochs} epochs on every fold -> {safe(paths.run_dir(qcfg).root)}")
         train.run(qcfg, resume=True)
         run_dir = paths.run_dir(qcfg).root
-    relabel.run(cfg, run_dir=run_dir, accept_above=args.accept_above, apply=args.apply)
+    relabel.run(cfg, run_dir=run_dir, accept_above=args.accept_above, apply=args.apply, sources=args.sources)
     return 0
 
 
@@ -256,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("relabel", _relabel, "suggest relabels from OOF predictions (confident learning); review; apply")
     _config_args(p)
     p.add_argument("--run", help="run folder whose oof.csv to use (default: runs/<exp>)")
+    p.add_argument("--from", dest="sources", nargs="+", default=None, metavar="RUN_OR_JSON",
+                   help="rank suspects on the blended OOF of these runs (all TTA views) or of an ensemble JSON")
     p.add_argument("--accept-above", type=float, default=None, metavar="SCORE",
                    help="accept suggestions whose score is at least SCORE")
     p.add_argument("--apply", action="store_true", help="build the cleaned labels folds/train read from now on")

@@ -15,8 +15,10 @@ Usage: ``result = fit([oof_a, oof_b], labels, "accuracy"); test = blend([test_a,
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from scipy.optimize import minimize
@@ -25,6 +27,7 @@ from scipy.stats import rankdata
 
 from kpipe.errors import KpipeError
 from kpipe.eval import metrics
+from kpipe.eval.oof import Oof, load_members
 from kpipe.nn.tta import aggregate
 
 EPS = 1e-15  # same clipping as metrics.score's log loss
@@ -248,3 +251,27 @@ def nested(oof_probs: list[np.ndarray], labels: np.ndarray, folds: np.ndarray, m
         out[te] = blend([p[te] for p in oof_probs], w, how)
         per_fold[f], weights[f] = metrics.score(metric, labels[te], out[te]), w
     return Nested(metrics.score(metric, labels, out), per_fold, weights, out)
+
+
+def blended_oof(sources: list[str], how: str = "mean") -> Oof:
+    """One OOF table from several runs (every TTA view they have, equal weights) or from one ensemble JSON
+    (its members and weights): the best evidence for ranking label suspects. Members must share labels."""
+    if len(sources) == 1 and sources[0].endswith(".json"):
+        path = Path(sources[0])
+        if not path.is_file():
+            raise KpipeError(f"{path}: ensemble JSON not found. Write it with `kpipe ensemble` first.")
+        rep = json.loads(path.read_text(encoding="utf-8"))
+        wanted = {(m["run"], m["view"]): float(m["weight"]) for m in rep["members"] if float(m["weight"]) > 0}
+        ref, members = load_members(list(dict.fromkeys(r for r, _ in wanted)), include_tta=True)
+        have = {(mb.run, mb.view): mb.probs for mb in members}
+        missing = [f"{r} [{v}]" for r, v in wanted if (r, v) not in have]
+        if missing:
+            raise KpipeError(f"{path}: members {missing[:3]} have no OOF file now. Re-run `kpipe ensemble`.")
+        probs, weights, how = [have[k] for k in wanted], np.array(list(wanted.values())), rep.get("how", how)
+    else:
+        ref, members = load_members(sources, include_tta=True)
+        probs, weights = [mb.probs for mb in members], np.ones(len(members))
+    if how == RANK_MEAN:
+        raise KpipeError("a rank_mean blend gives ranks, not probabilities, and confident learning reads "
+                         "probabilities: pass the runs themselves (kpipe relabel --from runs/a runs/b).")
+    return Oof(ref.ids, ref.labels, ref.classes, blend(probs, weights, how), ref.folds)
