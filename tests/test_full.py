@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -14,6 +15,7 @@ from conftest import tiny_config, write_competition
 from kpipe import paths
 from kpipe.data.folds import load_fold_table
 from kpipe.errors import KpipeError
+from kpipe.eval import runs_table
 from kpipe.nn import predict
 from kpipe.stages import folds, infer, train
 
@@ -58,7 +60,9 @@ def test_full_run_trains_on_every_usable_id(tmp_path: Path, monkeypatch: pytest.
 
     run = paths.full_run_dir(cfg)
     saved = json.loads(run.cv.read_text())
-    assert saved["cv"] is None and saved["has_oof"] is False and saved["n_train"] == len(df)
+    assert "cv" not in saved and saved["has_oof"] is False and saved["n_train"] == len(df)
+    table = runs_table.build_table([runs_table.load_run(run)], pd.DataFrame())  # `kpipe runs` lists it, CV nan
+    assert np.isnan(table["cv"].iloc[0])
     assert not run.oof.exists() and run.full.best.is_file()
     rm = predict.load_run(str(run.root), ["cat", "dog", "fox"], torch.device("cpu"))
     assert rm.folds == [predict.FULL_FOLD]

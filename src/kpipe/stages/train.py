@@ -452,7 +452,8 @@ def _run_full(cfg: Config, device: torch.device) -> dict[str, Any]:
     kept = "ema" if st.ema is not None else "raw"
     final = st.ema.module if st.ema is not None else unwrap(st.model)
     save_checkpoint(fold.dir.best, fold.checkpoint(final.state_dict(), epoch=epochs, weights=kept))
-    result = {"metric": cfg.competition.metric, "cv": None, "has_oof": False, "full_data": True,
+    # No "cv" key at all: `kpipe runs` / `kpipe compare` show it as missing (nan), never as a number.
+    result = {"metric": cfg.competition.metric, "has_oof": False, "full_data": True, "complete": True,
               "n_train": len(df), "epochs": epochs, "epochs_from": source, "cv_run": str(paths.run_dir(cfg).root),
               "note": "trained on every usable row: no out-of-fold predictions, so no CV of its own; "
                       "judge it by its CV run's figure and by the leaderboard"}
