@@ -11,11 +11,15 @@ Usage: ``table = select(ids, probs, classes, 0.9, hard=False); rows, targets = w
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from kpipe.config import Config
+from kpipe.data import ingest
 from kpipe.errors import KpipeError, preview
 from kpipe.io import read_csv_ids
 
@@ -67,3 +71,22 @@ def with_pseudo(df: pd.DataFrame, pseudo: pd.DataFrame, test_paths: pd.Series, c
     targets = np.concatenate([np.eye(k)[df["y"].to_numpy()],
                               weight * pseudo[[f"p_{c}" for c in classes]].to_numpy(np.float64)])
     return rows, targets.astype(np.float32)
+
+
+def training_rows(cfg: Config, df: pd.DataFrame, classes: list[str]) -> tuple[pd.DataFrame, np.ndarray, dict[str, Any]]:
+    """data.pseudo read and appended to the fold table: (rows, targets, what the run records about the file)."""
+    d, t = cfg.data, cfg.train
+    if d.cache or d.batch_aug:
+        raise KpipeError("data.pseudo with data.cache / data.batch_aug: the cache holds the train images only. "
+                         "Add data.cache=false data.batch_aug=false.")
+    if t.mixup_alpha > 0 or t.cutmix_alpha > 0:
+        raise KpipeError("data.pseudo with mixup/cutmix: pseudo rows train on probability targets, which "
+                         "timm's Mixup does not take. Set train.mixup_alpha=0 train.cutmix_alpha=0.")
+    path = Path(str(d.pseudo))
+    table = read_pseudo(path, classes)
+    test = ingest.load_test(cfg)
+    rows, targets = with_pseudo(df, table, test.set_index("id")["path"], classes, d.pseudo_weight)
+    record = {"file": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "n_rows": len(table),
+              "weight": d.pseudo_weight,
+              "note": "pseudo rows train in every fold and are never validated; CV is on labelled rows only"}
+    return rows, targets, record

@@ -23,7 +23,6 @@ import json
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,7 +34,7 @@ from kpipe import paths
 from kpipe.config import Config, load_run_config
 from kpipe.config import validate as validate_config
 from kpipe.console import console
-from kpipe.data import ingest, pseudo, transforms
+from kpipe.data import pseudo, transforms
 from kpipe.data.folds import load_fold_table
 from kpipe.data.loader import (
     CachedBatches,
@@ -469,26 +468,13 @@ def add_pseudo(cfg: Config, df: pd.DataFrame, classes: list[str],
                run: paths.RunDir | None = None) -> tuple[pd.DataFrame, np.ndarray | None]:
     """The rows to train on (the fold table, plus data.pseudo's test rows in fold PSEUDO_FOLD, never a
     validation fold) and their probability targets; (df, None) without data.pseudo. Records the file used."""
-    d, t = cfg.data, cfg.train
-    if d.pseudo is None:
+    if cfg.data.pseudo is None:
         return df, None
-    if d.cache or d.batch_aug:
-        raise KpipeError("data.pseudo with data.cache / data.batch_aug: the cache holds the train images only. "
-                         "Add data.cache=false data.batch_aug=false.")
-    if t.mixup_alpha > 0 or t.cutmix_alpha > 0:
-        raise KpipeError("data.pseudo with mixup/cutmix: pseudo rows train on probability targets, which "
-                         "timm's Mixup does not take. Set train.mixup_alpha=0 train.cutmix_alpha=0.")
-    path = Path(d.pseudo)
-    table = pseudo.read_pseudo(path, classes)
-    test = ingest.load_test(cfg)
-    rows, targets = pseudo.with_pseudo(df, table, test.set_index("id")["path"], classes, d.pseudo_weight)
+    rows, targets, record = pseudo.training_rows(cfg, df, classes)
     if dist.is_main():
-        write_json((run or paths.run_dir(cfg)).pseudo_json,
-                   {"file": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-                    "n_rows": len(table), "weight": d.pseudo_weight,
-                    "note": "pseudo rows train in every fold and are never validated; CV is on labelled rows only"})
-        console.print(f"data.pseudo: {len(table)} pseudo-labelled test images from {path} join every fold's "
-                      f"training rows (weight {d.pseudo_weight}); validation stays on labelled rows")
+        write_json((run or paths.run_dir(cfg)).pseudo_json, record)
+        console.print(f"data.pseudo: {record['n_rows']} pseudo-labelled test images from {record['file']} join "
+                      f"every fold's training rows (weight {record['weight']}); validation stays on labelled rows")
     return rows, targets
 
 
@@ -497,36 +483,15 @@ def add_pseudo(cfg: Config, df: pd.DataFrame, classes: list[str],
 
 def distill_targets(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device: torch.device,
                     targets: np.ndarray | None) -> np.ndarray | None:
-    """With train.teacher, fold k's training targets: each labelled training row's label mixed with the
-    teacher's fold-k model's softened probabilities (kpipe.nn.distill); pseudo rows keep theirs. Records the
-    checkpoint in fold<k>/teacher.json."""
-    t, d = cfg.train, cfg.data
-    if t.teacher is None:
+    """With train.teacher, fold k's training targets from the teacher's own fold-k model (kpipe.nn.distill);
+    records the checkpoint in fold<k>/teacher.json."""
+    if cfg.train.teacher is None:
         return targets
-    if d.batch_aug or t.mixup_alpha > 0 or t.cutmix_alpha > 0:
-        raise KpipeError("train.teacher with data.batch_aug or mixup/cutmix: the student trains on probability "
-                         "targets, which those do not take. Add data.batch_aug=false train.mixup_alpha=0 "
-                         "train.cutmix_alpha=0.")
-    teacher = paths.RunDir(Path(t.teacher))
-    here = hashlib.sha256(paths.folds_csv(cfg).read_bytes()).hexdigest()
-    if not teacher.folds_sha256.is_file() or teacher.folds_sha256.read_text().strip() != here:
-        raise KpipeError(f"train.teacher: {teacher.root} was not trained on {paths.folds_csv(cfg)} as it is now "
-                         "(folds.sha256 differs or is missing): its fold k model may have trained on this fold's "
-                         "validation rows. Use a teacher trained on these folds.")
-    if targets is None:
-        targets = np.eye(len(classes), dtype=np.float32)[df["y"].to_numpy()]
-    fold = df["fold"].to_numpy()
-    rows = np.flatnonzero((fold >= 0) & (fold != k))  # labelled training rows: never fold k's, never pseudo
-    probs, ckpt = distill.teacher_probs(str(teacher.root), k, df["path"].to_numpy()[rows].tolist(), classes,
-                                        device, d.batch_size, d.num_workers)
-    out = targets.copy()
-    out[rows] = distill.mix(targets[rows], distill.soften(probs, t.distill_temperature), t.distill_weight)
+    out, record = distill.fold_targets(cfg, k, df, classes, device, targets)
     if dist.is_main():
-        write_json(paths.run_dir(cfg).fold(k).teacher_json,
-                   {"checkpoint": str(ckpt), "sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest(),
-                    "n_rows": len(rows), "temperature": t.distill_temperature, "weight": t.distill_weight})
-        console.print(f"fold {k}: soft targets for {len(rows)} training rows from {ckpt} "
-                      f"(T={t.distill_temperature:g}, weight {t.distill_weight:g})")
+        write_json(paths.run_dir(cfg).fold(k).teacher_json, record)
+        console.print(f"fold {k}: soft targets for {record['n_rows']} training rows from {record['checkpoint']} "
+                      f"(T={record['temperature']:g}, weight {record['weight']:g})")
     return out
 
 
