@@ -122,8 +122,8 @@ def test_run_aligns_writes_json_and_recomputes_cv(tmp_path: Path, runs) -> None:
     np.testing.assert_allclose(members[2].probs, pb)  # b realigned to a's rows and class order
     y = np.array([CLASSES.index(lbl) for lbl in ref.labels])
     w = np.array([m["weight"] for m in saved["members"]])
-    assert saved["cv_blend"] == metrics.score("accuracy", y, blend_lib.blend([m.probs for m in members], w))
-    assert saved["cv_blend"] >= max(m["cv"] for m in saved["members"])
+    assert saved["cv_in_sample"] == metrics.score("accuracy", y, blend_lib.blend([m.probs for m in members], w))
+    assert saved["cv_in_sample"] >= max(m["cv"] for m in saved["members"])
 
 
 def test_run_without_tta_uses_oof_only(tmp_path: Path, runs) -> None:
@@ -146,7 +146,114 @@ def test_mismatched_ids_and_classes_fail_clearly(tmp_path: Path, runs) -> None:
         oof_lib.load_members([str(a), str(d)], include_tta=False)
     e = tmp_path / "runs" / "e"
     _write_oof(e, ids, ["cat"] * len(ids), np.full((len(ids), 3), 1 / 3), CLASSES)
-    with pytest.raises(KpipeError, match="labels differ"):
+    with pytest.raises(KpipeError, match="labels differ") as err:
         oof_lib.load_members([str(a), str(e)], include_tta=False)
+    msg = str(err.value)  # names both runs' files and which label each was trained on
+    assert str(a / "oof.csv") in msg and str(e / "oof.csv") in msg and "different label sets" in msg
+    assert "'cat' here" in msg
     with pytest.raises(KpipeError, match="no out-of-fold predictions"):
         oof_lib.load_members([str(tmp_path / "nope")], include_tta=False)
+
+
+# ------------------------------------------------------------------ honest blends: hill climbing, nested CV
+
+# Three members, two classes, three folds of two rows. Member i is wrong (p_true 0.2) on the first row of
+# fold i and right (p_true 0.9) everywhere else, so any two members outvote the third's mistake.
+FOLDS = np.array([0, 0, 1, 1, 2, 2])
+Y = np.array([0, 1, 0, 1, 0, 1])
+
+
+def _fixed_members() -> list[np.ndarray]:
+    out = []
+    for i in range(3):
+        p_true = np.full(6, 0.9)
+        p_true[2 * i] = 0.2
+        p = np.empty((6, 2))
+        p[np.arange(6), Y] = p_true
+        p[np.arange(6), 1 - Y] = 1 - p_true
+        out.append(p)
+    return out
+
+
+def test_hill_climb_adds_members_by_gain() -> None:
+    # In-sample: all three tie at 5/6; blending all three (equal counts) gets every row right.
+    fit = blend_lib.hill_climb(_fixed_members(), Y, "accuracy")
+    np.testing.assert_allclose(fit.weights, [1 / 3, 1 / 3, 1 / 3])
+    assert fit.cv == 1.0
+
+
+def test_nested_blend_cv_equals_the_hand_computation() -> None:
+    members = _fixed_members()
+    fit_fn = blend_lib.fitter("hill_climb", "accuracy", "mean")
+    nested = blend_lib.nested(members, Y, FOLDS, "accuracy", "mean", fit_fn)
+    # By hand: without fold f's rows, member f is the only one with no mistake (4/4, the others 3/4), and
+    # adding any other member keeps 4/4 but raises the log loss, so the climb stops at member f alone.
+    # Scored on fold f, member f gets its first row wrong and its second right: 1/2 on every fold.
+    for f in range(3):
+        np.testing.assert_allclose(nested.weights[f], np.eye(3)[f])
+        assert nested.per_fold[f] == 0.5
+    assert nested.cv == 0.5
+    hand = np.concatenate([members[f][FOLDS == f] for f in range(3)])
+    np.testing.assert_allclose(nested.probs, hand)
+
+
+def _write_fixed(run: Path, probs: np.ndarray) -> None:
+    ids = [f"r{i}" for i in range(6)]
+    df = pd.DataFrame({"id": ids, "fold": FOLDS, "label": [["no", "yes"][k] for k in Y]})
+    df["p_no"], df["p_yes"] = probs[:, 0], probs[:, 1]
+    run.mkdir(parents=True, exist_ok=True)
+    df.to_csv(run / "oof.csv", index=False)
+
+
+@pytest.mark.parametrize("method", blend_lib.METHODS)
+def test_stage_reports_nested_cv_beside_the_in_sample_one(tmp_path: Path, method: str) -> None:
+    runs = [tmp_path / "runs" / f"m{i}" for i in range(3)]
+    for run, probs in zip(runs, _fixed_members(), strict=True):
+        _write_fixed(run, probs)
+    rep = ensemble.run(_cfg(tmp_path), [str(r) for r in runs], tmp_path / "w.json", method=method)
+    assert rep["method"] == method
+    if method == "hill_climb":
+        assert rep["cv_in_sample"] == 1.0 and rep["cv_blend"] == 0.5
+        assert rep["cv_blend_per_fold"] == {"0": 0.5, "1": 0.5, "2": 0.5}
+    if method == "rank_mean":
+        assert rep["how"] == "rank_mean" and all(m["weight"] == pytest.approx(1 / 3) for m in rep["members"])
+    assert json.loads((tmp_path / "w.json").read_text())["cv_blend"] == rep["cv_blend"]
+
+
+def test_rank_mean_blend_is_a_distribution_of_column_ranks() -> None:
+    a = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]])
+    b = np.array([[0.5, 0.5], [0.7, 0.3], [0.1, 0.9]])
+    out = blend_lib.blend([a, b], np.ones(2), blend_lib.RANK_MEAN)
+    np.testing.assert_allclose(out.sum(axis=1), 1.0)
+    ranks = (np.array([[3, 1], [2, 2], [1, 3]]) + np.array([[2, 2], [3, 1], [1, 3]])) / 3 / 2
+    np.testing.assert_allclose(out, ranks / ranks.sum(axis=1, keepdims=True))
+
+
+def test_cli_methods_match_the_library() -> None:
+    from kpipe.cli import ENSEMBLE_METHODS
+
+    assert tuple(ENSEMBLE_METHODS) == blend_lib.METHODS
+
+
+def test_unknown_method_and_single_fold_fail_clearly(tmp_path: Path) -> None:
+    run = tmp_path / "runs" / "one"
+    _write_fixed(run, _fixed_members()[0])
+    with pytest.raises(KpipeError, match="unknown method 'caruana'"):
+        ensemble.run(_cfg(tmp_path), [str(run)], tmp_path / "w.json", method="caruana")
+    with pytest.raises(KpipeError, match="at least 2 folds"):
+        blend_lib.nested(_fixed_members(), Y, np.zeros(6), "accuracy", "mean", blend_lib.fitter("weights", "accuracy", "mean"))
+
+
+def test_blended_oof_for_relabel_from_runs_or_an_ensemble(tmp_path: Path, runs) -> None:
+    a, b, _, _ = runs
+    ref, members = oof_lib.load_members([str(a), str(b)], include_tta=True)
+    oof = blend_lib.blended_oof([str(a), str(b)])  # every view of every run, equal weights
+    np.testing.assert_allclose(oof.probs, np.mean([m.probs for m in members], axis=0))
+    assert oof.ids == ref.ids and oof.labels == ref.labels and oof.folds is not None
+    rep = ensemble.run(_cfg(tmp_path), [str(a), str(b)], tmp_path / "w.json", include_tta=True)
+    from_json = blend_lib.blended_oof([str(tmp_path / "w.json")])  # the ensemble's own weights
+    w = np.array([m["weight"] for m in rep["members"]])
+    np.testing.assert_allclose(from_json.probs, blend_lib.blend([m.probs for m in members], w))
+    ensemble.run(_cfg(tmp_path), [str(a), str(b)], tmp_path / "r.json", method="rank_mean")
+    with pytest.raises(KpipeError, match="ranks, not probabilities"):
+        blend_lib.blended_oof([str(tmp_path / "r.json")])

@@ -131,6 +131,9 @@ def test_class_prior_and_blend() -> None:
     np.testing.assert_allclose(infer.blend_members(members, "mean", None), [[0.5, 0.5], [0.5, 0.5]], atol=1e-7)
     w = infer.blend_members(members, "mean", {("r1", "identity"): 0.0, ("r2", "identity"): 1.0})
     np.testing.assert_array_equal(w, q.astype(np.float64))
+    # A rank_mean ensemble: folds are averaged as probabilities, then the runs' column ranks are blended.
+    r = infer.blend_members(members, "rank_mean", {("r1", "identity"): 0.5, ("r2", "identity"): 0.5})
+    np.testing.assert_allclose(r, [[0.5, 0.5], [0.5, 0.5]])
 
 
 def test_oof_tta_writes_one_file_per_view(tmp_path: Path) -> None:

@@ -326,3 +326,25 @@ def test_quick_trains_a_small_model_then_suggests(tmp_path: Path, monkeypatch: p
     assert cli.main(["relabel", "--quick"]) == 0
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in checkpoints} == before
     assert cli.main(["relabel", "--quick", "--run", str(quick_run)]) == 2  # --quick trains its own run
+
+
+def test_from_ranks_suspects_on_the_blended_oof(tmp_path: Path) -> None:
+    cfg, _ = _stage(tmp_path, False)
+    run = paths.run_dir(cfg).root
+    oof = read_csv_ids(run / "oof.csv")
+    pcols = [c for c in oof.columns if c.startswith("p_")]
+    planted = set(load_train(cfg).df.groupby("label").head(1)["id"])
+    other = tmp_path / "runs" / "other"  # a second model, sure of every given label: the planted rows look right
+    calm = oof.copy()
+    classes = [c[2:] for c in pcols]
+    calm[pcols] = np.where(np.array(classes)[None, :] == calm["label"].to_numpy()[:, None], 0.9, 0.05)
+    write_csv(other / "oof.csv", calm)
+    single = relabel.run(cfg)
+    (paths.work_dir(cfg) / "relabels.csv").unlink()
+    both = relabel.run(cfg, sources=[str(run), str(other)])
+    assert set(single["id"].head(3)) == planted
+    assert set(both["id"]) < set(single["id"])  # the second model's evidence clears some suspects
+    calm.loc[0, "label"] = next(c for c in classes if c != calm.loc[0, "label"])  # another label set: refused
+    write_csv(other / "oof.csv", calm)
+    with pytest.raises(KpipeError, match="different label sets"):
+        relabel.run(cfg, sources=[str(run), str(other)])

@@ -22,6 +22,8 @@ from kpipe.console import console, err_console, safe, setup_logging
 from kpipe.errors import Interrupted, KpipeError
 
 DEMO_EXP = "configs/exp/demo.yaml"
+# kpipe.eval.blend.METHODS, spelled here so that `import kpipe.cli` never imports torch (a test keeps them equal)
+ENSEMBLE_METHODS = ["weights", "hill_climb", "rank_mean"]
 
 
 def resolve_comp(comp: str | None) -> str | None:
@@ -92,6 +94,9 @@ def _train(args: argparse.Namespace) -> int:
         return launch.torchrun(args.gpus, args.argv)
     from kpipe.stages import train
 
+    if args.full:
+        train.run_full(config_from(args))
+        return 0
     train.run(config_from(args), resume=args.resume)
     return 0
 
@@ -100,6 +105,8 @@ def _relabel(args: argparse.Namespace) -> int:
     from kpipe.stages import relabel
 
     cfg, run_dir = config_from(args), args.run
+    if args.sources and (run_dir or args.quick):
+        raise KpipeError("--from blends the OOF of the runs it names; leave out --run and --quick.")
     if args.quick:  # no run yet: train a small CV model first, then read its OOF
         if run_dir is not None:
             raise KpipeError("--quick trains its own run; leave out --run (or leave out --quick to use that run).")
@@ -111,7 +118,7 @@ def _relabel(args: argparse.Namespace) -> int:
                       f"{qcfg.train.epochs} epochs on every fold -> {safe(paths.run_dir(qcfg).root)}")
         train.run(qcfg, resume=True)
         run_dir = paths.run_dir(qcfg).root
-    relabel.run(cfg, run_dir=run_dir, accept_above=args.accept_above, apply=args.apply)
+    relabel.run(cfg, run_dir=run_dir, accept_above=args.accept_above, apply=args.apply, sources=args.sources)
     return 0
 
 
@@ -146,7 +153,15 @@ def _oof_tta(args: argparse.Namespace) -> int:
 def _ensemble(args: argparse.Namespace) -> int:
     from kpipe.stages import ensemble
 
-    ensemble.run(config_from(args), run_dirs=args.runs, out=args.out, include_tta=not args.no_tta)
+    ensemble.run(config_from(args), run_dirs=args.runs, out=args.out, include_tta=not args.no_tta,
+                 method=args.method)
+    return 0
+
+
+def _pseudo(args: argparse.Namespace) -> int:
+    from kpipe.stages import pseudo
+
+    pseudo.run(config_from(args), args.source, threshold=args.threshold, hard=args.hard, out=args.out)
     return 0
 
 
@@ -278,12 +293,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", _train, "train the experiment's folds; writes runs/<exp>/")
     _config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from each fold's last.pt")
+    p.add_argument("--full", action="store_true",
+                   help="train one model on every usable row -> runs/<exp>_full/ (no OOF, no CV of its own); "
+                        "epochs: train.full_epochs or the mean best epoch of runs/<exp>")
     p.add_argument("--gpus", type=int, default=0, help="launch DDP over N GPUs via torchrun (same command)")
     p.add_argument("--fold-per-gpu", action="store_true", help="train one fold per visible GPU, in parallel")
 
     p = add("relabel", _relabel, "suggest relabels from OOF predictions (confident learning); review; apply")
     _config_args(p)
     p.add_argument("--run", help="run folder whose oof.csv to use (default: runs/<exp>)")
+    p.add_argument("--from", dest="sources", nargs="+", default=None, metavar="RUN_OR_JSON",
+                   help="rank suspects on the blended OOF of these runs (all TTA views) or of an ensemble JSON")
     p.add_argument("--accept-above", type=float, default=None, metavar="SCORE",
                    help="accept suggestions whose score is at least SCORE")
     p.add_argument("--apply", action="store_true", help="build the cleaned labels folds/train read from now on")
@@ -311,6 +331,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", nargs="+", required=True, help="run folders to blend")
     p.add_argument("--out", default=None, help="weights JSON (default: runs/ensembles/<exp>.json)")
     p.add_argument("--no-tta", action="store_true", help="blend runs only, not their TTA views")
+    p.add_argument("--method", default="weights", choices=ENSEMBLE_METHODS,
+                   help="weights: fitted weights; hill_climb: Caruana selection; rank_mean: rank averaging")
+
+    p = add("pseudo", _pseudo, "pseudo-label test images from `kpipe infer`'s predictions (data.pseudo)")
+    _config_args(p)
+    p.add_argument("--from", dest="source", required=True,
+                   help="predictions folder of `kpipe infer` on a run or an ensemble (predictions/<name>)")
+    p.add_argument("--threshold", type=float, default=0.9, help="keep rows whose top probability is at least this")
+    p.add_argument("--hard", action="store_true", help="one-hot labels instead of the soft probabilities")
+    p.add_argument("--out", default=None, help="CSV to write (default: data/<comp>/pseudo/<name>.csv)")
 
     p = add("package", _package, "the runs infer uses as a Kaggle dataset: safetensors weights, configs, "
                                  "a kpipe wheel, manifest -> package/<name>/")

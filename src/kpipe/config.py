@@ -167,6 +167,8 @@ class DataConfig(Section):
     # none | weighted (each class equally likely) | oversample / undersample (to the mean class count)
     sampling: Literal["none", "weighted", "oversample", "undersample"] = "none"  # kpipe.data.loader.SAMPLINGS
     balanced_sampling: bool = False  # the older spelling of sampling=weighted
+    pseudo: str | None = None  # `kpipe pseudo`'s CSV: test images added to every fold's training rows only
+    pseudo_weight: float = Field(1.0, gt=0)  # each pseudo row's loss weight (labelled rows weigh 1)
 
     @model_validator(mode="after")
     def _one_sampling(self) -> DataConfig:
@@ -186,6 +188,10 @@ class DataConfig(Section):
 class TrainConfig(Section):
     epochs: int = Field(10, ge=1)
     folds: list[int] | None = None  # default: every fold in the folds file
+    full_epochs: int | None = Field(None, ge=1)
+    teacher: str | None = None  # run folder: fold k's student learns from the teacher's own fold<k>/best.pt
+    distill_temperature: float = Field(1.0, gt=0)  # softens the teacher's probabilities: p^(1/T), renormalised
+    distill_weight: float = Field(0.5, ge=0, le=1)  # target = (1 - w) x label + w x softened teacher  # `kpipe train --full`; default: the CV run's mean best epoch
     optimizer: Annotated[str, Choice(OPTIMIZERS)] = "adamw"  # kpipe.nn.optim
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = 1e-4
@@ -200,6 +206,8 @@ class TrainConfig(Section):
     cutmix_alpha: float = 0.0
     ema: bool = False
     ema_decay: float = 0.999
+    swa: bool = False  # also average the end-of-epoch weights of the last swa_epochs epochs (kpipe.nn.average)
+    swa_epochs: int = Field(3, ge=1)
     accum_steps: int = 1
     clip_grad: float | None = None
     early_stop_patience: int | None = None

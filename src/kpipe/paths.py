@@ -65,6 +65,11 @@ def review_html(cfg: Config) -> Path:
     return work_dir(cfg) / "review.html"
 
 
+def pseudo_csv(cfg: Config, name: str) -> Path:
+    """`kpipe pseudo`'s labels for test images (data.pseudo); its provenance in the .json beside it."""
+    return work_dir(cfg) / "pseudo" / f"{name}.csv"
+
+
 def clean_labels_csv(cfg: Config) -> Path:
     return work_dir(cfg) / "labels_clean.csv"
 
@@ -126,6 +131,16 @@ class FoldDir:
     def log(self) -> Path:
         return self.root / "train.log"
 
+    @property
+    def teacher_json(self) -> Path:
+        """train.teacher: which teacher checkpoint gave this fold's soft targets."""
+        return self.root / "teacher.json"
+
+    @property
+    def weights_json(self) -> Path:
+        """Which weights best.pt holds (raw / ema / swa) and each candidate's validation score."""
+        return self.root / "weights.json"
+
 
 @dataclass(frozen=True)
 class RunDir:
@@ -180,6 +195,11 @@ class RunDir:
         return self.root / "per_class.png"
 
     @property
+    def pseudo_json(self) -> Path:
+        """Which pseudo-label file (data.pseudo) the run trained on: path, sha256, rows, weight."""
+        return self.root / "pseudo.json"
+
+    @property
     def oof_tta_dir(self) -> Path:
         return self.root / "oof_tta"
 
@@ -198,12 +218,25 @@ class RunDir:
     def fold(self, k: int) -> FoldDir:
         return FoldDir(self.root / f"fold{k}")
 
+    @property
+    def full(self) -> FoldDir:
+        """The full-data model of a `kpipe train --full` run (runs/<exp>_full/full/): no validation, no OOF."""
+        return FoldDir(self.root / "full")
+
     def fold_dirs(self) -> list[FoldDir]:
         return [FoldDir(p) for p in sorted(self.root.glob("fold*")) if p.is_dir()]
 
 
 def run_dir(cfg: Config) -> RunDir:
     return RunDir(Path(cfg.paths.runs_dir) / cfg.name)
+
+
+FULL_SUFFIX = "_full"
+
+
+def full_run_dir(cfg: Config) -> RunDir:
+    """`kpipe train --full`'s run: runs/<exp>_full/, beside the CV run runs/<exp>/ whose epochs it takes."""
+    return RunDir(Path(cfg.paths.runs_dir) / f"{cfg.name}{FULL_SUFFIX}")
 
 
 # Folders under runs_dir that hold no training run.

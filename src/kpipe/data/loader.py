@@ -97,6 +97,22 @@ class ImageDataset(Dataset):
         return x, y, i, ok
 
 
+class SoftTargets(Dataset):
+    """A dataset whose label is replaced by a row of probability targets (pseudo-labels, weights folded in)."""
+
+    def __init__(self, dataset: ImageDataset, targets: np.ndarray) -> None:
+        if len(targets) != len(dataset):
+            raise ValueError(f"{len(targets)} target rows for {len(dataset)} images")
+        self.dataset, self.targets = dataset, np.asarray(targets, dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+        x, _, idx, ok = self.dataset[i]  # i may carry its augmentation seed (AugSeeds): idx is the row
+        return x, torch.from_numpy(self.targets[idx]), idx, ok
+
+
 class _MappedRef:
     """Where a read-only memmap's bytes live (file, offset, shape, dtype, order): enough to map it again."""
 

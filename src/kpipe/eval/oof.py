@@ -90,8 +90,8 @@ def read_oof(path: Path, hint: str = "Train the run first (`kpipe train`).") -> 
     return parse(read_csv_ids(path), str(path))
 
 
-def align(ref: Oof, other: Oof, where: str) -> np.ndarray:
-    """other's probabilities in ref's row and class order; errors say what differs."""
+def align(ref: Oof, other: Oof, where: str, ref_where: str = "the first member") -> np.ndarray:
+    """other's probabilities in ref's row and class order; errors say what differs (`ref_where` names ref)."""
     if set(other.classes) != set(ref.classes):
         raise KpipeError(
             f"{where}: classes differ from the first member's: only here {preview(sorted(set(other.classes) - set(ref.classes)))}, "
@@ -105,11 +105,15 @@ def align(ref: Oof, other: Oof, where: str) -> np.ndarray:
         )
     pos = pd.Series(range(len(other.ids)), index=other.ids)[ref.ids].to_numpy()
     labels = np.asarray(other.labels, dtype=object)[pos]
-    diff = [i for i, a, b in zip(ref.ids, ref.labels, labels, strict=True) if a != b]
+    diff = [(i, a, b) for i, a, b in zip(ref.ids, ref.labels, labels, strict=True) if a != b]
     if diff:
+        shown = "; ".join(f"{i!r}: {a!r} in {ref_where}, {b!r} here" for i, a, b in diff[:3])
         raise KpipeError(
-            f"{where}: labels differ from the first member's for ids {preview(diff)}. "
-            "Members must be trained on the same labels (re-train after a relabel)."
+            f"{where}: labels differ from {ref_where}'s for {len(diff)} of {len(ref.ids)} ids ({shown}"
+            f"{'; ...' if len(diff) > 3 else ''}): the two runs were trained on different label sets (e.g. one "
+            "before `kpipe relabel --apply`, one after). kpipe refuses to mix them: each member would be weighted "
+            "and scored against labels it was not trained on. Re-train the older run on the current labels, "
+            "or ensemble runs of one label set."
         )
     cols = [other.classes.index(c) for c in ref.classes]
     return other.probs[pos][:, cols]
@@ -129,6 +133,7 @@ class Member:
 def load_members(run_dirs: list[str], include_tta: bool) -> tuple[Oof, list[Member]]:
     """Every member's OOF aligned to the first run's oof.csv: (reference, members)."""
     ref: Oof | None = None
+    ref_where = ""
     members: list[Member] = []
     for run in run_dirs:
         rd = RunDir(Path(run))
@@ -139,8 +144,8 @@ def load_members(run_dirs: list[str], include_tta: bool) -> tuple[Oof, list[Memb
         for view, path in files.items():
             oof = read_oof(path, "Train the run (kpipe train) or drop it from the ensemble.")
             if ref is None:
-                ref = oof
-            members.append(Member(str(run), view, align(ref, oof, str(path))))
+                ref, ref_where = oof, str(path)
+            members.append(Member(str(run), view, align(ref, oof, str(path), ref_where)))
     if ref is None:
         raise KpipeError("no runs to ensemble: pass run folders, e.g. kpipe ensemble runs/a runs/b.")
     return ref, members

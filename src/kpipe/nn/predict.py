@@ -43,8 +43,11 @@ class RunModels:
     data_cfg: dict[str, Any]  # img_size, mean, std
 
 
+FULL_FOLD = -1  # the fold number of a full-data model (full/best.pt, `kpipe train --full`)
+
+
 def fold_of(path: Path) -> int:
-    return int(path.parent.name.removeprefix("fold"))
+    return FULL_FOLD if path.parent.name == "full" else int(path.parent.name.removeprefix("fold"))
 
 
 def package_folds(run: str | Path) -> list[int]:
@@ -61,19 +64,14 @@ def load_run(run: str, classes: list[str], device: torch.device, channels_last: 
     rcfg = load_run_config(run)
     ckpts = sorted((p for p in Path(run).glob("fold*/best.pt") if re.fullmatch(r"fold\d+", p.parent.name)),
                    key=fold_of)  # fold10 after fold9
+    full = paths.RunDir(Path(run)).full.best
+    ckpts += [full] if full.is_file() else []  # a full-data run (`kpipe train --full`), alone or beside folds
     if not ckpts:
-        raise KpipeError(f"{run}: no fold<k>/best.pt. Train the run first (kpipe train), or leave it out of infer.runs.")
-    mcfg = rcfg.model.model_copy(update={"pretrained": False, "weights": None})
+        raise KpipeError(f"{run}: no fold<k>/best.pt or full/best.pt. Train the run first (kpipe train), "
+                         "or leave it out of infer.runs.")
     out = RunModels(run, rcfg, [], [], {})
     for path in ckpts:
-        ck = load_checkpoint(path)
-        if list(ck.get("classes", [])) != classes:
-            raise KpipeError(
-                f"{path}: trained on classes {preview(list(ck.get('classes', [])))}, but {paths.classes_json(rcfg)} "
-                f"now lists {preview(classes)}. The folds were rebuilt after training (relabel?): re-train this run.")
-        model = models.create_from_config(mcfg, len(classes))
-        model.load_state_dict(ck["model"])
-        dc = data_config(ck, model, rcfg)
+        model, dc = load_model(path, rcfg, classes)
         if out.data_cfg and dc != out.data_cfg:
             raise KpipeError(f"{path}: preprocessing {dc} differs from fold {out.folds[0]}'s {out.data_cfg}; "
                              "the folds of one run must share it. Re-train the odd fold.")
@@ -82,6 +80,20 @@ def load_run(run: str, classes: list[str], device: torch.device, channels_last: 
         out.folds.append(fold_of(path))
         out.data_cfg = dc
     return out
+
+
+def load_model(path: Path, rcfg: Config, classes: list[str]) -> tuple[nn.Module, dict[str, Any]]:
+    """One best.pt built from its run's config `rcfg` (no download), checked against `classes`: (model on the
+    CPU, its preprocessing)."""
+    ck = load_checkpoint(path)
+    if list(ck.get("classes", [])) != classes:
+        raise KpipeError(
+            f"{path}: trained on classes {preview(list(ck.get('classes', [])))}, but {paths.classes_json(rcfg)} "
+            f"now lists {preview(classes)}. The folds were rebuilt after training (relabel?): re-train this run.")
+    model = models.create_from_config(rcfg.model.model_copy(update={"pretrained": False, "weights": None}),
+                                      len(classes))
+    model.load_state_dict(ck["model"])
+    return model, data_config(ck, model, rcfg)
 
 
 def load_package_run(run: str, classes: list[str], device: torch.device, channels_last: bool = False) -> RunModels:

@@ -1,15 +1,15 @@
-"""Blend weights for several runs (and their TTA views), fitted on out-of-fold predictions.
+"""Blend several runs (and their TTA views) on out-of-fold predictions, and report the blend's CV honestly.
 
 Each member is one run's OOF probabilities: ``oof.csv`` (the plain validation pass, i.e. the
 ``identity`` view) or, with TTA, ``oof_tta/<view>.csv`` written by `kpipe infer`'s OOF TTA.
-Weights are non-negative and sum to 1. They are fitted on log loss first, which is smooth and,
-for both the weighted arithmetic and geometric mean, convex in the weights, so SLSQP finds the
-global optimum. For accuracy and macro-F1, that fit competes with equal weights, every single
-member, and a coordinate ascent on the metric itself; the winner BY THE METRIC on OOF is kept
-(ties go to the lower log loss). The CV reported is always recomputed from the chosen weights'
-blended OOF, so it is exactly what those OOF rows show; note that picking among candidates on the
-same OOF makes it slightly optimistic, as any OOF-tuned number is.
-Usage: ``kpipe ensemble --runs runs/a runs/b``  ->  runs/ensembles/<exp>.json (infer.ensemble_weights)
+`--method` picks how (eval/blend.py): `weights` (log-loss fit competing with equal, single and a
+coordinate ascent by the metric), `hill_climb` (Caruana selection with replacement) or `rank_mean`.
+The CV reported (`cv_blend`, which infer's sidecar carries) is NESTED: for each fold, the weights are
+fitted on the other folds' OOF rows and scored on that fold's rows (the OOF's fold column). The
+in-sample figure (fitted and scored on the same OOF, hence optimistic) is printed and saved beside it.
+Members trained on different label sets (e.g. before and after `kpipe relabel --apply`) are refused:
+each would be scored against labels it was not trained on (kpipe.eval.oof.align).
+Usage: ``kpipe ensemble --runs runs/a runs/b --method hill_climb``  ->  runs/ensembles/<exp>.json
 """
 
 from __future__ import annotations
@@ -23,60 +23,47 @@ from rich.table import Table
 from kpipe import paths
 from kpipe.config import Config
 from kpipe.console import console, safe
+from kpipe.errors import KpipeError
 from kpipe.eval import metrics
-from kpipe.eval.blend import blend, fit
+from kpipe.eval.blend import METHODS, RANK_MEAN, blend, fitter, nested
 from kpipe.eval.oof import load_members
 from kpipe.io import write_json
-
-# ------------------------------------------------------------------ pure core
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# ------------------------------------------------------------------ reading runs
-
-
-
-
-
 
 # ------------------------------------------------------------------ stage
 
 
 def run(
-    cfg: Config, run_dirs: list[str] | None = None, out: Path | None = None, include_tta: bool = False
+    cfg: Config, run_dirs: list[str] | None = None, out: Path | None = None, include_tta: bool = False,
+    method: str = "weights",
 ) -> dict[str, Any]:
-    """Fit weights over run folders (default: infer.runs, else this experiment's run) and write them as JSON
-    to `out` (default: infer.ensemble_weights, else runs/ensembles/<exp>.json)."""
+    """Fit a blend over run folders (default: infer.runs, else this experiment's run), score it nested and
+    in-sample, and write it as JSON to `out` (default: infer.ensemble_weights, else runs/ensembles/<exp>.json)."""
+    if method not in METHODS:
+        raise KpipeError(f"ensemble --method: unknown method '{method}'; use one of {', '.join(METHODS)}.")
     run_dirs = list(run_dirs or cfg.infer.runs or [str(paths.run_dir(cfg).root)])
     out = Path(out or cfg.infer.ensemble_weights or paths.ensemble_json(cfg))
-    metric, how = cfg.competition.metric, cfg.infer.agg
+    metric = cfg.competition.metric
+    how = RANK_MEAN if method == "rank_mean" else cfg.infer.agg
     ref, members = load_members(run_dirs, include_tta)
-    index = {c: i for i, c in enumerate(ref.classes)}
-    labels = np.array([index[label] for label in ref.labels])
-    result = fit([mb.probs for mb in members], labels, metric, how, names=[f"{mb.name} OOF" for mb in members])
-    equal = metrics.score(metric, labels, blend([mb.probs for mb in members], np.ones(len(members)), how))
+    if ref.folds is None:
+        raise KpipeError(f"{run_dirs[0]}: its oof.csv has no fold column, so the blend cannot be scored nested. "
+                         "Re-train the run with this kpipe (`kpipe train`).")
+    labels = ref.y
+    probs = [mb.probs for mb in members]
+    fit_fn = fitter(method, metric, how)
+    result = fit_fn(probs, labels)  # in-sample: these weights are the ones infer uses
+    held_out = nested(probs, labels, ref.folds, metric, how, fit_fn)
+    equal = metrics.score(metric, labels, blend(probs, np.ones(len(members)), how))
     report: dict[str, Any] = {
         "metric": metric,
         "how": how,
-        "method": result.method,
-        "cv_blend": result.cv,
+        "method": method,
+        "chosen": result.method,
+        "cv_blend": held_out.cv,
+        "cv_blend_per_fold": {str(f): s for f, s in held_out.per_fold.items()},
+        "cv_in_sample": result.cv,
         "cv_equal": equal,
-        "log_loss_blend": result.log_loss,
+        "log_loss_in_sample": result.log_loss,
         "n_rows": len(ref.ids),
         "classes": ref.classes,
         "members": [
@@ -103,5 +90,8 @@ def _print_table(report: dict[str, Any]) -> None:
         table.add_row(safe(mb["run"]), safe(mb["view"]), f"{mb['weight']:.3f}", f"{mb['cv']:.5f}")
     table.add_section()
     table.add_row("equal weights", "", "", f"{report['cv_equal']:.5f}")
-    table.add_row(f"blend ({report['method']})", "", "1.000", f"{report['cv_blend']:.5f}", style="bold")
+    table.add_row("in-sample (fitted and scored on the same OOF)", report["chosen"], "1.000",
+                  f"{report['cv_in_sample']:.5f}")
+    table.add_row("nested CV (fitted on K-1 folds, scored on the held-out one)", report["method"], "",
+                  f"{report['cv_blend']:.5f}", style="bold")
     console.print(table)

@@ -41,7 +41,7 @@ from kpipe.data import ingest, transforms
 from kpipe.data.folds import load_fold_table
 from kpipe.errors import KpipeError, preview
 from kpipe.eval import metrics
-from kpipe.eval.blend import blend, check_finite
+from kpipe.eval.blend import RANK_MEAN, blend, check_finite
 from kpipe.eval.oof import load_members
 from kpipe.io import atomic_path, check_free_space, read_csv_ids, write_csv, write_json
 from kpipe.kaggle import ledger, submission
@@ -72,7 +72,8 @@ def blend_members(members: list[MemberPred], how: str, weights: dict[tuple[str, 
                    for r in runs]
         return per_run[0] if len(per_run) == 1 else tta.aggregate(np.stack(per_run), how)
     keys = list(weights)
-    per_key = [tta.aggregate(np.stack([m.probs for m in members if (m.run, m.view) == k]).astype(np.float64), how)
+    within = "mean" if how == RANK_MEAN else how  # a rank blend ranks each member's fold-mean probabilities
+    per_key = [tta.aggregate(np.stack([m.probs for m in members if (m.run, m.view) == k]).astype(np.float64), within)
                for k in keys]
     return blend(per_key, np.array([weights[k] for k in keys]), how)
 
@@ -289,7 +290,7 @@ def _cv(cfg: Config, plan: Plan) -> tuple[float | None, str]:
     """
     metric = cfg.competition.metric
     if plan.weights is not None:
-        return plan.cv, "OOF of the fitted blend (weights chosen on that OOF)"
+        return plan.cv, "nested OOF CV of the blend (weights fitted on the other folds, scored on each held-out fold)"
     try:
         ref, members = load_members(plan.runs, include_tta=True)
     except KpipeError as e:

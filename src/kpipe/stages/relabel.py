@@ -15,7 +15,10 @@ their own (source=manual). Re-running keeps every decision and manual row. `--ap
 the raw competition files are never touched. `--quick` first trains a small from-scratch CV
 model (resnet10t, <= 4 epochs, runs/<exp>_quick) when no run exists yet.
 
-Usage: ``kpipe relabel -c configs/exp/demo.yaml --comp demo [--quick] [--accept-above 0.9] [--apply]``
+`--from runs/a runs/b` (every TTA view each has, equal weights) or `--from runs/ensembles/<exp>.json` (its
+weights) ranks the suspects on the blended OOF instead of one run's: several models' evidence.
+
+Usage: ``kpipe relabel -c configs/exp/demo.yaml --comp demo [--quick] [--from RUN...] [--accept-above 0.9] [--apply]``
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from kpipe.data.relabels import (
     write_relabels,
 )
 from kpipe.errors import KpipeError
+from kpipe.eval.blend import blended_oof
 from kpipe.eval.cleaning import find_suspects
 from kpipe.eval.oof import read_oof
 from kpipe.eval.review import decision_counts, fmt_score, write_review
@@ -86,20 +90,25 @@ def check_quick_run(cfg: Config, qcfg: Config) -> None:
 
 
 def run(cfg: Config, run_dir: str | Path | None = None, accept_above: float | None = None,
-        apply: bool = False) -> pd.DataFrame:
-    """Suggest (from OOF, when there is a run), merge with the decisions made, write the page, maybe apply."""
+        apply: bool = False, sources: list[str] | None = None) -> pd.DataFrame:
+    """Suggest (from OOF, when there is a run), merge with the decisions made, write the page, maybe apply.
+    `sources` (--from): several runs, or an ensemble JSON, whose blended OOF ranks the suspects instead."""
     csv_path = paths.relabels_csv(cfg)
     with locked(csv_path):  # a click on the review page meanwhile is not lost
         existing = read_relabels(csv_path)
         source = RunDir(Path(run_dir)) if run_dir is not None else paths.run_dir(cfg)
         ing = load_train(cfg)
         oof = None
-        if source.oof.is_file() or existing is None:
-            oof = read_oof(source.oof, "Train first (`kpipe train`), point --run at a run folder, "
-                                       "or use --quick to train a small model for this.")
+        if sources or source.oof.is_file() or existing is None:
+            if sources:
+                oof, where = blended_oof(sources, cfg.infer.agg), "the blend of " + ", ".join(sources)
+            else:
+                oof = read_oof(source.oof, "Train first (`kpipe train`), point --run at a run folder, "
+                                           "or use --quick to train a small model for this.")
+                where = str(source.root)
             fresh = find_suspects(oof.ids, oof.labels, oof.probs, oof.classes)
             table = merge_relabels(existing, fresh)
-            console.print(f"{len(fresh)} suspects among {len(oof.ids)} out-of-fold predictions of {safe(source.root)}")
+            console.print(f"{len(fresh)} suspects among {len(oof.ids)} out-of-fold predictions of {safe(where)}")
         else:  # a person's own table (e.g. manual rows only) still reviews and applies
             table = existing
             console.print(f"[yellow]no {safe(source.oof)}: using {safe(csv_path)} as it is, no new suggestions")

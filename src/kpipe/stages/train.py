@@ -10,6 +10,9 @@ then fitted (`fit`: epochs of train_epoch, validation, checkpoints), then its OO
 best.pt. Under DDP every rank runs the same code; rank 0 alone writes files, and every rank waits at
 a barrier before it reads a file rank 0 wrote.
 
+`kpipe train --full` (`run_full`) trains one model on every usable row for the CV run's mean best epoch
+(or train.full_epochs) into runs/<exp>_full/full/: no validation images, so no OOF and no CV of its own.
+
 Usage: ``kpipe train -c configs/exp/resnet50.yaml --comp demo train.folds=0,2``
 """
 
@@ -29,14 +32,16 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from kpipe import paths
 from kpipe.config import Config, load_run_config
+from kpipe.config import validate as validate_config
 from kpipe.console import console
-from kpipe.data import transforms
+from kpipe.data import pseudo, transforms
 from kpipe.data.folds import load_fold_table
 from kpipe.data.loader import (
     AugSeeds,
     CachedBatches,
     EpochSampler,
     ImageDataset,
+    SoftTargets,
     balanced_weights,
     make_loader,
 )
@@ -44,7 +49,8 @@ from kpipe.errors import Interrupted, KpipeError
 from kpipe.eval import metrics, reports
 from kpipe.eval.oof import frame, parse, write_oof
 from kpipe.io import read_csv_ids, write_csv, write_json, write_text, write_yaml
-from kpipe.nn import dist, models
+from kpipe.nn import dist, distill, models
+from kpipe.nn.average import WeightAverage
 from kpipe.nn.engine import (
     FoldState,
     NonFiniteLoss,
@@ -61,6 +67,7 @@ from kpipe.nn.engine import (
 from kpipe.nn.optim import Schedule, build_optimizer
 from kpipe.paths import FoldDir
 
+FULL = -1  # the fold number of the full-data fit: no row of the folds file has it, so none is held out
 LOSS_EVERY = 20  # optimiser steps between reads of the loss for the progress bar
 # Keys that may change between a run and its --resume (more epochs, other folds, other workers).
 RESUMABLE_CHANGES = {"train.epochs", "train.folds", "data.num_workers", "train.early_stop_patience", "infer", "package",
@@ -130,12 +137,13 @@ def _run(cfg: Config, resume: bool, device: torch.device) -> dict[str, Any]:
     if dist.is_main():
         write_yaml(run_dir.config, cfg.to_dict())
         write_text(run_dir.folds_sha256, folds_hash + "\n")
+    rows, targets = add_pseudo(cfg, df, classes)
     cache = _cache(cfg, df)
     stop_restore = StopRequested.install()
     try:
         for k in fold_ids:
             t0 = time.perf_counter()
-            train_fold(cfg, k, df, classes, device, cache)
+            train_fold(cfg, k, rows, classes, device, cache, targets)
             _record(cfg, k, wall_s=time.perf_counter() - t0)
     except Interrupted as e:
         raise Interrupted(e.signum, dist.is_main()) from None
@@ -178,6 +186,7 @@ class Fold:
     val_loader: Any
     step: Step
     normalize: transforms.Normalize  # uint8 batch -> eval input (validation, OOF)
+    average: WeightAverage | None = None  # train.swa: the last epochs' weights, averaged
 
     def checkpoint(self, state: dict[str, Any], **extra: Any) -> dict[str, Any]:
         return {"model": state, "classes": self.classes, "config": self.cfg.to_dict(), "data_config": self.data_cfg,
@@ -185,7 +194,7 @@ class Fold:
 
 
 def train_fold(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device: torch.device,
-               cache: np.ndarray | None) -> None:
+               cache: np.ndarray | None, targets: np.ndarray | None = None) -> None:
     fdir = paths.run_dir(cfg).fold(k)
     if dist.is_main():  # temporaries of a write that a SIGKILL cut short; the real files are intact
         for stale in fdir.root.glob(".*.tmp"):
@@ -195,15 +204,19 @@ def train_fold(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device
         if dist.is_main():
             console.print(f"fold {k}: finished earlier, skipped")
         return
-    fold, st = build_fold(cfg, k, df, classes, device, cache, ck)
+    targets = distill_targets(cfg, k, df, classes, device, targets)
+    fold, st = build_fold(cfg, k, df, classes, device, cache, ck, targets)
     fit(fold, st)
     dist.barrier()  # rank 0 has written best.pt: every rank may read it now
+    choose_weights(fold, st)
     write_fold_oof(fold, df)
 
 
 def build_fold(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device: torch.device,
-               cache: np.ndarray | None, ck: dict[str, Any] | None) -> tuple[Fold, FoldState]:
-    """Model, loaders, optimiser and schedule for fold k; the state restored from `ck` (last.pt) if given."""
+               cache: np.ndarray | None, ck: dict[str, Any] | None,
+               targets: np.ndarray | None = None) -> tuple[Fold, FoldState]:
+    """Model, loaders, optimiser and schedule for fold k; the state restored from `ck` (last.pt) if given.
+    `targets` (N, K): probability targets for the training rows (data.pseudo), else the labels' classes."""
     t, d = cfg.train, cfg.data
     seed_everything(t.seed + k)
     model, data_cfg = _model(cfg, len(classes), device)
@@ -233,9 +246,11 @@ def build_fold(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device
         prepare: Any = transforms.BatchAugment(d.aug, size, mean, std, hflip=d.hflip)
     else:
         tf_train = transforms.build_train(d.aug, size, hflip=d.hflip)
+        train_ds: Any = ImageDataset(files, y, tf_train, cache)
+        if targets is not None:
+            train_ds = SoftTargets(train_ds, targets)
         # Each sample's augmentation seeded by (seed + fold, epoch, rank, position): a resumed epoch augments alike.
-        loader = make_loader(ImageDataset(files, y, tf_train, cache), AugSeeds(sampler), d.batch_size,
-                             d.num_workers, t.seed + k, pin, drop_last)
+        loader = make_loader(train_ds, AugSeeds(sampler), d.batch_size, d.num_workers, t.seed + k, pin, drop_last)
         prepare = normalize
     val_sampler = EpochSampler(val_rows, 0, shuffle=False, rank=dist.rank(), world=dist.world(), pad=False)
     if cache is not None:  # cached rows are already the eval pixels (same INTER_AREA resize), if the size matches
@@ -259,12 +274,15 @@ def build_fold(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device
     steps_per_epoch = max(len(sampler) // d.batch_size // t.accum_steps, 1)
     st = FoldState(net, optimizer, Schedule(optimizer, t, steps_per_epoch),
                    torch.amp.GradScaler(device.type, enabled=precision.scaler), ema=_ema(model, t))
+    average = _average(model, t)
     if ck is not None:
         st.load_state_dict(ck)
+        if average is not None and ck.get("average") is not None:
+            average.load_state_dict(ck["average"])
         if dist.is_main():
             console.print(f"fold {k}: resumed at epoch {st.epoch + 1}, step {st.step_in_epoch}")
     fold = Fold(cfg, k, paths.run_dir(cfg).fold(k), classes, y, data_cfg, model, sampler, loader, val_loader,
-                step, normalize)
+                step, normalize, average)
     return fold, st
 
 
@@ -305,6 +323,8 @@ def fit(fold: Fold, st: FoldState) -> None:
             row = validate(fold, st)
             row.update(epoch=epoch + 1, train_loss=train_loss, lr=st.optimizer.param_groups[0]["lr"],
                        seconds=meter.seconds, images_per_s=meter.rate)
+            if fold.average is not None:  # before end_epoch, whose last.pt carries the average
+                fold.average.end_epoch(unwrap(st.model), epoch)
             end_epoch(fold, st, row)
     st.finished = True
     _save_last(fold, st)
@@ -358,6 +378,134 @@ def write_fold_oof(fold: Fold, df: pd.DataFrame) -> None:
     dist.barrier()
 
 
+# ------------------------------------------------------------------ full-data fit
+
+
+def best_epochs(metric: str, metrics_csvs: list[pd.DataFrame]) -> list[int]:
+    """Each fold's best epoch (1-based, the first of ties) by val_score, as best.pt kept it."""
+    out = []
+    for m in metrics_csvs:
+        scores = m["val_score"].to_numpy(np.float64)
+        i = int(np.argmax(scores) if metrics.higher_is_better(metric) else np.argmin(scores))
+        out.append(int(m["epoch"].iloc[i]))
+    return out
+
+
+def full_epochs(cfg: Config) -> tuple[int, str]:
+    """(epochs, where the number came from): train.full_epochs, else the CV run's mean best epoch, rounded."""
+    if cfg.train.full_epochs is not None:
+        return cfg.train.full_epochs, "train.full_epochs"
+    cv_run = paths.run_dir(cfg)
+    found = [f for f in cv_run.fold_dirs() if f.metrics.is_file()]
+    if not found:
+        raise KpipeError(f"{cv_run.root}: no fold<k>/metrics.csv to take the epoch count from. Train the CV run "
+                         "first (kpipe train), or set train.full_epochs=N.")
+    best = best_epochs(cfg.competition.metric, [pd.read_csv(f.metrics) for f in found])
+    n = max(1, round(float(np.mean(best))))
+    each = ", ".join(f"{f.root.name}: {b}" for f, b in zip(found, best, strict=True))
+    return n, f"mean best epoch of {cv_run.root} ({each})"
+
+
+def run_full(cfg: Config) -> dict[str, Any]:
+    """Train on every usable row -> runs/<exp>_full/full/{best.pt,last.pt,metrics.csv}, cv.json saying no CV."""
+    if cfg.train.teacher is not None:
+        raise KpipeError("train.teacher with --full: distillation takes fold k's targets from the teacher's fold k "
+                         "model, and the full-data fit has no fold. Drop train.teacher for --full.")
+    if cfg.train.swa:
+        raise KpipeError("train.swa=true with --full: there are no validation images to choose between raw and "
+                         "averaged weights on. Add train.swa=false.")
+    device = dist.setup(cfg.train.device)
+    try:
+        if dist.world() > 1:
+            raise KpipeError("kpipe train --full runs in one process; drop --gpus.")
+        return _run_full(cfg, device)
+    finally:
+        dist.teardown(True)
+
+
+def _run_full(cfg: Config, device: torch.device) -> dict[str, Any]:
+    df, classes = load_fold_table(cfg)
+    epochs, source = full_epochs(cfg)
+    rows, targets = add_pseudo(cfg, df, classes, paths.full_run_dir(cfg))
+    d = cfg.to_dict()
+    fcfg = validate_config({**d, "name": cfg.name + paths.FULL_SUFFIX, "train": {**d["train"], "epochs": epochs}})
+    run = paths.full_run_dir(cfg)
+    if run.full.last.is_file():
+        raise KpipeError(f"{run.root} already has a full-data model. Delete the folder to train it again, "
+                         "or use another experiment name (name=<new>).")
+    write_yaml(run.config, fcfg.to_dict())
+    write_text(run.folds_sha256, hashlib.sha256(paths.folds_csv(cfg).read_bytes()).hexdigest() + "\n")
+    console.print(f"[bold]full-data fit[/]: {len(df)} images, {epochs} epochs ({source})")
+    # Every row trains: fold -1 matches none of the folds file's folds, so no row is held out.
+    fold, st = build_fold(fcfg, FULL, rows, classes, device, _cache(fcfg, df), None, targets)
+    fold.dir = run.full
+    stop_restore = StopRequested.install()
+    try:
+        for epoch in range(epochs):
+            fold.sampler.set_epoch(epoch)
+            meter = Throughput()
+            train_loss, seen = train_epoch(st, fold.loader, fold.step, lambda n, loss, m=meter: m.add(n))
+            st.scheduler.after_epoch(train_loss)  # no validation loss: a plateau schedule reads the training loss
+            st.epoch = epoch + 1
+            st.history.append({"epoch": epoch + 1, "train_loss": train_loss, "images": seen,
+                               "lr": st.optimizer.param_groups[0]["lr"], "seconds": meter.seconds})
+            write_csv(fold.dir.metrics, pd.DataFrame(st.history))
+            console.print(f"full epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}")
+            _save_last(fold, st)
+    except Interrupted:
+        _save_last(fold, st)
+        raise
+    finally:
+        stop_restore()
+    st.finished = True
+    _save_last(fold, st)
+    kept = "ema" if st.ema is not None else "raw"
+    final = st.ema.module if st.ema is not None else unwrap(st.model)
+    save_checkpoint(fold.dir.best, fold.checkpoint(final.state_dict(), epoch=epochs, weights=kept))
+    # No "cv" key at all: `kpipe runs` / `kpipe compare` show it as missing (nan), never as a number.
+    result = {"metric": cfg.competition.metric, "has_oof": False, "full_data": True, "complete": True,
+              "n_train": len(df), "epochs": epochs, "epochs_from": source, "cv_run": str(paths.run_dir(cfg).root),
+              "note": "trained on every usable row: no out-of-fold predictions, so no CV of its own; "
+                      "judge it by its CV run's figure and by the leaderboard"}
+    write_json(run.cv, result)
+    console.print(f"[bold green]full-data model[/] written to {fold.dir.best} (no CV of its own: every row trained)")
+    return result
+
+
+# ------------------------------------------------------------------ pseudo-labels
+
+
+def add_pseudo(cfg: Config, df: pd.DataFrame, classes: list[str],
+               run: paths.RunDir | None = None) -> tuple[pd.DataFrame, np.ndarray | None]:
+    """The rows to train on (the fold table, plus data.pseudo's test rows in fold PSEUDO_FOLD, never a
+    validation fold) and their probability targets; (df, None) without data.pseudo. Records the file used."""
+    if cfg.data.pseudo is None:
+        return df, None
+    rows, targets, record = pseudo.training_rows(cfg, df, classes)
+    if dist.is_main():
+        write_json((run or paths.run_dir(cfg)).pseudo_json, record)
+        console.print(f"data.pseudo: {record['n_rows']} pseudo-labelled test images from {record['file']} join "
+                      f"every fold's training rows (weight {record['weight']}); validation stays on labelled rows")
+    return rows, targets
+
+
+# ------------------------------------------------------------------ distillation
+
+
+def distill_targets(cfg: Config, k: int, df: pd.DataFrame, classes: list[str], device: torch.device,
+                    targets: np.ndarray | None) -> np.ndarray | None:
+    """With train.teacher, fold k's training targets from the teacher's own fold-k model (kpipe.nn.distill);
+    records the checkpoint in fold<k>/teacher.json."""
+    if cfg.train.teacher is None:
+        return targets
+    out, record = distill.fold_targets(cfg, k, df, classes, device, targets)
+    if dist.is_main():
+        write_json(paths.run_dir(cfg).fold(k).teacher_json, record)
+        console.print(f"fold {k}: soft targets for {record['n_rows']} training rows from {record['checkpoint']} "
+                      f"(T={record['temperature']:g}, weight {record['weight']:g})")
+    return out
+
+
 # ------------------------------------------------------------------ helpers
 
 
@@ -393,6 +541,60 @@ def _ema(model: torch.nn.Module, t: Any) -> Any:
     return ModelEmaV3(model, decay=t.ema_decay)
 
 
+def _average(model: torch.nn.Module, t: Any) -> WeightAverage | None:
+    if not t.swa:
+        return None
+    if dist.world() > 1:
+        raise KpipeError("train.swa=true is single-process for now: each DDP rank would re-estimate BatchNorm "
+                         "on its own shard. Train with one process, or train.swa=false.")
+    return WeightAverage(model, t.swa_epochs, t.epochs)
+
+
+# ------------------------------------------------------------------ which weights the fold keeps
+
+
+def choose_weights(fold: Fold, st: FoldState) -> None:
+    """Score the candidates on the fold's validation images, keep the best in best.pt, say which in
+    weights.json (and best.pt's "weights"): best.pt as the epochs left it (EMA's or the raw model's),
+    with EMA also the raw model's last weights, with train.swa the averaged weights (BatchNorm re-estimated)."""
+    if fold.dir.weights_json.is_file():  # chosen before (a resumed, finished fold): best.pt already holds it
+        return
+    metric, t = fold.cfg.competition.metric, fold.cfg.train
+    best = load_checkpoint(fold.dir.best)
+    kept = "ema" if st.ema is not None else "raw"
+    scores = {kept: float(best["score"])}
+    states: dict[str, dict[str, Any]] = {}
+    if st.ema is not None:
+        scores["raw"] = _score(fold, unwrap(st.model))
+        states["raw"] = unwrap(st.model).state_dict()
+    note = ""
+    if fold.average is not None:
+        if fold.average.n_averaged == 0:  # stopped early, before the averaging window
+            note = f"no epoch reached the last {t.swa_epochs} of {t.epochs}: nothing averaged"
+        else:
+            swa = fold.average.finish(fold.step.precision.input(x, fold.normalize) for x, *_ in fold.loader)
+            scores["swa"], states["swa"] = _score(fold, swa), swa.state_dict()
+    sign = 1.0 if metrics.higher_is_better(metric) else -1.0
+    chosen = max(scores, key=lambda name: (sign * scores[name], name == kept))  # a tie keeps best.pt as it is
+    if dist.is_main():
+        payload = {**best, "weights": chosen, "score": scores[chosen]}
+        if chosen != kept:
+            payload["model"] = states[chosen]
+        save_checkpoint(fold.dir.best, payload)
+        n_avg = fold.average.n_averaged if fold.average is not None else 0
+        write_json(fold.dir.weights_json, {"chosen": chosen, "metric": metric, "val_scores": scores,
+                                           "best_epoch": int(best["epoch"]), "swa_averaged": n_avg, "note": note})
+        if len(scores) > 1:
+            shown = "  ".join(f"{n} {v:.4f}" for n, v in scores.items())
+            console.print(f"fold {fold.k}: validation {metric}: {shown} -> keeps {chosen}")
+    dist.barrier()
+
+
+def _score(fold: Fold, model: torch.nn.Module) -> float:
+    idx, probs = gather_predictions(model, fold.val_loader, fold.step.precision, fold.normalize)
+    return float(metrics.score(fold.cfg.competition.metric, fold.y[idx], probs))
+
+
 def _criterion_and_mixup(cfg: Config, n_classes: int) -> tuple[torch.nn.Module, Any]:
     t = cfg.train
     if t.mixup_alpha > 0 or t.cutmix_alpha > 0:
@@ -407,8 +609,9 @@ def _criterion_and_mixup(cfg: Config, n_classes: int) -> tuple[torch.nn.Module, 
 
 def _save_last(fold: Fold, st: FoldState) -> None:
     if dist.is_main():
+        average = {"average": fold.average.state_dict()} if fold.average is not None else {}
         save_checkpoint(fold.dir.last, {**st.state_dict(), "classes": fold.classes, "config": fold.cfg.to_dict(),
-                                        "data_config": fold.data_cfg})
+                                        "data_config": fold.data_cfg, **average})
 
 
 def _progress() -> Progress:
@@ -440,7 +643,9 @@ def finish_run(cfg: Config, df: pd.DataFrame, classes: list[str]) -> dict[str, A
                 for f in np.unique(oof.folds)}
     cv = metrics.score(metric, labels, oof.probs)
     result = {"metric": metric, "cv": cv, "per_fold": per_fold, "n_oof": len(oof.ids),
-              "complete": len(oof.ids) == len(df)}
+              "complete": len(oof.ids) == len(df),
+              "weights": {int(f.root.name[4:]): json.loads(f.weights_json.read_text())["chosen"]
+                          for f in run.fold_dirs() if f.weights_json.is_file()}}
     write_json(run.cv, result)
     reports.write_all(run.root, oof.frame(), classes)
     folds_txt = "  ".join(f"fold {f}: {s:.4f}" for f, s in per_fold.items())
