@@ -33,8 +33,14 @@ def draw(label_idx: int, rng: np.random.Generator, size: int = 32) -> np.ndarray
     return img
 
 
-def write_competition(root: Path, n_per_class: int = 4, n_test: int = 6, layout: str = "csv",
-                      labels: list[str] | None = None, seed: int = 0) -> Path:
+def write_competition(
+    root: Path,
+    n_per_class: int = 4,
+    n_test: int = 6,
+    layout: str = "csv",
+    labels: list[str] | None = None,
+    seed: int = 0,
+) -> Path:
     """Write a Kaggle-layout competition under root; return the competition YAML path."""
     labels = labels or CLASSES
     rng = np.random.default_rng(seed)
@@ -77,9 +83,16 @@ TINY_EXP = {
 def tiny_config(root: Path, comp_path: Path, overrides: list[str] = (), exp: dict | None = None) -> Config:
     exp_path = root / "tiny_exp.yaml"
     exp_path.write_text(yaml.safe_dump(exp or TINY_EXP))
-    paths = [f"paths.{k}={root / v}" for k, v in
-             {"data_root": "data", "folds_dir": "folds", "runs_dir": "runs", "predictions_dir": "predictions",
-              "submissions_dir": "submissions"}.items()]
+    paths = [
+        f"paths.{k}={root / v}"
+        for k, v in {
+            "data_root": "data",
+            "folds_dir": "folds",
+            "runs_dir": "runs",
+            "predictions_dir": "predictions",
+            "submissions_dir": "submissions",
+        }.items()
+    ]
     return load_config(exp_path, comp_path, [*paths, "data.cache_dir=" + str(root / "cache"), *overrides])
 
 

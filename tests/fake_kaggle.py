@@ -36,8 +36,12 @@ from urllib.parse import urlsplit
 
 SERVICE = "/api/v1/competitions.CompetitionApiService/"
 # The services the fake answers (/api/v1/<package>.<Service>/<Method>); any other path is a 404.
-SERVICES = (SERVICE, "/api/v1/blobs.BlobApiService/", "/api/v1/datasets.DatasetApiService/",
-            "/api/v1/kernels.KernelsApiService/")
+SERVICES = (
+    SERVICE,
+    "/api/v1/blobs.BlobApiService/",
+    "/api/v1/datasets.DatasetApiService/",
+    "/api/v1/kernels.KernelsApiService/",
+)
 # Methods that need the competition's rules accepted (Kaggle answers 403 otherwise).
 NEEDS_RULES = {"DownloadDataFiles", "DownloadDataFile", "StartSubmissionUpload", "CreateSubmission"}
 
@@ -59,9 +63,16 @@ class Submission:
         """The ApiSubmission JSON; every read brings scoring one step closer."""
         pending = self.reads_left > 0
         self.reads_left = max(0, self.reads_left - 1)
-        out = {"ref": self.ref, "date": _iso(self.date), "fileName": self.file_name, "totalBytes": self.size,
-               "description": self.description, "status": "PENDING" if pending else self.status,
-               "teamName": "kpipe team", "submittedBy": "kpipe-tester"}
+        out = {
+            "ref": self.ref,
+            "date": _iso(self.date),
+            "fileName": self.file_name,
+            "totalBytes": self.size,
+            "description": self.description,
+            "status": "PENDING" if pending else self.status,
+            "teamName": "kpipe team",
+            "submittedBy": "kpipe-tester",
+        }
         if not pending and self.status == "COMPLETE":
             out.update(publicScore=self.public, privateScore=self.private)
         if not pending and self.status == "ERROR":
@@ -78,9 +89,18 @@ def _now() -> datetime:
 
 
 class FakeKaggle:
-    def __init__(self, slug: str, files: dict[str, bytes], solution: dict[str, str], *, daily_limit: int = 5,
-                 pending_polls: int = 1, username: str = "kpipe-tester", key: str = "fake-key-123",
-                 rivals: dict[str, float] | None = None) -> None:
+    def __init__(
+        self,
+        slug: str,
+        files: dict[str, bytes],
+        solution: dict[str, str],
+        *,
+        daily_limit: int = 5,
+        pending_polls: int = 1,
+        username: str = "kpipe-tester",
+        key: str = "fake-key-123",
+        rivals: dict[str, float] | None = None,
+    ) -> None:
         self.slug, self.files, self.solution = slug, files, solution
         self.daily_limit, self.pending_polls = daily_limit, pending_polls
         self.username, self.key = username, key
@@ -95,7 +115,9 @@ class FakeKaggle:
         self._fail_after: dict[str, list[int]] = {}
         self._tokens: dict[str, dict[str, Any]] = {}
         # code competitions
-        self.datasets: dict[str, dict[str, Any]] = {}  # "owner/slug" -> {"versions": [files], "reads_left": n}
+        self.datasets: dict[
+            str, dict[str, Any]
+        ] = {}  # "owner/slug" -> {"versions": [files], "reads_left": n}
         self.dataset_polls, self.dataset_fails = 1, False
         self.kernels: dict[str, list[dict[str, Any]]] = {}  # "owner/slug" -> versions (the SaveKernel bodies)
         self.kernel_polls = 1
@@ -113,8 +135,9 @@ class FakeKaggle:
         handler = type("Handler", (_Handler,), {"fake": self})
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self._thread.start()
         return self
 
@@ -139,8 +162,13 @@ class FakeKaggle:
 
     def env(self) -> dict[str, str]:
         """Environment that sends the real kaggle client here, with the fake's credentials."""
-        return {"KAGGLE_API_ENVIRONMENT": "LOCALHOST", "http_proxy": self.url, "HTTP_PROXY": self.url,
-                "KAGGLE_USERNAME": self.username, "KAGGLE_KEY": self.key}
+        return {
+            "KAGGLE_API_ENVIRONMENT": "LOCALHOST",
+            "http_proxy": self.url,
+            "HTTP_PROXY": self.url,
+            "KAGGLE_USERNAME": self.username,
+            "KAGGLE_KEY": self.key,
+        }
 
     # ------------------------------------------------------------ test controls
 
@@ -152,7 +180,9 @@ class FakeKaggle:
         """Do the next call of `method`, then answer `status` anyway (a lost reply)."""
         self._fail_after.setdefault(method, []).append(status)
 
-    def add_submission(self, file_name: str, data: bytes, description: str = "", when: datetime | None = None) -> int:
+    def add_submission(
+        self, file_name: str, data: bytes, description: str = "", when: datetime | None = None
+    ) -> int:
         return self._create(file_name, data, description, when or _now()).ref
 
     # ------------------------------------------------------------ behaviour
@@ -185,8 +215,18 @@ class FakeKaggle:
 
     def _create(self, file_name: str, data: bytes, description: str, when: datetime) -> Submission:
         status, public, private, error = self._score(data)
-        sub = Submission(len(self.submissions) + 1000, when, file_name, description, len(data),
-                         self.pending_polls, status, public, private, error)
+        sub = Submission(
+            len(self.submissions) + 1000,
+            when,
+            file_name,
+            description,
+            len(data),
+            self.pending_polls,
+            status,
+            public,
+            private,
+            error,
+        )
         self.submissions.append(sub)
         return sub
 
@@ -197,10 +237,20 @@ class FakeKaggle:
         except UnicodeDecodeError:
             return "ERROR", "", "", "Submission file is not UTF-8 text"
         if not rows or rows[0] != ["id", "label"]:
-            return "ERROR", "", "", f"Submission must have the columns ['id', 'label']; got {rows[0] if rows else []}"
+            return (
+                "ERROR",
+                "",
+                "",
+                f"Submission must have the columns ['id', 'label']; got {rows[0] if rows else []}",
+            )
         preds = {r[0]: r[1] for r in rows[1:] if len(r) == 2}
         if len(rows) - 1 != len(self.solution) or set(preds) != set(self.solution):
-            return "ERROR", "", "", f"Submission must have {len(self.solution)} rows with the test ids; got {len(rows) - 1}"
+            return (
+                "ERROR",
+                "",
+                "",
+                f"Submission must have {len(self.solution)} rows with the test ids; got {len(rows) - 1}",
+            )
         ids = sorted(self.solution)
         half = (len(ids) + 1) // 2
 
@@ -232,7 +282,11 @@ class FakeKaggle:
         files = self._dataset_files(body.get("files", []))
         if files is None:
             return 400, {"code": 400, "message": "Upload not found"}
-        self.datasets[ref] = {"versions": [files], "reads_left": self.dataset_polls, "title": body.get("title")}
+        self.datasets[ref] = {
+            "versions": [files],
+            "reads_left": self.dataset_polls,
+            "title": body.get("title"),
+        }
         return 200, {"ref": ref, "url": f"https://www.kaggle.com/datasets/{ref}", "status": "ok"}
 
     def _api_CreateDatasetVersion(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -261,8 +315,14 @@ class FakeKaggle:
         if missing:
             return 200, {"error": f"Dataset sources not found: {missing}"}
         versions = self.kernels.setdefault(ref, [])
-        versions.append({**body, "outputs": dict(self.kernel_outputs), "failure": self.kernel_failure,
-                         "log": self.kernel_log})
+        versions.append(
+            {
+                **body,
+                "outputs": dict(self.kernel_outputs),
+                "failure": self.kernel_failure,
+                "log": self.kernel_log,
+            }
+        )
         self._kernel_reads[ref] = self.kernel_polls
         return 200, {"ref": ref, "url": f"https://www.kaggle.com/code/{ref}", "versionNumber": len(versions)}
 
@@ -286,7 +346,9 @@ class FakeKaggle:
         ref, run = self._kernel(body)
         if run is None:
             return 404, {"code": 404, "message": f"Notebook {ref} not found"}
-        files = [{"fileName": n, "url": f"http://localhost/files/kernel/{ref}/{n}"} for n in sorted(run["outputs"])]
+        files = [
+            {"fileName": n, "url": f"http://localhost/files/kernel/{ref}/{n}"} for n in sorted(run["outputs"])
+        ]
         return 200, {"files": [] if run["failure"] else files, "log": run["log"], "nextPageToken": ""}
 
     def _api_CreateCodeSubmission(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -296,8 +358,11 @@ class FakeKaggle:
         if not 1 <= int(version) <= len(versions):
             return 404, {"code": 404, "message": f"Notebook {ref} version {version} not found"}
         if len(self._today()) >= self.daily_limit:
-            return 400, {"code": 400, "message": f"Submission limit reached: {self.daily_limit} submissions per "
-                                                 "day; the count resets at 00:00 UTC"}
+            return 400, {
+                "code": 400,
+                "message": f"Submission limit reached: {self.daily_limit} submissions per "
+                "day; the count resets at 00:00 UTC",
+            }
         run = versions[int(version) - 1]
         name = body.get("fileName") or "submission.csv"
         data = run["outputs"].get(name, b"") if not run["failure"] else b""
@@ -317,7 +382,7 @@ class FakeKaggle:
 
     def file_bytes(self, name: str) -> bytes | None:
         if name.startswith("kernel/"):
-            ref, _, file = name[len("kernel/"):].rpartition("/")
+            ref, _, file = name[len("kernel/") :].rpartition("/")
             versions = self.kernels.get(ref)
             return versions[-1]["outputs"].get(file) if versions else None
         if name == f"{self.slug}.zip":
@@ -346,15 +411,18 @@ class FakeKaggle:
         if blob is None or blob["data"] is None:
             return 400, {"code": 400, "message": "Upload not found; start the upload again"}
         if len(self._today()) >= self.daily_limit:
-            return 400, {"code": 400, "message": f"Submission limit reached: {self.daily_limit} submissions per "
-                                                 "day; the count resets at 00:00 UTC"}
+            return 400, {
+                "code": 400,
+                "message": f"Submission limit reached: {self.daily_limit} submissions per "
+                "day; the count resets at 00:00 UTC",
+            }
         sub = self._create(blob["fileName"], blob["data"], body.get("submissionDescription", ""), _now())
         return 200, {"message": "Successfully submitted to Tiny Competition", "ref": sub.ref}
 
     def _api_ListSubmissions(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         page, size = int(body.get("page") or 1), int(body.get("pageSize") or 20)
         newest = sorted(self.submissions, key=lambda s: (s.date, s.ref), reverse=True)
-        return 200, {"submissions": [s.read() for s in newest[(page - 1) * size: page * size]]}
+        return 200, {"submissions": [s.read() for s in newest[(page - 1) * size : page * size]]}
 
     def _api_GetSubmission(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         for s in self.submissions:
@@ -364,8 +432,11 @@ class FakeKaggle:
 
     def _api_GetSubmissionLimits(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         used = len(self._today())
-        return 200, {"numToday": used, "numTotal": len(self.submissions),
-                     "numAllowedNow": max(0, self.daily_limit - used)}
+        return 200, {
+            "numToday": used,
+            "numTotal": len(self.submissions),
+            "numAllowedNow": max(0, self.daily_limit - used),
+        }
 
     def _api_GetCompetition(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         out: dict[str, Any] = {"id": 1, "ref": self.slug, "title": "Tiny Competition"}
@@ -380,9 +451,16 @@ class FakeKaggle:
             teams["kpipe team"] = max(ours)
         ranked = sorted(teams.items(), key=lambda kv: -kv[1])
         start, size = int(body.get("pageToken") or 0), int(body.get("pageSize") or 20)
-        page = ranked[start: start + size]
-        rows = [{"teamId": i + 1, "teamName": name, "submissionDate": _iso(_now() - timedelta(hours=1)),
-                 "score": f"{score:.5f}"} for i, (name, score) in enumerate(page, start)]
+        page = ranked[start : start + size]
+        rows = [
+            {
+                "teamId": i + 1,
+                "teamName": name,
+                "submissionDate": _iso(_now() - timedelta(hours=1)),
+                "score": f"{score:.5f}",
+            }
+            for i, (name, score) in enumerate(page, start)
+        ]
         more = start + size < len(ranked)
         return 200, {"submissions": rows, "nextPageToken": str(start + size) if more else ""}
 
@@ -405,8 +483,13 @@ class _Handler(BaseHTTPRequestHandler):
                 self.rfile.readline()
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
-    def _send(self, status: int, body: bytes = b"", ctype: str = "application/json",
-              headers: dict[str, str] | None = None) -> None:
+    def _send(
+        self,
+        status: int,
+        body: bytes = b"",
+        ctype: str = "application/json",
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -419,19 +502,21 @@ class _Handler(BaseHTTPRequestHandler):
         path, raw = urlsplit(self.path).path, self._body()
         if not path.startswith(SERVICES):
             return self._send(404, b'{"code": 404, "message": "not found"}')
-        status, out = self.fake.api(path.rsplit("/", 1)[-1], json.loads(raw or b"{}"), self.headers.get("Authorization"))
+        status, out = self.fake.api(
+            path.rsplit("/", 1)[-1], json.loads(raw or b"{}"), self.headers.get("Authorization")
+        )
         if status == 302:
             return self._send(302, headers={"Location": out["Location"]})
         self._send(status, json.dumps(out).encode())
 
     def do_GET(self) -> None:
         path = urlsplit(self.path).path
-        data = self.fake.file_bytes(path[len("/files/"):]) if path.startswith("/files/") else None
+        data = self.fake.file_bytes(path[len("/files/") :]) if path.startswith("/files/") else None
         if data is None:
             return self._send(404, b"not found", "text/plain")
         self._send(200, data, "application/zip" if path.endswith(".zip") else "application/octet-stream")
 
     def do_PUT(self) -> None:
         path, raw = urlsplit(self.path).path, self._body()
-        ok = path.startswith("/upload/") and self.fake.upload(path[len("/upload/"):], raw)
+        ok = path.startswith("/upload/") and self.fake.upload(path[len("/upload/") :], raw)
         self._send(200 if ok else 404, b"" if ok else b"unknown upload", "text/plain")

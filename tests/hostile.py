@@ -54,9 +54,16 @@ class Hostile:
 
     def overrides(self) -> list[str]:
         """Every output under root (never the repository's data/, folds/, runs/)."""
-        dirs = {"data_root": "data", "folds_dir": "folds", "runs_dir": "runs", "predictions_dir": "predictions",
-                "submissions_dir": "submissions"}
-        return [f"paths.{k}={self.root / v}" for k, v in dirs.items()] + [f"data.cache_dir={self.root / 'cache'}"]
+        dirs = {
+            "data_root": "data",
+            "folds_dir": "folds",
+            "runs_dir": "runs",
+            "predictions_dir": "predictions",
+            "submissions_dir": "submissions",
+        }
+        return [f"paths.{k}={self.root / v}" for k, v in dirs.items()] + [
+            f"data.cache_dir={self.root / 'cache'}"
+        ]
 
     def argv(self, stage: str, *extra: str, pre: tuple[str, ...] = ()) -> list[str]:
         """`kpipe <stage> [pre...] -c exp --comp comp <paths> <extra>`; `pre` holds positionals like a file."""
@@ -85,7 +92,9 @@ def png(rgb: np.ndarray) -> bytes:
 
 
 def jpeg(rgb: np.ndarray) -> bytes:
-    return cv2.imencode(".jpg", np.ascontiguousarray(rgb[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+    return cv2.imencode(".jpg", np.ascontiguousarray(rgb[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 95])[
+        1
+    ].tobytes()
 
 
 def rgba_png(rgb: np.ndarray) -> bytes:
@@ -106,7 +115,9 @@ def cmyk_jpeg(rgb: np.ndarray) -> bytes:
 
 def exif_jpeg(rgb: np.ndarray) -> bytes:
     """Stored sideways with EXIF orientation 6: a 32x20 (w x h) file that displays 20 wide, 32 high."""
-    stored = np.ascontiguousarray(np.rot90(rgb[:, 6:26], k=1))  # orientation 6 = rotate 90 clockwise to display
+    stored = np.ascontiguousarray(
+        np.rot90(rgb[:, 6:26], k=1)
+    )  # orientation 6 = rotate 90 clockwise to display
     exif = Image.Exif()
     exif[0x0112] = 6
     buf = io.BytesIO()
@@ -186,7 +197,9 @@ def _write_train(h: Hostile, rng: np.random.Generator) -> None:
     if h.layout == "csv":
         rows.append((MISSING[0], " dog "))
         h.bad_train[MISSING[0]] = MISSING[1]
-        pd.DataFrame(rows, columns=["id", "label"]).to_csv(h.data_dir / "train.csv", index=False, encoding="utf-8")
+        pd.DataFrame(rows, columns=["id", "label"]).to_csv(
+            h.data_dir / "train.csv", index=False, encoding="utf-8"
+        )
     else:
         (train / "cat" / "notes.txt").write_text("labelling notes, not an image\n", encoding="utf-8")
 

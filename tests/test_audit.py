@@ -63,18 +63,27 @@ def plant(train: Path, test: Path, n: int = 12, seed: int = 0) -> pd.DataFrame:
     (train / "text.png").write_text("id,label\nnot,an image\n")
     cv2.imwrite(str(train / "tiny.png"), texture(rng, 20))
     cv2.imwrite(str(train / "wide.png"), cv2.resize(texture(rng, 48), (200, 40)))
-    rows += [("dup_exact", "train", "cat", train / "dup_exact.png"), ("dup_conflict", "train", "fox", train / "dup_conflict.png"),
-             ("near", "train", "fox", train / "near.jpg"), ("trunc_jpg", "train", "cat", train / "trunc.jpg"),
-             ("trunc_png", "train", "dog", train / "trunc.png"), ("empty", "train", "cat", train / "empty.png"),
-             ("text", "train", "dog", train / "text.png"), ("tiny", "train", "cat", train / "tiny.png"),
-             ("wide", "train", "dog", train / "wide.png")]
+    rows += [
+        ("dup_exact", "train", "cat", train / "dup_exact.png"),
+        ("dup_conflict", "train", "fox", train / "dup_conflict.png"),
+        ("near", "train", "fox", train / "near.jpg"),
+        ("trunc_jpg", "train", "cat", train / "trunc.jpg"),
+        ("trunc_png", "train", "dog", train / "trunc.png"),
+        ("empty", "train", "cat", train / "empty.png"),
+        ("text", "train", "dog", train / "text.png"),
+        ("tiny", "train", "cat", train / "tiny.png"),
+        ("wide", "train", "dog", train / "wide.png"),
+    ]
     for j in range(4):
         cv2.imwrite(str(test / f"t{j}.png"), texture(rng, 48))
         rows.append((f"t{j}", "test", "", test / f"t{j}.png"))
     near_copy(train / "a03.png", test / "t_leak.jpg", size=56)
     shutil.copy(train / "a04.png", test / "t_exact.png")
-    rows += [("t_leak", "test", "", test / "t_leak.jpg"), ("t_exact", "test", "", test / "t_exact.png"),
-             ("t_missing", "test", "", test / "t_missing.png")]
+    rows += [
+        ("t_leak", "test", "", test / "t_leak.jpg"),
+        ("t_exact", "test", "", test / "t_exact.png"),
+        ("t_missing", "test", "", test / "t_missing.png"),
+    ]
     return pd.DataFrame(rows, columns=["id", "split", "label", "path"]).astype({"path": str})
 
 
@@ -119,7 +128,9 @@ def test_jpeg_missing_only_its_end_marker_is_truncated(tmp_path: Path) -> None:
 def test_jpeg_with_trailing_data_is_fine(tmp_path: Path) -> None:
     p = tmp_path / "x.jpg"
     cv2.imwrite(str(p), texture(np.random.default_rng(1), 64))
-    p.write_bytes(p.read_bytes() + b"\x00" * 16 + b"trailer\xff\xda\x00\x04xx")  # camera/motion-photo trailers
+    p.write_bytes(
+        p.read_bytes() + b"\x00" * 16 + b"trailer\xff\xda\x00\x04xx"
+    )  # camera/motion-photo trailers
     assert audit.inspect_file(str(p))["reason"] == ""
 
 
@@ -136,8 +147,17 @@ def test_modes_and_bit_depth(tmp_path: Path) -> None:
     got = {p.name: audit.inspect_file(str(p)) for p in tmp_path.iterdir()}
     assert all(r["reason"] == "" for r in got.values())
     assert (got["g16.png"]["mode"], got["g16.png"]["bit_depth"]) == ("I;16", 16)
-    assert (got["rgb16.png"]["mode"], got["rgb16.png"]["bit_depth"]) == ("RGB", 16)  # Pillow says RGB; the header says 16
-    assert [got[n]["mode"] for n in ("rgba.png", "pal.png", "gray.png", "cmyk.jpg", "rgb.jpg")] == ["RGBA", "P", "L", "CMYK", "RGB"]
+    assert (got["rgb16.png"]["mode"], got["rgb16.png"]["bit_depth"]) == (
+        "RGB",
+        16,
+    )  # Pillow says RGB; the header says 16
+    assert [got[n]["mode"] for n in ("rgba.png", "pal.png", "gray.png", "cmyk.jpg", "rgb.jpg")] == [
+        "RGBA",
+        "P",
+        "L",
+        "CMYK",
+        "RGB",
+    ]
     # one picture, six encodings: the hash sees the same image
     hashes = [got[n]["phash"] for n in got]
     assert max(bin(a ^ b).count("1") for a, b in itertools.combinations(hashes, 2)) <= audit.NEAR_THRESHOLD
@@ -162,7 +182,10 @@ def test_phash_near_copy_close_distinct_far(tmp_path: Path) -> None:
         cv2.imwrite(str(p), texture(rng, 48))
         hashes.append(audit.inspect_file(str(p))["phash"])
     near_copy(tmp_path / "0.png", tmp_path / "0.jpg", 36)
-    assert bin(hashes[0] ^ audit.inspect_file(str(tmp_path / "0.jpg"))["phash"]).count("1") <= audit.NEAR_THRESHOLD
+    assert (
+        bin(hashes[0] ^ audit.inspect_file(str(tmp_path / "0.jpg"))["phash"]).count("1")
+        <= audit.NEAR_THRESHOLD
+    )
     assert min(bin(a ^ b).count("1") for a, b in itertools.combinations(hashes, 2)) > audit.NEAR_THRESHOLD
 
 
@@ -177,11 +200,16 @@ def test_pool_gives_the_serial_result(items: pd.DataFrame) -> None:
 def test_hash_pairs_match_brute_force() -> None:
     rng = np.random.default_rng(4)
     base = rng.integers(0, 2**63, 150, dtype=np.uint64)
-    flips = np.array([sum(1 << int(b) for b in rng.choice(64, k, replace=False)) for k in rng.integers(0, 9, 150)],
-                     dtype=np.uint64)
+    flips = np.array(
+        [sum(1 << int(b) for b in rng.choice(64, k, replace=False)) for k in rng.integers(0, 9, 150)],
+        dtype=np.uint64,
+    )
     h = np.concatenate([base, base ^ flips])  # each base hash has a copy 0-8 bits away
-    want = {(i, j, bin(int(h[i]) ^ int(h[j])).count("1")) for i, j in itertools.combinations(range(len(h)), 2)
-            if bin(int(h[i]) ^ int(h[j])).count("1") <= 6}
+    want = {
+        (i, j, bin(int(h[i]) ^ int(h[j])).count("1"))
+        for i, j in itertools.combinations(range(len(h)), 2)
+        if bin(int(h[i]) ^ int(h[j])).count("1") <= 6
+    }
     for block_elems in (1, 97, 1 << 22):  # one row per block, ragged blocks, everything at once
         i, j, d = dedup.hash_pairs(h, 6, block_elems)
         assert set(zip(i.tolist(), j.tolist(), d.tolist(), strict=True)) == want
@@ -192,11 +220,19 @@ def test_expand_pairs_lists_every_item_pair_and_caps() -> None:
     rng = np.random.default_rng(6)
     t0, t4 = rng.integers(0, 256, (2, 1024))
     thumbs = np.stack([t0, t0, t0, np.clip(t0 + rng.integers(-3, 4, 1024), 0, 255), t4]).astype(np.uint8)
-    h = np.array([5, 5, 5, 7, 5], dtype=np.uint64)  # 5 and 7: one bit apart; item 4 shares the hash, not the look
+    h = np.array(
+        [5, 5, 5, 7, 5], dtype=np.uint64
+    )  # 5 and 7: one bit apart; item 4 shares the hash, not the look
     a, b, d, s, cut = dedup.expand_pairs(dedup.dup_graph(h, thumbs, 6, 0.97))
     assert not cut
     assert sorted(zip(a.tolist(), b.tolist(), d.tolist(), strict=True)) == [
-        (0, 1, 0), (0, 2, 0), (0, 3, 1), (1, 2, 0), (1, 3, 1), (2, 3, 1)]
+        (0, 1, 0),
+        (0, 2, 0),
+        (0, 3, 1),
+        (1, 2, 0),
+        (1, 3, 1),
+        (2, 3, 1),
+    ]
     assert s.min() > 0.99
     a, _, _, _, cut = dedup.expand_pairs(dedup.dup_graph(h, thumbs, 6, 0.97), max_pairs=4)
     assert cut and len(a) == 4
@@ -231,7 +267,9 @@ def test_group_edges_give_the_components_of_all_pairs() -> None:
     both = is_train[a] & is_train[b]
     want = dedup.connected_groups(names, a[both], b[both])
     got = dedup.connected_groups(names, *dedup.train_group_edges(g, is_train))
-    assert [w for w, t in zip(want, is_train, strict=True) if t] == [x for x, t in zip(got, is_train, strict=True) if t]
+    assert [w for w, t in zip(want, is_train, strict=True) if t] == [
+        x for x, t in zip(got, is_train, strict=True) if t
+    ]
     assert len(set(got)) > 30  # the far variants stay apart
 
 
@@ -259,12 +297,20 @@ def test_look_alike_digits_do_not_chain_into_one_group() -> None:
 
 def test_tables_find_planted_problems(tables: dict[str, pd.DataFrame]) -> None:
     bad = tables["unreadable"].set_index("id")["reason"].to_dict()
-    assert bad == {"empty": "zero_byte", "text": "not_image", "trunc_jpg": "truncated", "trunc_png": "truncated",
-                   "t_missing": "missing"}
+    assert bad == {
+        "empty": "zero_byte",
+        "text": "not_image",
+        "trunc_jpg": "truncated",
+        "trunc_png": "truncated",
+        "t_missing": "missing",
+    }
     exact = tables["exact_duplicates"].groupby("sha256")["id"].apply(sorted).tolist()
     assert sorted(exact) == [["a00", "dup_exact"], ["a01", "dup_conflict"], ["a04", "t_exact"]]
     near = set(zip(tables["near_duplicates"]["id_a"], tables["near_duplicates"]["id_b"], strict=True))
-    assert near == {("a02", "near"), ("a03", "t_leak")}  # exact copies listed once, as exact; nothing distinct
+    assert near == {
+        ("a02", "near"),
+        ("a03", "t_leak"),
+    }  # exact copies listed once, as exact; nothing distinct
     leak = tables["leakage"].set_index("test_id")
     assert leak.loc["t_leak", "train_id"] == "a03" and not leak.loc["t_leak", "exact"]
     assert leak.loc["t_exact", "train_id"] == "a04" and leak.loc["t_exact", "distance"] == 0
@@ -292,8 +338,12 @@ def test_run_writes_every_file(tmp_path: Path) -> None:
     data = tmp_path / "comp"
     items = plant(data / "train", data / "test")
     train = items[(items["split"] == "train") & (items["id"] != "text")]  # text.png: its id would not resolve
-    pd.DataFrame({"id": train["id"].str.replace("trunc_jpg", "trunc").str.replace("trunc_png", "trunc"),
-                  "label": train["label"]}).drop_duplicates("id").to_csv(data / "train.csv", index=False)
+    pd.DataFrame(
+        {
+            "id": train["id"].str.replace("trunc_jpg", "trunc").str.replace("trunc_png", "trunc"),
+            "label": train["label"],
+        }
+    ).drop_duplicates("id").to_csv(data / "train.csv", index=False)
     (data / "train" / "trunc.png").rename(data / "train" / "trunc2.png")
     test_ids = items.loc[items["split"] == "test", "id"]
     pd.DataFrame({"id": test_ids, "label": "cat"}).to_csv(data / "sample_submission.csv", index=False)
@@ -304,12 +354,25 @@ def test_run_writes_every_file(tmp_path: Path) -> None:
     summary = audit.run(cfg, workers=1)
 
     out = paths.work_dir(cfg) / "audit"
-    for name in ("images", "unreadable", "modes", "odd_sizes", "exact_duplicates", "near_duplicates", "leakage",
-                 "label_conflicts", "groups"):
+    for name in (
+        "images",
+        "unreadable",
+        "modes",
+        "odd_sizes",
+        "exact_duplicates",
+        "near_duplicates",
+        "leakage",
+        "label_conflicts",
+        "groups",
+    ):
         assert (out / f"{name}.csv").is_file(), name
     assert (out / "summary.json").is_file()
     bad = read_csv_ids(out / "unreadable.csv").set_index("id")["reason"].to_dict()
-    assert bad == {"empty": "zero_byte", "trunc": "truncated", "t_missing": "missing"}  # empty: left out by ingest too
+    assert bad == {
+        "empty": "zero_byte",
+        "trunc": "truncated",
+        "t_missing": "missing",
+    }  # empty: left out by ingest too
     groups = read_csv_ids(out / "groups.csv")
     assert len(groups) == len(train) - 1 and groups["id"].is_unique
     assert summary["leaked_test_ids"] == 2 and summary["label_conflict_groups"] == 1

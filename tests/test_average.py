@@ -60,8 +60,11 @@ def test_averaged_state_survives_a_state_dict_round_trip() -> None:
 @pytest.mark.slow
 def test_fold_scores_raw_ema_swa_and_keeps_the_best(tmp_path: Path) -> None:
     comp = write_competition(tmp_path, n_per_class=6)
-    cfg = tiny_config(tmp_path, comp, ["train.epochs=2", "train.folds=0", "train.ema=true", "train.swa=true",
-                                       "train.swa_epochs=2"])
+    cfg = tiny_config(
+        tmp_path,
+        comp,
+        ["train.epochs=2", "train.folds=0", "train.ema=true", "train.swa=true", "train.swa_epochs=2"],
+    )
     folds.run(cfg)
     result = train.run(cfg)
     fdir = paths.run_dir(cfg).fold(0)

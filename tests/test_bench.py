@@ -87,29 +87,57 @@ def test_make_plan_and_targets() -> None:
         bench.make_plan(1000, 0, False)
     with pytest.raises(KpipeError, match="--images"):
         bench.make_plan(10, 3, False)
-    res = {"data": {"ratios": {"kpipe_files": 2.0, "kpipe_cache": 2.0, "kpipe_cache_batch_aug": 5.0}},
-           "inference": {"ratios": {"hflip_cost": 2.1, "kpipe_infer_auto": 3.2}}, "training": {"ratios": {"kpipe": 0.99}}}
+    res = {
+        "data": {"ratios": {"kpipe_files": 2.0, "kpipe_cache": 2.0, "kpipe_cache_batch_aug": 5.0}},
+        "inference": {"ratios": {"hflip_cost": 2.1, "kpipe_infer_auto": 3.2}},
+        "training": {"ratios": {"kpipe": 0.99}},
+    }
     met = {t["key"]: t["met"] for t in bench.check_targets(res)}
-    assert met == {"data.ratios.kpipe_files": True, "data.ratios.kpipe_cache": False,
-                   "data.ratios.kpipe_cache_batch_aug": True, "inference.ratios.hflip_cost": False,
-                   "inference.ratios.kpipe_infer_auto": True, "training.ratios.kpipe": True}
+    assert met == {
+        "data.ratios.kpipe_files": True,
+        "data.ratios.kpipe_cache": False,
+        "data.ratios.kpipe_cache_batch_aug": True,
+        "inference.ratios.hflip_cost": False,
+        "inference.ratios.kpipe_infer_auto": True,
+        "training.ratios.kpipe": True,
+    }
 
 
 def test_quick_bench_end_to_end(tmp_path: Path) -> None:
     res = bench.run(tmp_path, n_images=64, repeats=1, quick=True)
     saved = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
-    assert {"command", "machine", "plan", "data", "inference", "training", "gpu", "targets", "seconds"} <= saved.keys()
+    assert {
+        "command",
+        "machine",
+        "plan",
+        "data",
+        "inference",
+        "training",
+        "gpu",
+        "targets",
+        "seconds",
+    } <= saved.keys()
     assert {"cpu", "cores", "torch", "timm", "albumentations", "cv2"} <= saved["machine"].keys()
-    cases = {"tutorial", "kpipe_files", "kpipe_cache", "kpipe_cache_batch_aug",
-             "ceiling_decode", "ceiling_cache_to_float"}
+    cases = {
+        "tutorial",
+        "kpipe_files",
+        "kpipe_cache",
+        "kpipe_cache_batch_aug",
+        "ceiling_decode",
+        "ceiling_cache_to_float",
+    }
     assert cases <= saved["data"].keys() and set(saved["data"]["ratios"]) == cases - {"tutorial"}
     assert all(saved["data"][c]["median"] > 0 and len(saved["data"][c]["runs"]) == 1 for c in cases)
-    assert {"kpipe_infer", "kpipe_infer_hflip", "fp32", "fp32_hflip"} <= saved["inference"].keys() and "hflip_cost" in saved["inference"]["ratios"]
+    assert {"kpipe_infer", "kpipe_infer_hflip", "fp32", "fp32_hflip"} <= saved[
+        "inference"
+    ].keys() and "hflip_cost" in saved["inference"]["ratios"]
     assert "kpipe_infer_auto" in saved["inference"]["ratios"]
     auto = saved["inference"]["auto_precision"]
     assert auto["form"].endswith("+ channels_last") and 0 <= auto["argmax_agreement"] <= 1
     assert "kpipe" in saved["training"]["ratios"]
-    assert len(saved["targets"]) == len(bench.TARGETS) and all(isinstance(t["met"], bool) for t in saved["targets"])
+    assert len(saved["targets"]) == len(bench.TARGETS) and all(
+        isinstance(t["met"], bool) for t in saved["targets"]
+    )
     if not torch.cuda.is_available():
         assert "skipped" in saved["gpu"]
     md = (tmp_path / "results.md").read_text(encoding="utf-8")

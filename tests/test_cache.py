@@ -144,8 +144,12 @@ def test_build_waits_for_the_lock_without_fcntl(tmp_path: Path) -> None:
     """A second builder of one cache waits for the first on every OS (Windows has no fcntl)."""
     images = _images(tmp_path / "img", 3)
     target = tmp_path / "c" / "train.npy"
-    out = subprocess.run([sys.executable, "-c", WAITS_FOR_LOCK, str(target), *images],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", WAITS_FOR_LOCK, str(target), *images],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["waited", "built"]
 

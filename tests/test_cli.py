@@ -15,8 +15,24 @@ from conftest import tiny_config, write_competition
 from kpipe import cli, paths
 from kpipe.stages import folds
 
-COMMANDS = ["demo-data", "demo-report", "audit", "folds", "train", "relabel", "infer", "oof-tta", "ensemble",
-            "validate-submission", "kaggle", "submit", "lb", "bench", "package", "kernel"]
+COMMANDS = [
+    "demo-data",
+    "demo-report",
+    "audit",
+    "folds",
+    "train",
+    "relabel",
+    "infer",
+    "oof-tta",
+    "ensemble",
+    "validate-submission",
+    "kaggle",
+    "submit",
+    "lb",
+    "bench",
+    "package",
+    "kernel",
+]
 
 
 def test_top_level_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
@@ -29,7 +45,9 @@ def test_top_level_help_lists_every_command(capsys: pytest.CaptureFixture[str]) 
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_every_subcommand_help_describes_its_options(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_every_subcommand_help_describes_its_options(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as e:
         cli.main([command, "--help"])
     assert e.value.code == 0
@@ -44,7 +62,9 @@ def test_fold_per_gpu_runs_each_fold_in_its_own_process(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path, comp)
     folds.run(cfg)
     exp = tmp_path / "tiny_exp.yaml"
-    where = [f"paths.{k}={v}" for k, v in cfg.paths.model_dump().items()] + [f"data.cache_dir={cfg.data.cache_dir}"]
+    where = [f"paths.{k}={v}" for k, v in cfg.paths.model_dump().items()] + [
+        f"data.cache_dir={cfg.data.cache_dir}"
+    ]
     code = cli.main(["train", "--fold-per-gpu", "-c", str(exp), "--comp", str(comp), *where])
     assert code == 0
     oof = pd.read_csv(paths.run_dir(cfg).root / "oof.csv", dtype={"id": str})
@@ -67,14 +87,19 @@ print(applied, (rss() - before) // 2**20)
 """
 
 
-@pytest.mark.skipif(not Path("/proc/self/statm").exists() or platform.libc_ver()[0] != "glibc",
-                    reason="Linux with glibc only")
+@pytest.mark.skipif(
+    not Path("/proc/self/statm").exists() or platform.libc_ver()[0] != "glibc", reason="Linux with glibc only"
+)
 @pytest.mark.parametrize("setting", ["1", "0"])
 def test_freed_memory_is_kept_for_reuse_unless_opted_out(setting: str) -> None:
     env = {**os.environ, "KPIPE_KEEP_FREED_MEMORY": setting}
-    out = subprocess.run([sys.executable, "-c", RSS_AFTER_FREE], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", RSS_AFTER_FREE], env=env, capture_output=True, text=True, check=True
+    )
     applied, kept_mb = out.stdout.split()
     if setting == "1":
-        assert applied == "True" and int(kept_mb) >= 60  # the freed block stays mapped, ready for the next step
+        assert (
+            applied == "True" and int(kept_mb) >= 60
+        )  # the freed block stays mapped, ready for the next step
     else:
         assert applied == "False" and int(kept_mb) < 8  # glibc's default: handed back at once

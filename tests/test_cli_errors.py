@@ -29,14 +29,36 @@ class Tiny:
     def data(self) -> Path:
         return self.root / "data" / "tiny"
 
-    def argv(self, stage: str, *extra: str, pre: tuple[str, ...] = (), file: str | None = None,
-             comp: str | None = None) -> list[str]:
+    def argv(
+        self,
+        stage: str,
+        *extra: str,
+        pre: tuple[str, ...] = (),
+        file: str | None = None,
+        comp: str | None = None,
+    ) -> list[str]:
         """`kpipe <stage> [pre] -c exp --comp comp [file] <paths> <extra>`; outputs all under root."""
-        paths = [f"paths.{k}={self.root / v}" for k, v in {"data_root": "data", "folds_dir": "folds", "runs_dir": "runs",
-                                                            "predictions_dir": "predictions",
-                                                            "submissions_dir": "submissions"}.items()]
-        return [stage, *pre, "-c", str(self.exp), "--comp", comp or str(self.comp), *([file] if file else []),
-                *paths, *extra]
+        paths = [
+            f"paths.{k}={self.root / v}"
+            for k, v in {
+                "data_root": "data",
+                "folds_dir": "folds",
+                "runs_dir": "runs",
+                "predictions_dir": "predictions",
+                "submissions_dir": "submissions",
+            }.items()
+        ]
+        return [
+            stage,
+            *pre,
+            "-c",
+            str(self.exp),
+            "--comp",
+            comp or str(self.comp),
+            *([file] if file else []),
+            *paths,
+            *extra,
+        ]
 
 
 @pytest.fixture
@@ -85,8 +107,12 @@ def test_missing_experiment_file(tiny: Tiny, capsys: pytest.CaptureFixture[str])
 
 
 def test_unknown_config_key_suggests_the_right_one(tiny: Tiny, capsys: pytest.CaptureFixture[str]) -> None:
-    assert_clear_error(tiny.argv("folds", "train.lr_rate=3e-4"), capsys, "unknown key 'train.lr_rate'",
-                       "did you mean 'train.lr'")
+    assert_clear_error(
+        tiny.argv("folds", "train.lr_rate=3e-4"),
+        capsys,
+        "unknown key 'train.lr_rate'",
+        "did you mean 'train.lr'",
+    )
 
 
 def test_unknown_key_in_a_yaml_file_names_the_file(tiny: Tiny, capsys: pytest.CaptureFixture[str]) -> None:
@@ -103,17 +129,20 @@ def test_wrong_label_column(tiny: Tiny, capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_missing_sample_submission(tiny: Tiny, capsys: pytest.CaptureFixture[str]) -> None:
-    assert_clear_error(tiny.argv("audit", "competition.sample_submission=missing.csv"), capsys, "missing.csv",
-                       "not found")
+    assert_clear_error(
+        tiny.argv("audit", "competition.sample_submission=missing.csv"), capsys, "missing.csv", "not found"
+    )
     _folds(tiny, capsys)
-    assert_clear_error(tiny.argv("infer", "competition.sample_submission=missing.csv"), capsys, "missing.csv",
-                       "not found")
+    assert_clear_error(
+        tiny.argv("infer", "competition.sample_submission=missing.csv"), capsys, "missing.csv", "not found"
+    )
 
 
 def test_missing_weights_file(tiny: Tiny, capsys: pytest.CaptureFixture[str]) -> None:
     _folds(tiny, capsys)
-    assert_clear_error(tiny.argv("train", "model.weights=missing.pt"), capsys, "model.weights", "missing.pt",
-                       "not found")
+    assert_clear_error(
+        tiny.argv("train", "model.weights=missing.pt"), capsys, "model.weights", "missing.pt", "not found"
+    )
 
 
 def test_unknown_model_name(tiny: Tiny, capsys: pytest.CaptureFixture[str]) -> None:
@@ -151,8 +180,9 @@ def test_impossible_loader_settings(tiny: Tiny, capsys: pytest.CaptureFixture[st
 
 
 def test_data_folder_missing(tiny: Tiny, capsys: pytest.CaptureFixture[str]) -> None:
-    assert_clear_error(tiny.argv("folds", f"competition.data_dir={tiny.root / 'nowhere'}"), capsys, "nowhere",
-                       "not found")
+    assert_clear_error(
+        tiny.argv("folds", f"competition.data_dir={tiny.root / 'nowhere'}"), capsys, "nowhere", "not found"
+    )
 
 
 def test_class_folders_without_images(tiny: Tiny, capsys: pytest.CaptureFixture[str]) -> None:
@@ -180,8 +210,11 @@ def test_no_usable_training_image(tiny: Tiny, capsys: pytest.CaptureFixture[str]
     assert_clear_error(tiny.argv("folds", *extra), capsys, "train")
 
 
-@pytest.mark.parametrize("content", [b"", "id,label\ncat_000,caf\xe9\n".encode("latin-1"),
-                                     b'id,label\n"cat_000,cat\ncat_001,cat\n'], ids=["empty", "latin-1", "open quote"])
+@pytest.mark.parametrize(
+    "content",
+    [b"", "id,label\ncat_000,caf\xe9\n".encode("latin-1"), b'id,label\n"cat_000,cat\ncat_001,cat\n'],
+    ids=["empty", "latin-1", "open quote"],
+)
 def test_unreadable_train_csv(tiny: Tiny, capsys: pytest.CaptureFixture[str], content: bytes) -> None:
     (tiny.data / "train.csv").write_bytes(content)
     assert_clear_error(tiny.argv("folds"), capsys, "train.csv")
@@ -207,8 +240,9 @@ def test_stage_before_train(tiny: Tiny, capsys: pytest.CaptureFixture[str], stag
 def test_validate_a_file_that_is_not_there(tiny: Tiny, capsys: pytest.CaptureFixture[str]) -> None:
     _folds(tiny, capsys)
     missing = str(tiny.root / "submissions" / "nope.csv")
-    assert_clear_error(["validate-submission", missing, "-c", str(tiny.exp), "--comp", str(tiny.comp)], capsys,
-                       "nope.csv")
+    assert_clear_error(
+        ["validate-submission", missing, "-c", str(tiny.exp), "--comp", str(tiny.comp)], capsys, "nope.csv"
+    )
 
 
 def test_validate_a_file_that_is_not_a_csv(tiny: Tiny, capsys: pytest.CaptureFixture[str]) -> None:
@@ -220,19 +254,25 @@ def test_validate_a_file_that_is_not_a_csv(tiny: Tiny, capsys: pytest.CaptureFix
 # ------------------------------------------------------------------ the command line itself
 
 
-def test_overrides_may_follow_the_file_argument_and_flags(tiny: Tiny, capsys: pytest.CaptureFixture[str]) -> None:
+def test_overrides_may_follow_the_file_argument_and_flags(
+    tiny: Tiny, capsys: pytest.CaptureFixture[str]
+) -> None:
     _folds(tiny, capsys)
     sample = tiny.data / "sample_submission.csv"
     rc, text = run_cli(tiny.argv("validate-submission", pre=(str(sample),)), capsys)
     assert rc == 0, text
     # ...and a stray word is still refused, by argparse, without a traceback.
-    assert_clear_error(tiny.argv("validate-submission", "oops", pre=(str(sample),)), capsys, "unrecognized", "oops")
+    assert_clear_error(
+        tiny.argv("validate-submission", "oops", pre=(str(sample),)), capsys, "unrecognized", "oops"
+    )
 
 
 # ------------------------------------------------------------------ the machine
 
 
-def test_disk_full_says_so(tiny: Tiny, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_full_says_so(
+    tiny: Tiny, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     def full(src: object, dst: object) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
 

@@ -27,8 +27,17 @@ DIRS = ["paths.packages_dir", "paths.kernels_dir"]
 
 def setup(root: Path, overrides: list[str] = ()) -> Config:
     comp = write_competition(root)
-    cfg = tiny_config(root, comp, ["name=a", f"paths.packages_dir={root / 'package'}",
-                                   f"paths.kernels_dir={root / 'kernels'}", "package.owner=tester", *overrides])
+    cfg = tiny_config(
+        root,
+        comp,
+        [
+            "name=a",
+            f"paths.packages_dir={root / 'package'}",
+            f"paths.kernels_dir={root / 'kernels'}",
+            "package.owner=tester",
+            *overrides,
+        ],
+    )
     folds.run(cfg)
     make_run(cfg)
     return cfg
@@ -45,8 +54,16 @@ def test_package_holds_what_infer_needs(packaged: Config) -> None:
     where = paths.package_dir(packaged)
     man = json.loads(where.manifest.read_text())
     names = {f["path"] for f in man["files"]}
-    assert {"kpipe_package.json", "config.yaml", "classes.json", "dataset-metadata.json",
-            "runs/a/config.yaml", "runs/a/fold0.safetensors", "runs/a/fold0.json", "runs/a/fold1.safetensors"} <= names
+    assert {
+        "kpipe_package.json",
+        "config.yaml",
+        "classes.json",
+        "dataset-metadata.json",
+        "runs/a/config.yaml",
+        "runs/a/fold0.safetensors",
+        "runs/a/fold0.json",
+        "runs/a/fold1.safetensors",
+    } <= names
     assert any(n.startswith("wheels/kpipe-") and n.endswith(".whl") for n in names)
     assert not any(n.endswith(".pt") for n in names)  # no pickle travels
     for f in man["files"]:
@@ -60,8 +77,13 @@ def test_package_holds_what_infer_needs(packaged: Config) -> None:
 
 def test_infer_from_package_equals_infer_from_runs(packaged: Config) -> None:
     a = infer.run(packaged)
-    pcfg = packaged.model_copy(update={"infer": packaged.infer.model_copy(
-        update={"package": str(paths.package_dir(packaged).root), "name": "frompkg"})})
+    pcfg = packaged.model_copy(
+        update={
+            "infer": packaged.infer.model_copy(
+                update={"package": str(paths.package_dir(packaged).root), "name": "frompkg"}
+            )
+        }
+    )
     b = infer.run(pcfg)
     pa = read_csv_ids(Path(a["predictions"]) / "probs.csv").drop(columns="id").astype(float).to_numpy()
     pb = read_csv_ids(Path(b["predictions"]) / "probs.csv").drop(columns="id").astype(float).to_numpy()
@@ -102,7 +124,11 @@ def test_dry_run_equals_infer_and_resizes(packaged: Config) -> None:
     assert report["same_as_infer"] is True
     np.testing.assert_array_equal(
         read_csv_ids(kd.dry_run / "public" / "probs.csv").drop(columns="id").astype(float).to_numpy(),
-        read_csv_ids(Path(packaged.paths.predictions_dir) / "a" / "probs.csv").drop(columns="id").astype(float).to_numpy())
+        read_csv_ids(Path(packaged.paths.predictions_dir) / "a" / "probs.csv")
+        .drop(columns="id")
+        .astype(float)
+        .to_numpy(),
+    )
     big = read_csv_ids(kd.dry_run / "rows10" / "submission.csv")
     assert len(big) == 10 and big["id"].iloc[7] == "r000007_t001"
     assert [c["rows"] for c in report["cases"]] == [6, 10]
@@ -119,8 +145,13 @@ def test_projection_is_a_line_through_the_two_runs() -> None:
 def test_repeat_test_keeps_the_id_to_file_rule(tmp_path: Path) -> None:
     import pandas as pd
 
-    test = pd.DataFrame({"id": ["a", "b.png"], "path": [str(tmp_path / "a.jpg"), str(tmp_path / "b.png")],
-                         "found": [True, True]})
+    test = pd.DataFrame(
+        {
+            "id": ["a", "b.png"],
+            "path": [str(tmp_path / "a.jpg"), str(tmp_path / "b.png")],
+            "found": [True, True],
+        }
+    )
     sample = pd.DataFrame({"id": ["a", "b.png"], "label": ["x", "x"]})
     out, files = kernel.repeat_test(test, sample, "id", 5)
     assert out["id"].tolist() == ["r000000_a", "r000001_b.png", "r000002_a", "r000003_b.png", "r000004_a"]
@@ -128,27 +159,52 @@ def test_repeat_test_keeps_the_id_to_file_rule(tmp_path: Path) -> None:
 
 
 def test_package_of_an_ensemble_blends_like_infer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pkg, "build_wheel", lambda out: (out.mkdir(parents=True), (out / "kpipe-0-py3-none-any.whl")
-                                                          .write_bytes(b"wheel"))[1])
+    monkeypatch.setattr(
+        pkg,
+        "build_wheel",
+        lambda out: (out.mkdir(parents=True), (out / "kpipe-0-py3-none-any.whl").write_bytes(b"wheel"))[1],
+    )
     cfg = setup(tmp_path)
     other = cfg.model_copy(update={"name": "b"})
     make_run(other, seed=1)
     runs = [str(paths.run_dir(cfg).root), str(paths.run_dir(other).root)]
     weights = tmp_path / "ens.json"
-    weights.write_text(json.dumps({"classes": ["cat", "dog", "fox"], "how": "mean", "cv_blend": 0.77, "members": [
-        {"run": runs[0], "view": "identity", "weight": 0.7}, {"run": runs[1], "view": "hflip", "weight": 0.3},
-        {"run": runs[1], "view": "identity", "weight": 0.0}]}))
+    weights.write_text(
+        json.dumps(
+            {
+                "classes": ["cat", "dog", "fox"],
+                "how": "mean",
+                "cv_blend": 0.77,
+                "members": [
+                    {"run": runs[0], "view": "identity", "weight": 0.7},
+                    {"run": runs[1], "view": "hflip", "weight": 0.3},
+                    {"run": runs[1], "view": "identity", "weight": 0.0},
+                ],
+            }
+        )
+    )
     ens = cfg.model_copy(update={"infer": cfg.infer.model_copy(update={"ensemble_weights": str(weights)})})
     package.run(ens)
     spec = pkg.read_spec(paths.package_dir(ens).root)
-    assert [(r.tag, r.views) for r in spec.runs] == [("a", ["identity"]), ("b", ["hflip"])] and spec.cv == 0.77
+    assert [(r.tag, r.views) for r in spec.runs] == [
+        ("a", ["identity"]),
+        ("b", ["hflip"]),
+    ] and spec.cv == 0.77
     a = infer.run(ens)
-    frompkg = ens.model_copy(update={"infer": ens.infer.model_copy(
-        update={"ensemble_weights": None, "package": str(paths.package_dir(ens).root), "name": "p"})})
+    frompkg = ens.model_copy(
+        update={
+            "infer": ens.infer.model_copy(
+                update={"ensemble_weights": None, "package": str(paths.package_dir(ens).root), "name": "p"}
+            )
+        }
+    )
     b = infer.run(frompkg)
     np.testing.assert_allclose(
         read_csv_ids(Path(a["predictions"]) / "probs.csv").drop(columns="id").astype(float).to_numpy(),
-        read_csv_ids(Path(b["predictions"]) / "probs.csv").drop(columns="id").astype(float).to_numpy(), rtol=0, atol=0)
+        read_csv_ids(Path(b["predictions"]) / "probs.csv").drop(columns="id").astype(float).to_numpy(),
+        rtol=0,
+        atol=0,
+    )
     assert b["cv"] == 0.77
 
 
@@ -159,8 +215,9 @@ def test_kernel_before_package_says_what_to_run(tmp_path: Path) -> None:
 
 
 def test_infer_package_refuses_runs_too(packaged: Config) -> None:
-    pcfg = packaged.model_copy(update={"infer": packaged.infer.model_copy(
-        update={"package": str(paths.package_dir(packaged).root)})})
+    pcfg = packaged.model_copy(
+        update={"infer": packaged.infer.model_copy(update={"package": str(paths.package_dir(packaged).root)})}
+    )
     with pytest.raises(KpipeError, match="brings its own runs"):
         infer.run(pcfg, runs=["runs/x"])
 
@@ -168,8 +225,11 @@ def test_infer_package_refuses_runs_too(packaged: Config) -> None:
 def test_versions_cell_names_what_is_missing_or_out_of_range(capsys: pytest.CaptureFixture[str]) -> None:
     import sys
 
-    requires = [("numpy", "numpy", ">=1.0"), ("numpy-from-the-future", "numpy", ">=999"),
-                ("not-installed", "kpipe_no_such_module", ">=1")]
+    requires = [
+        ("numpy", "numpy", ">=1.0"),
+        ("numpy-from-the-future", "numpy", ">=999"),
+        ("not-installed", "kpipe_no_such_module", ">=1"),
+    ]
     with pytest.raises(SystemExit) as e:
         exec(notebook._VERSIONS, {"sys": sys, "REQUIRES": requires})  # noqa: S102 (our own cell, as the notebook runs it)
     assert "numpy-from-the-future" in str(e.value) and "outside kpipe's range >=999" in str(e.value)
@@ -179,13 +239,22 @@ def test_versions_cell_names_what_is_missing_or_out_of_range(capsys: pytest.Capt
 
 
 def test_requirements_come_from_pyproject_and_skip_what_infer_does_not_import() -> None:
-    got = dict((d, (m, s)) for d, m, s in notebook.requirements(["torch>=2.4", "kaggle>=2.2,<2.3", "pyyaml>=6",
-                                                                   "albumentations>=2.0,<2.1  # pinned"]))
-    assert got == {"torch": ("torch", ">=2.4"), "pyyaml": ("yaml", ">=6"), "albumentations": ("albumentations",
-                                                                                               ">=2.0,<2.1")}
+    got = dict(
+        (d, (m, s))
+        for d, m, s in notebook.requirements(
+            ["torch>=2.4", "kaggle>=2.2,<2.3", "pyyaml>=6", "albumentations>=2.0,<2.1  # pinned"]
+        )
+    )
+    assert got == {
+        "torch": ("torch", ">=2.4"),
+        "pyyaml": ("yaml", ">=6"),
+        "albumentations": ("albumentations", ">=2.0,<2.1"),
+    }
 
 
-def test_bundle_deps_downloads_wheels_at_kpipes_range(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bundle_deps_downloads_wheels_at_kpipes_range(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     asked: list[tuple[list[str], str]] = []
 
     def fake_download(specs: list[str], out: Path, python: str, platforms: list[str]) -> list[Path]:
@@ -194,18 +263,25 @@ def test_bundle_deps_downloads_wheels_at_kpipes_range(tmp_path: Path, monkeypatc
         (out / "albumentations-2.0.8-py3-none-any.whl").write_bytes(b"w")
         return sorted(out.glob("*.whl"))
 
-    monkeypatch.setattr(pkg, "build_wheel", lambda out: (out.mkdir(parents=True), (out / "kpipe-0-py3-none-any.whl")
-                                                          .write_bytes(b"wheel"))[1])
+    monkeypatch.setattr(
+        pkg,
+        "build_wheel",
+        lambda out: (out.mkdir(parents=True), (out / "kpipe-0-py3-none-any.whl").write_bytes(b"wheel"))[1],
+    )
     monkeypatch.setattr(pkg, "download_wheels", fake_download)
     cfg = setup(tmp_path, ["package.bundle_deps=albumentations,somethingelse"])
     man = package.run(cfg)
     assert asked == [(["albumentations>=2.0,<2.1", "somethingelse"], "3.11")]
     assert "wheels/deps/albumentations-2.0.8-py3-none-any.whl" in {f["path"] for f in man["files"]}
     kernel.run(cfg)
-    assert 'PKG / "wheels" / "deps"' in notebook.as_script(json.loads(paths.kernel_dir(cfg).notebook.read_text()))
+    assert 'PKG / "wheels" / "deps"' in notebook.as_script(
+        json.loads(paths.kernel_dir(cfg).notebook.read_text())
+    )
 
 
-def test_package_without_an_owner_says_where_to_set_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_package_without_an_owner_says_where_to_set_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
     cfg = setup(tmp_path, ["package.owner=null"])
     with pytest.raises(KpipeError, match="set package.owner=<your Kaggle user name>"):
@@ -215,21 +291,27 @@ def test_package_without_an_owner_says_where_to_set_it(tmp_path: Path, monkeypat
 
 def test_dry_run_tree_and_failures(packaged: Config, tmp_path: Path) -> None:
     """The simulated /kaggle as the notebook sees it; a failing or overlong notebook is a clear error."""
-    probe = ("import os, sys, urllib.request\nfrom pathlib import Path\nroot = Path(os.environ['KAGGLE_ROOT'])\n"
-             "print(sorted(p.name for p in (root / 'input').iterdir()))\n"
-             "print(sorted(p.name for p in (root / 'input' / 'tiny' / 'test').iterdir())[:2])\n"
-             "print(oct((root / 'input' / 'tiny').stat().st_mode & 0o777), Path.cwd() == root / 'working')\n"
-             "try:\n    urllib.request.urlopen('http://example.com', timeout=5)\n    print('NETWORK')\n"
-             "except OSError as e:\n    print('offline')\n"
-             "(root / 'working' / 'submission.csv').write_text('id,label\\n')\n"
-             "(root / 'working' / 'predictions' / 'submission').mkdir(parents=True)\n"
-             "(root / 'working' / 'predictions' / 'submission' / 'probs.csv').write_text('id\\n')\n")
+    probe = (
+        "import os, sys, urllib.request\nfrom pathlib import Path\nroot = Path(os.environ['KAGGLE_ROOT'])\n"
+        "print(sorted(p.name for p in (root / 'input').iterdir()))\n"
+        "print(sorted(p.name for p in (root / 'input' / 'tiny' / 'test').iterdir())[:2])\n"
+        "print(oct((root / 'input' / 'tiny').stat().st_mode & 0o777), Path.cwd() == root / 'working')\n"
+        "try:\n    urllib.request.urlopen('http://example.com', timeout=5)\n    print('NETWORK')\n"
+        "except OSError as e:\n    print('offline')\n"
+        "(root / 'working' / 'submission.csv').write_text('id,label\\n')\n"
+        "(root / 'working' / 'predictions' / 'submission').mkdir(parents=True)\n"
+        "(root / 'working' / 'predictions' / 'submission' / 'probs.csv').write_text('id\\n')\n"
+    )
     case = kernel._run_case(packaged, probe, 4, tmp_path / "probe", 120)
     log = (tmp_path / "probe" / "log.txt").read_text().splitlines()
     assert log[0] == "['a-package', 'tiny']" and log[1] == "['r000000_t000.png', 'r000001_t001.png']"
     assert log[2] == "0o550 True" and log[3] == "offline" and case["rows"] == 4
-    with pytest.raises(KpipeError, match=r"failed in the dry-run on 6 rows \(exit 1\)(.|\n)*package 'x' not found"):
-        kernel._run_case(packaged, "raise SystemExit(\"package 'x' not found\")", None, tmp_path / "fail", 120)
+    with pytest.raises(
+        KpipeError, match=r"failed in the dry-run on 6 rows \(exit 1\)(.|\n)*package 'x' not found"
+    ):
+        kernel._run_case(
+            packaged, "raise SystemExit(\"package 'x' not found\")", None, tmp_path / "fail", 120
+        )
     with pytest.raises(KpipeError, match="Notebook Timeout"):
         kernel._run_case(packaged, "import time; time.sleep(30)", None, tmp_path / "slow", 1)
 

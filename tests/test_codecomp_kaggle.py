@@ -34,20 +34,37 @@ OWNER = "kpipe-tester"
 def cfg(tmp_path: Path, tiny_comp: Path) -> Config:
     comp = yaml.safe_load(tiny_comp.read_text())
     tiny_comp.write_text(yaml.safe_dump({**comp, "kaggle_slug": "tiny"}))
-    config = tiny_config(tmp_path, tiny_comp, ["name=a", f"paths.packages_dir={tmp_path / 'package'}",
-                                               f"paths.kernels_dir={tmp_path / 'kernels'}", f"package.owner={OWNER}"])
+    config = tiny_config(
+        tmp_path,
+        tiny_comp,
+        [
+            "name=a",
+            f"paths.packages_dir={tmp_path / 'package'}",
+            f"paths.kernels_dir={tmp_path / 'kernels'}",
+            f"package.owner={OWNER}",
+        ],
+    )
     save_classes(config, CLASSES)
     return config
 
 
 def hand_package(cfg: Config) -> paths.PackageDir:
     where = paths.package_dir(cfg)
-    write_json(where.spec, {"format": 1, "name": "a-package", "runs": [{"tag": "a", "source": "runs/a", "folds": [0],
-                                                                        "views": ["identity"]}], "cv": 0.9,
-                            "metric": "accuracy"})
+    write_json(
+        where.spec,
+        {
+            "format": 1,
+            "name": "a-package",
+            "runs": [{"tag": "a", "source": "runs/a", "folds": [0], "views": ["identity"]}],
+            "cv": 0.9,
+            "metric": "accuracy",
+        },
+    )
     write_text(where.run("a") / "fold0.json", "{}")
-    write_json(where.metadata, {"title": "kpipe a-package", "id": f"{OWNER}/a-package",
-                                "licenses": [{"name": "CC0-1.0"}]})
+    write_json(
+        where.metadata,
+        {"title": "kpipe a-package", "id": f"{OWNER}/a-package", "licenses": [{"name": "CC0-1.0"}]},
+    )
     write_json(where.manifest, {"files": [], "bytes": 0, "sha256": "f" * 64})
     return where
 
@@ -85,8 +102,9 @@ def test_dataset_that_fails_processing_is_an_error(cfg: Config, fake: FakeKaggle
         datasets.upload(hand_package(cfg).root, "v1")
 
 
-def test_dataset_still_processing_after_the_wait_says_so(cfg: Config, fake: FakeKaggle,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dataset_still_processing_after_the_wait_says_so(
+    cfg: Config, fake: FakeKaggle, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fake.dataset_polls = 10_000
     monkeypatch.setenv("KPIPE_KAGGLE_WAIT_TIMEOUT", "0.05")
     with pytest.raises(KaggleError, match=r"still processing \(blobs_received\).*would not see this version"):
@@ -163,36 +181,57 @@ def test_submit_kernel_at_the_daily_limit_submits_nothing(cfg: Config, fake: Fak
     assert "CreateCodeSubmission" not in fake.calls and ledger.read(paths.ledger_csv(cfg)).empty
 
 
-def test_cli_package_upload_kernel_push_submit(tmp_path: Path, cfg: Config, fake: FakeKaggle,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_package_upload_kernel_push_submit(
+    tmp_path: Path, cfg: Config, fake: FakeKaggle, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The four commands as a user types them, against the fake (the wheel is stubbed: test_codecomp builds one)."""
     from kpipe import cli
     from kpipe.kaggle import package as pkg
     from kpipe.stages import folds
     from test_infer import make_run
 
-    monkeypatch.setattr(pkg, "build_wheel", lambda out: (out.mkdir(parents=True), (out / "kpipe-0-py3-none-any.whl")
-                                                          .write_bytes(b"wheel"))[1])
+    monkeypatch.setattr(
+        pkg,
+        "build_wheel",
+        lambda out: (out.mkdir(parents=True), (out / "kpipe-0-py3-none-any.whl").write_bytes(b"wheel"))[1],
+    )
     folds.run(cfg)
     make_run(cfg)
     fake.kernel_outputs = {"submission.csv": good_csv()}
-    args = ["-c", str(tmp_path / "tiny_exp.yaml"), "--comp", str(tmp_path / "tiny.yaml"), "name=a",
-            *[f"paths.{k}={tmp_path / v}" for k, v in {"data_root": "data", "folds_dir": "folds", "runs_dir": "runs",
-                                                         "submissions_dir": "submissions", "packages_dir": "package",
-                                                         "kernels_dir": "kernels"}.items()],
-            f"package.owner={OWNER}"]
+    args = [
+        "-c",
+        str(tmp_path / "tiny_exp.yaml"),
+        "--comp",
+        str(tmp_path / "tiny.yaml"),
+        "name=a",
+        *[
+            f"paths.{k}={tmp_path / v}"
+            for k, v in {
+                "data_root": "data",
+                "folds_dir": "folds",
+                "runs_dir": "runs",
+                "submissions_dir": "submissions",
+                "packages_dir": "package",
+                "kernels_dir": "kernels",
+            }.items()
+        ],
+        f"package.owner={OWNER}",
+    ]
     assert cli.main(["package", *args, "--upload"]) == 0
     assert fake.datasets[f"{OWNER}/a-package"]["versions"][0]["kpipe_package.json"]
     assert cli.main(["kernel", *args, "--push"]) == 0
     assert (paths.kernel_dir(cfg).output / "submission.csv").is_file()
     assert cli.main(["submit", "--kernel", f"{OWNER}/a-infer", "--version", "1", "--wait", *args]) == 0
     row = ledger.read(paths.ledger_csv(cfg)).iloc[-1]
-    assert row["public_score"] == "1.00000" and row["package_sha256"] == json.loads(
-        paths.package_dir(cfg).manifest.read_text())["sha256"]
+    assert (
+        row["public_score"] == "1.00000"
+        and row["package_sha256"] == json.loads(paths.package_dir(cfg).manifest.read_text())["sha256"]
+    )
 
 
-def test_lb_shows_csv_and_kernel_submissions_once_each(tmp_path: Path, cfg: Config, fake: FakeKaggle,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_lb_shows_csv_and_kernel_submissions_once_each(
+    tmp_path: Path, cfg: Config, fake: FakeKaggle, capsys: pytest.CaptureFixture[str]
+) -> None:
     from test_kaggle import write_sub
 
     ref = pushed(cfg, fake, {"submission.csv": good_csv()})

@@ -41,7 +41,10 @@ def test_unknown_key_names_file_and_suggestion(tmp_path: Path, comp: Path) -> No
 
 def test_unknown_section_key_in_competition_file(tmp_path: Path) -> None:
     comp = _w(tmp_path / "comp.yaml", {"name": "c1", "lable_col": "y"})
-    with pytest.raises(KpipeError, match=r"comp.yaml: unknown key 'competition.lable_col' \(did you mean 'competition.label_col'"):
+    with pytest.raises(
+        KpipeError,
+        match=r"comp.yaml: unknown key 'competition.lable_col' \(did you mean 'competition.label_col'",
+    ):
         load_config(None, comp)
 
 
@@ -131,6 +134,14 @@ def test_aug_is_a_preset_or_a_list_of_ops(comp: Path) -> None:
         load_config(None, comp, ["data.aug=hflip,hflip"])
     with pytest.raises(KpipeError, match="data.hflip=false"):
         load_config(None, comp, ["data.aug=hflip", "data.hflip=false"])
-    cfg = load_config(None, comp, ["data.aug=crop,hflip", "data.sampling=undersample",
-                                   "model.kwargs={drop_path_rate: 0.1}", "model.init=kaiming"])
+    cfg = load_config(
+        None,
+        comp,
+        [
+            "data.aug=crop,hflip",
+            "data.sampling=undersample",
+            "model.kwargs={drop_path_rate: 0.1}",
+            "model.init=kaiming",
+        ],
+    )
     assert validate(cfg.to_dict()) == cfg

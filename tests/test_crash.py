@@ -45,11 +45,24 @@ class Proc:
         # The kpipe under test, whatever the cwd (a relative PYTHONPATH=src would not follow into tmp_path).
         src = str(Path(kpipe.__file__).resolve().parents[1])
         pythonpath = os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])])
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "400", "PYTHONPATH": pythonpath}
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": "1",
+            "COLUMNS": "400",
+            "PYTHONPATH": pythonpath,
+        }
         # new_group: its own process group (session), which a scheduler's stop signals as a whole.
-        self.p = subprocess.Popen([sys.executable, "-m", "kpipe", *args], cwd=cwd, env=env, text=True,
-                                  encoding="utf-8", stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  start_new_session=new_group)
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", "kpipe", *args],
+            cwd=cwd,
+            env=env,
+            text=True,
+            encoding="utf-8",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=new_group,
+        )
         self.lines: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -86,8 +99,15 @@ def _setup(root: Path) -> list[str]:
     comp = write_competition(root, n_per_class=8)
     exp = root / "crash.yaml"
     exp.write_text(yaml.safe_dump(TINY_EXP))
-    paths = [f"paths.{k}={root / v}" for k, v in {"data_root": "data", "folds_dir": "folds", "runs_dir": "runs",
-                                                   "predictions_dir": "predictions"}.items()]
+    paths = [
+        f"paths.{k}={root / v}"
+        for k, v in {
+            "data_root": "data",
+            "folds_dir": "folds",
+            "runs_dir": "runs",
+            "predictions_dir": "predictions",
+        }.items()
+    ]
     base = ["-c", str(exp), "--comp", str(comp), *paths, f"data.cache_dir={root / 'cache'}"]
     assert cli.main(["folds", *base]) == 0
     return ["train", *base]
@@ -151,7 +171,9 @@ def test_sigkill_at_random_moments_never_corrupts_and_resume_completes(tmp_path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_stop_signal_saves_last_and_says_how_to_resume(tmp_path: Path, sig: signal.Signals, code: int) -> None:
+def test_stop_signal_saves_last_and_says_how_to_resume(
+    tmp_path: Path, sig: signal.Signals, code: int
+) -> None:
     args = [*_setup(tmp_path), "train.epochs=500"]
     run = tmp_path / "runs" / "crash"
     proc = Proc(args, tmp_path)
@@ -176,8 +198,9 @@ def test_stop_signal_saves_last_and_says_how_to_resume(tmp_path: Path, sig: sign
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_stop_signal_to_the_whole_group_with_workers_saves_and_resumes(tmp_path: Path, sig: signal.Signals,
-                                                                        code: int) -> None:
+def test_stop_signal_to_the_whole_group_with_workers_saves_and_resumes(
+    tmp_path: Path, sig: signal.Signals, code: int
+) -> None:
     """`kill -TERM -- -PGID` (Slurm, timeout, docker stop) or Ctrl-C reaches the DataLoader workers too."""
     args = [*_setup(tmp_path), "train.epochs=500", "data.num_workers=2"]
     run = tmp_path / "runs" / "crash"
@@ -215,8 +238,17 @@ def _stopped_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, argv: list[st
     return buf.getvalue()
 
 
-ARGV = ["kpipe", "train", "-c", "configs/exp/b0.yaml", "--comp", "demo", "infer.tta=[identity,hflip]", "name=b0",
-        "paths.runs_dir=/some/long/folder/name/for/runs/so/that/the/line/is/longer/than/eighty/columns"]
+ARGV = [
+    "kpipe",
+    "train",
+    "-c",
+    "configs/exp/b0.yaml",
+    "--comp",
+    "demo",
+    "infer.tta=[identity,hflip]",
+    "name=b0",
+    "paths.runs_dir=/some/long/folder/name/for/runs/so/that/the/line/is/longer/than/eighty/columns",
+]
 
 
 def test_resume_line_keeps_bracketed_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -57,13 +57,16 @@ def test_every_ingest_problem_reported_and_raw_untouched(tmp_path: Path) -> None
     (root / "train" / "owl_000.png").unlink()
     (root / "train" / "owl_001.png").unlink()
     (root / "train" / "owl_002.png").write_bytes(b"")
-    extra = pd.DataFrame({"id": ["ghost", "cat_000", "dog_000", "dog_001"], "label": ["cat", "cat", "fox", "dog"]})
+    extra = pd.DataFrame(
+        {"id": ["ghost", "cat_000", "dog_000", "dog_001"], "label": ["cat", "cat", "fox", "dog"]}
+    )
     df = pd.concat([df, extra], ignore_index=True)
     df.loc[df["id"] == "fox_000", "label"] = " fox "
     df.to_csv(csv, index=False)
     sample = pd.read_csv(root / "sample_submission.csv", dtype=str)
-    pd.concat([sample, pd.DataFrame({"id": ["nofile"], "label": ["cat"]})]).to_csv(root / "sample_submission.csv",
-                                                                                   index=False)
+    pd.concat([sample, pd.DataFrame({"id": ["nofile"], "label": ["cat"]})]).to_csv(
+        root / "sample_submission.csv", index=False
+    )
     before = _snapshot(root)
     cfg = tiny_config(tmp_path, comp)
     ing = ingest.load_train(cfg)

@@ -25,8 +25,12 @@ from kpipe.stages import folds, infer, train
 
 pytestmark = pytest.mark.slow
 
-EXP = {**TINY_EXP, "model": {"name": "test_convnext", "pretrained": False},
-       "data": {**TINY_EXP["data"], "aug": "none"}, "train": {**TINY_EXP["train"], "epochs": 2}}
+EXP = {
+    **TINY_EXP,
+    "model": {"name": "test_convnext", "pretrained": False},
+    "data": {**TINY_EXP["data"], "aug": "none"},
+    "train": {**TINY_EXP["train"], "epochs": 2},
+}
 
 
 def test_two_process_ddp_matches_single_process(tmp_path: Path) -> None:
@@ -37,11 +41,31 @@ def test_two_process_ddp_matches_single_process(tmp_path: Path) -> None:
 
     exp_path = tmp_path / "ddp.yaml"
     exp_path.write_text(yaml.safe_dump(EXP))
-    overrides = [f"paths.data_root={tmp_path / 'data'}", f"paths.folds_dir={tmp_path / 'folds'}",
-                 f"paths.runs_dir={tmp_path / 'runs'}", f"paths.predictions_dir={tmp_path / 'predictions'}",
-                 f"paths.submissions_dir={tmp_path / 'submissions'}", f"data.cache_dir={tmp_path / 'cache'}"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "kpipe",
-           "train", "-c", str(exp_path), "--comp", str(comp), "name=ddp", "data.batch_size=2", *overrides]
+    overrides = [
+        f"paths.data_root={tmp_path / 'data'}",
+        f"paths.folds_dir={tmp_path / 'folds'}",
+        f"paths.runs_dir={tmp_path / 'runs'}",
+        f"paths.predictions_dir={tmp_path / 'predictions'}",
+        f"paths.submissions_dir={tmp_path / 'submissions'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "kpipe",
+        "train",
+        "-c",
+        str(exp_path),
+        "--comp",
+        str(comp),
+        "name=ddp",
+        "data.batch_size=2",
+        *overrides,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -72,12 +96,34 @@ def _torchrun(tmp_path: Path, fault: str, extra: list[str]) -> tuple[subprocess.
     folds.run(cfg)
     exp_path = tmp_path / "ddp.yaml"
     exp_path.write_text(yaml.safe_dump(EXP))
-    where = [f"paths.{k}={v}" for k, v in cfg.paths.model_dump().items()] + [f"data.cache_dir={cfg.data.cache_dir}"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           str(Path(__file__).parent / "ddp_entry.py"), "train", "-c", str(exp_path), "--comp", str(comp),
-           "name=ddp", "train.folds=0", "train.epochs=1", "data.batch_size=2", *where, *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "KPIPE_TEST_FAULT": fault,
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    where = [f"paths.{k}={v}" for k, v in cfg.paths.model_dump().items()] + [
+        f"data.cache_dir={cfg.data.cache_dir}"
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        str(Path(__file__).parent / "ddp_entry.py"),
+        "train",
+        "-c",
+        str(exp_path),
+        "--comp",
+        str(comp),
+        "name=ddp",
+        "train.folds=0",
+        "train.epochs=1",
+        "data.batch_size=2",
+        *where,
+        *extra,
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "KPIPE_TEST_FAULT": fault,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path]),
+    }
     start = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     return proc, time.monotonic() - start

@@ -27,14 +27,24 @@ def test_soften_and_mix() -> None:
 
 
 @pytest.mark.slow
-def test_fold_k_student_uses_only_the_teachers_fold_k_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fold_k_student_uses_only_the_teachers_fold_k_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     comp = write_competition(tmp_path, n_per_class=6)
     teacher_cfg = tiny_config(tmp_path, comp, ["name=teacher"])
     folds.run(teacher_cfg)
     train.run(teacher_cfg)
     teacher = paths.run_dir(teacher_cfg)
-    cfg = tiny_config(tmp_path, comp, ["name=student", f"train.teacher={teacher.root}", "train.distill_weight=0.7",
-                                       "train.distill_temperature=2"])
+    cfg = tiny_config(
+        tmp_path,
+        comp,
+        [
+            "name=student",
+            f"train.teacher={teacher.root}",
+            "train.distill_weight=0.7",
+            "train.distill_temperature=2",
+        ],
+    )
     df, _ = load_fold_table(cfg)
     path_to_id = dict(zip(df["path"], df["id"], strict=True))
 
@@ -71,7 +81,9 @@ def test_fold_k_student_uses_only_the_teachers_fold_k_model(tmp_path: Path, monk
         ckpt, asked = used[k]
         assert ckpt == teacher.fold(k).best  # the teacher's own fold-k model ...
         assert set(teacher_oof.loc[teacher_oof["fold"] == k, "id"]) == val_ids  # ... which held fold k out
-        assert not asked & val_ids and asked == set(df.loc[df["fold"] != k, "id"])  # no soft target for fold k
+        assert not asked & val_ids and asked == set(
+            df.loc[df["fold"] != k, "id"]
+        )  # no soft target for fold k
         assert not trained[k] & val_ids
         rec = json.loads(paths.run_dir(cfg).fold(k).teacher_json.read_text())
         assert rec["checkpoint"] == str(teacher.fold(k).best) and rec["weight"] == 0.7

@@ -122,7 +122,9 @@ def test_run_aligns_writes_json_and_recomputes_cv(tmp_path: Path, runs) -> None:
     np.testing.assert_allclose(members[2].probs, pb)  # b realigned to a's rows and class order
     y = np.array([CLASSES.index(lbl) for lbl in ref.labels])
     w = np.array([m["weight"] for m in saved["members"]])
-    assert saved["cv_in_sample"] == metrics.score("accuracy", y, blend_lib.blend([m.probs for m in members], w))
+    assert saved["cv_in_sample"] == metrics.score(
+        "accuracy", y, blend_lib.blend([m.probs for m in members], w)
+    )
     assert saved["cv_in_sample"] >= max(m["cv"] for m in saved["members"])
 
 
@@ -241,7 +243,14 @@ def test_unknown_method_and_single_fold_fail_clearly(tmp_path: Path) -> None:
     with pytest.raises(KpipeError, match="unknown method 'caruana'"):
         ensemble.run(_cfg(tmp_path), [str(run)], tmp_path / "w.json", method="caruana")
     with pytest.raises(KpipeError, match="at least 2 folds"):
-        blend_lib.nested(_fixed_members(), Y, np.zeros(6), "accuracy", "mean", blend_lib.fitter("weights", "accuracy", "mean"))
+        blend_lib.nested(
+            _fixed_members(),
+            Y,
+            np.zeros(6),
+            "accuracy",
+            "mean",
+            blend_lib.fitter("weights", "accuracy", "mean"),
+        )
 
 
 def test_blended_oof_for_relabel_from_runs_or_an_ensemble(tmp_path: Path, runs) -> None:

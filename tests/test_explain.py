@@ -21,7 +21,13 @@ from kpipe.stages import explain, folds, train
 
 def _oof() -> Oof:
     probs = np.array([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8], [0.7, 0.2, 0.1]])
-    return Oof(["a", "b", "c", "d", "e"], ["x", "y", "y", "z", "z"], ["x", "y", "z"], probs, np.array([0, 0, 1, 1, 1]))
+    return Oof(
+        ["a", "b", "c", "d", "e"],
+        ["x", "y", "y", "z", "z"],
+        ["x", "y", "z"],
+        probs,
+        np.array([0, 0, 1, 1, 1]),
+    )
 
 
 def test_top_losses_and_most_confused() -> None:
@@ -41,6 +47,7 @@ def test_filter_grid_rgb_and_grey() -> None:
 
 def test_grad_cam_shows_where_the_evidence_is() -> None:
     """Class 1 = mean activation, class 0 = minus it; the image is bright only top-left."""
+
     class Probe(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -59,7 +66,9 @@ def test_grad_cam_shows_where_the_evidence_is() -> None:
     assert models.stage_names(model) == ["body", "head"]
     cam = ex.grad_cam(model, "body", x, [1, 0])
     assert cam.shape == (2, 16, 16)
-    assert cam[0, :3, :3].min() > 0.9 and cam[0, 8:, 8:].max() < 0.1  # evidence for class 1: the bright corner
+    assert (
+        cam[0, :3, :3].min() > 0.9 and cam[0, 8:, 8:].max() < 0.1
+    )  # evidence for class 1: the bright corner
     assert cam[1].max() < 1e-6  # nothing speaks for class 0
 
 

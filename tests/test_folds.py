@@ -18,7 +18,9 @@ from kpipe.stages import folds
 
 def _labels(n: int = 300, k: int = 7, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
-    return pd.DataFrame({"id": [f"i{j}" for j in range(n)], "label": rng.choice([f"c{c}" for c in range(k)], n)})
+    return pd.DataFrame(
+        {"id": [f"i{j}" for j in range(n)], "label": rng.choice([f"c{c}" for c in range(k)], n)}
+    )
 
 
 def test_same_seed_same_folds_other_seed_differs() -> None:
@@ -76,9 +78,11 @@ def test_run_writes_files_and_uses_audit_groups(tmp_path: Path) -> None:
     audit = paths.work_dir(cfg) / "audit"
     audit.mkdir(parents=True)
     pd.DataFrame({"id": [*pair, "dog_000"], "group": [pair[0], pair[0], "dog_000"]}).to_csv(
-        audit / "groups.csv", index=False)
+        audit / "groups.csv", index=False
+    )
     pd.DataFrame({"id": ["fox_005"], "split": ["train"], "path": ["x"], "reason": ["truncated"]}).to_csv(
-        audit / "unreadable.csv", index=False)
+        audit / "unreadable.csv", index=False
+    )
     out = folds.run(cfg)
     written = pd.read_csv(paths.folds_csv(cfg), dtype=str)
     assert len(written) == 17 and "fox_005" not in set(written["id"])

@@ -61,7 +61,9 @@ def test_full_run_trains_on_every_usable_id(tmp_path: Path, monkeypatch: pytest.
     run = paths.full_run_dir(cfg)
     saved = json.loads(run.cv.read_text())
     assert "cv" not in saved and saved["has_oof"] is False and saved["n_train"] == len(df)
-    table = runs_table.build_table([runs_table.load_run(run)], pd.DataFrame())  # `kpipe runs` lists it, CV nan
+    table = runs_table.build_table(
+        [runs_table.load_run(run)], pd.DataFrame()
+    )  # `kpipe runs` lists it, CV nan
     assert np.isnan(table["cv"].iloc[0])
     assert not run.oof.exists() and run.full.best.is_file()
     rm = predict.load_run(str(run.root), ["cat", "dog", "fox"], torch.device("cpu"))

@@ -134,7 +134,10 @@ def test_folds_keep_exactly_the_good_rows_with_their_exact_ids(ingested: Ran) ->
     assert any(hostile.NFD_ID in i for i in ids) and any("café 01" in i for i in ids)
     assert any(i.endswith("end space ") or "end space .png" in i for i in ids)
     assert set(folds["fold"]) == {"0", "1"}
-    assert json.loads((h.root / "folds" / f"{hostile.COMP}.classes.json").read_text())["classes"] == hostile.CLASSES
+    assert (
+        json.loads((h.root / "folds" / f"{hostile.COMP}.classes.json").read_text())["classes"]
+        == hostile.CLASSES
+    )
 
 
 def test_label_whitespace_is_one_warning_and_the_stripped_label_everywhere(ingested: Ran) -> None:
@@ -155,7 +158,14 @@ def test_label_whitespace_is_one_warning_and_the_stripped_label_everywhere(inges
 
 def test_odd_but_readable_images_decode(ingested: Ran) -> None:
     test = ingested.h.data_dir / "test"
-    for name in ("rgba 1.png", "cmyk 1.jpg", "deep16 1.png", "exif 1.jpg", "猫 2.png", f"{hostile.NFD_ID}.png"):
+    for name in (
+        "rgba 1.png",
+        "cmyk 1.jpg",
+        "deep16 1.png",
+        "exif 1.jpg",
+        "猫 2.png",
+        f"{hostile.NFD_ID}.png",
+    ):
         rgb = image.read_rgb(test / name)
         assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3, name
     assert image.read_rgb(test / "exif 1.jpg").shape == (32, 20, 3)
@@ -186,8 +196,9 @@ def test_train_before_audit_is_a_clear_error(tmp_path: Path, capsys: pytest.Capt
 
 
 @pytest.mark.slow
-def test_train_before_audit_with_loader_workers_is_a_clear_error(tmp_path: Path,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_before_audit_with_loader_workers_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     h = hostile.build(tmp_path, "csv")
     assert cli.main(h.argv("folds")) == 0
     assert cli.main(h.argv("train", "data.num_workers=1")) == 2
@@ -198,8 +209,16 @@ def test_train_before_audit_with_loader_workers_is_a_clear_error(tmp_path: Path,
 
 @pytest.mark.slow
 def test_every_stage_completes(pipeline: Ran) -> None:
-    assert pipeline.rc == {"audit": 0, "folds": 0, "train": 0, "relabel": 0, "apply": 0, "refolds": 0,
-                           "infer": 0, "validate": 0}, pipeline.text
+    assert pipeline.rc == {
+        "audit": 0,
+        "folds": 0,
+        "train": 0,
+        "relabel": 0,
+        "apply": 0,
+        "refolds": 0,
+        "infer": 0,
+        "validate": 0,
+    }, pipeline.text
 
 
 @pytest.mark.slow
@@ -221,8 +240,9 @@ def test_relabel_accepts_above_the_threshold_and_folds_apply_it(pipeline: Ran) -
     assert len(accepted) == (score >= pipeline.accept_above).sum() >= min(len(rel), 2)
     now = read_csv_ids(h.root / "folds" / f"{hostile.COMP}.csv").set_index("id")["label"]
     assert set(now.index) == set(h.good_train)  # relabelled, none lost
-    assert dict(zip(accepted["id"], now.loc[accepted["id"]], strict=True)) == \
-        dict(zip(accepted["id"], accepted["suggested"], strict=True))
+    assert dict(zip(accepted["id"], now.loc[accepted["id"]], strict=True)) == dict(
+        zip(accepted["id"], accepted["suggested"], strict=True)
+    )
 
 
 @pytest.mark.slow
@@ -254,8 +274,9 @@ def test_unreadable_test_images_get_the_prior_and_a_warning(pipeline: Ran) -> No
         assert squash(i) in text
     probs = read_csv_ids(pred / "probs.csv").set_index("id").astype(float)
     assert list(probs.index) == h.test_ids
-    prior = infer.class_prior(read_csv_ids(h.root / "folds" / f"{hostile.COMP}.csv")["label"].tolist(),
-                              hostile.CLASSES)
+    prior = infer.class_prior(
+        read_csv_ids(h.root / "folds" / f"{hostile.COMP}.csv")["label"].tolist(), hostile.CLASSES
+    )
     bad = list(h.bad_test)
     np.testing.assert_allclose(probs.loc[bad].to_numpy(), np.tile(prior, (len(bad), 1)), atol=1e-6)
     readable = [i for i in h.test_ids if i not in h.bad_test]

@@ -37,8 +37,17 @@ def make_run(cfg: Config, seed: int = 0, classes: list[str] | None = None) -> Pa
         model = models.create_from_config(cfg.model, len(classes))
         dc = models.resolve_data_config(model, cfg.data)
         (run / f"fold{k}").mkdir(parents=True, exist_ok=True)
-        torch.save({"model": model.state_dict(), "classes": classes, "config": cfg.to_dict(), "data_config": dc,
-                    "epoch": 1, "score": 0.5}, run / f"fold{k}" / "best.pt")
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "classes": classes,
+                "config": cfg.to_dict(),
+                "data_config": dc,
+                "epoch": 1,
+                "score": 0.5,
+            },
+            run / f"fold{k}" / "best.pt",
+        )
     rng = np.random.default_rng(seed)
     probs = rng.dirichlet(np.ones(len(classes)), len(table))
     oof = table[["id", "fold", "label"]].copy()
@@ -61,19 +70,26 @@ def _probs(cfg: Config, name: str) -> pd.DataFrame:
     return read_csv_ids(Path(cfg.paths.predictions_dir) / name / "probs.csv").set_index("id").astype(float)
 
 
-@pytest.mark.parametrize("layout,labels,proba", [
-    ("csv", None, False),  # string labels
-    ("folders", None, False),
-    ("csv", ["0", "1", "10"], False),  # integer labels: numeric class order, written as the same digits
-    ("csv", None, True),  # one probability column per class
-])
-def test_submission_matches_sample(tmp_path: Path, layout: str, labels: list[str] | None, proba: bool) -> None:
+@pytest.mark.parametrize(
+    "layout,labels,proba",
+    [
+        ("csv", None, False),  # string labels
+        ("folders", None, False),
+        ("csv", ["0", "1", "10"], False),  # integer labels: numeric class order, written as the same digits
+        ("csv", None, True),  # one probability column per class
+    ],
+)
+def test_submission_matches_sample(
+    tmp_path: Path, layout: str, labels: list[str] | None, proba: bool
+) -> None:
     cfg = setup(tmp_path, layout=layout, labels=labels)
     classes = ingest.load_classes(cfg)
     sample_path = paths.data_dir(cfg) / cfg.competition.sample_submission
     if proba:
         sample = read_csv_ids(sample_path)
-        pd.DataFrame({"id": sample["id"], **{c: 1 / 3 for c in reversed(classes)}}).to_csv(sample_path, index=False)
+        pd.DataFrame({"id": sample["id"], **{c: 1 / 3 for c in reversed(classes)}}).to_csv(
+            sample_path, index=False
+        )
     result = infer.run(cfg)
     sub_path = Path(result["submission"])
     sub, sample = read_csv_ids(sub_path), read_csv_ids(sample_path)
@@ -94,7 +110,11 @@ def test_submission_matches_sample(tmp_path: Path, layout: str, labels: list[str
     assert len(index) == 2 * 2  # folds x views
     assert all(np.load(pred / m["file"]).shape == (len(sample), len(classes)) for m in index)
     side = json.loads(sub_path.with_suffix(".json").read_text())
-    assert side["cv"] == 0.123 and side["tta"] == ["identity", "hflip"] and side["folds"] == {str(paths.run_dir(cfg).root): [0, 1]}
+    assert (
+        side["cv"] == 0.123
+        and side["tta"] == ["identity", "hflip"]
+        and side["folds"] == {str(paths.run_dir(cfg).root): [0, 1]}
+    )
     assert side["n_unreadable"] == 0 and side["weights"] is None
 
 
@@ -125,10 +145,15 @@ def test_class_prior_and_blend() -> None:
     np.testing.assert_allclose(infer.class_prior(["b", "b", "a", "b"], ["a", "b", "c"]), [0.25, 0.75, 0.0])
     p = np.array([[0.9, 0.1], [0.5, 0.5]], np.float32)
     q = np.array([[0.1, 0.9], [0.5, 0.5]], np.float32)
-    members = [infer.MemberPred("r1", 0, "identity", p), infer.MemberPred("r1", 1, "identity", p),
-               infer.MemberPred("r2", 0, "identity", q)]
+    members = [
+        infer.MemberPred("r1", 0, "identity", p),
+        infer.MemberPred("r1", 1, "identity", p),
+        infer.MemberPred("r2", 0, "identity", q),
+    ]
     # Runs weigh equally whatever their fold count.
-    np.testing.assert_allclose(infer.blend_members(members, "mean", None), [[0.5, 0.5], [0.5, 0.5]], atol=1e-7)
+    np.testing.assert_allclose(
+        infer.blend_members(members, "mean", None), [[0.5, 0.5], [0.5, 0.5]], atol=1e-7
+    )
     w = infer.blend_members(members, "mean", {("r1", "identity"): 0.0, ("r2", "identity"): 1.0})
     np.testing.assert_array_equal(w, q.astype(np.float64))
     # A rank_mean ensemble: folds are averaged as probabilities, then the runs' column ranks are blended.
@@ -171,15 +196,30 @@ def test_ensemble_weights_are_honoured(tmp_path: Path) -> None:
 
     weights = Path(tmp_path) / "weights.json"
     # Unequal, non-trivial, unnormalised weights: run b counts three times as much as run a.
-    members = [{"run": r, "view": v, "weight": w} for r, w in ((run_a, 0.2), (run_b, 0.6)) for v in ("identity", "hflip")]
-    write_json(weights, {"metric": "accuracy", "how": "mean", "cv_blend": 0.77, "classes": ingest.load_classes(cfg),
-                         "members": members})
-    wcfg = cfg.model_copy(update={"name": "weighted",
-                                  "infer": cfg.infer.model_copy(update={"ensemble_weights": str(weights)})})
+    members = [
+        {"run": r, "view": v, "weight": w}
+        for r, w in ((run_a, 0.2), (run_b, 0.6))
+        for v in ("identity", "hflip")
+    ]
+    write_json(
+        weights,
+        {
+            "metric": "accuracy",
+            "how": "mean",
+            "cv_blend": 0.77,
+            "classes": ingest.load_classes(cfg),
+            "members": members,
+        },
+    )
+    wcfg = cfg.model_copy(
+        update={"name": "weighted", "infer": cfg.infer.model_copy(update={"ensemble_weights": str(weights)})}
+    )
     result = infer.run(wcfg)
     weighted = _probs(cfg, "weighted")
     np.testing.assert_allclose(weighted, 0.25 * a + 0.75 * b, atol=1e-6)  # the hand-weighted mean
-    assert float(np.abs(weighted - (a + b) / 2).to_numpy().max()) > 1e-3  # ...which ignoring the weights would not give
+    assert (
+        float(np.abs(weighted - (a + b) / 2).to_numpy().max()) > 1e-3
+    )  # ...which ignoring the weights would not give
     assert result["cv"] == 0.77 and result["runs"] == [run_a, run_b] and len(result["weights"]) == 4
     with pytest.raises(KpipeError, match="blends runs"):
         infer.run(wcfg, runs=[run_a])

@@ -33,8 +33,19 @@ def fake(tmp_path: Path, tiny_comp: Path, monkeypatch: pytest.MonkeyPatch) -> Fa
     files = {p.relative_to(data).as_posix(): p.read_bytes() for p in sorted(data.rglob("*")) if p.is_file()}
     home = tmp_path / "home"
     home.mkdir()
-    for var in ("no_proxy", "NO_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY",
-                "KAGGLE_API_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_CONFIG_DIR", "XDG_CONFIG_HOME"):
+    for var in (
+        "no_proxy",
+        "NO_PROXY",
+        "https_proxy",
+        "HTTPS_PROXY",
+        "all_proxy",
+        "ALL_PROXY",
+        "KAGGLE_API_TOKEN",
+        "KAGGLE_USERNAME",
+        "KAGGLE_KEY",
+        "KAGGLE_CONFIG_DIR",
+        "XDG_CONFIG_HOME",
+    ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(home))  # never the developer's own ~/.kaggle
     monkeypatch.setenv(kaggle.ENV_BACKOFF, "0.01")
@@ -61,8 +72,16 @@ def write_sub(cfg: Config, name: str, labels: list[str], cv: float | None = 0.9)
     path = out / f"{name}.csv"
     pd.DataFrame({"id": TEST_IDS, "label": labels}).to_csv(path, index=False)
     if cv is not None:
-        (out / f"{name}.json").write_text(json.dumps({"runs": ["runs/a", "runs/b"], "cv": cv, "metric": "accuracy",
-                                                      "sha256": ledger.sha256_file(path)}))
+        (out / f"{name}.json").write_text(
+            json.dumps(
+                {
+                    "runs": ["runs/a", "runs/b"],
+                    "cv": cv,
+                    "metric": "accuracy",
+                    "sha256": ledger.sha256_file(path),
+                }
+            )
+        )
     return path
 
 
@@ -124,12 +143,21 @@ def test_download_unpacks_zips_inside_the_zip(tmp_path: Path, fake: FakeKaggle) 
     }
     dest = kaggle.download(download_cfg(tmp_path))
     found = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
-    assert found == [kaggle.MARKER, "sample_submission.csv", "test/x.png", "test/y.png", "train.csv",
-                     "train/a.png", "train/b.png"]
+    assert found == [
+        kaggle.MARKER,
+        "sample_submission.csv",
+        "test/x.png",
+        "test/y.png",
+        "train.csv",
+        "train/a.png",
+        "train/b.png",
+    ]
     assert kaggle.is_complete(dest, "tiny")
 
 
-def test_download_retries_5xx_then_succeeds(tmp_path: Path, fake: FakeKaggle, capsys: pytest.CaptureFixture[str]) -> None:
+def test_download_retries_5xx_then_succeeds(
+    tmp_path: Path, fake: FakeKaggle, capsys: pytest.CaptureFixture[str]
+) -> None:
     fake.fail_next("DownloadDataFiles", 503, times=2)
     fake.fail_next("DownloadDataFiles", 429)
     kaggle.download(download_cfg(tmp_path))
@@ -146,7 +174,9 @@ def test_retries_are_bounded(tmp_path: Path, fake: FakeKaggle) -> None:
 
 def test_403_says_accept_the_rules(tmp_path: Path, fake: FakeKaggle) -> None:
     fake.rules_accepted = False
-    with pytest.raises(KpipeError, match=r"accept them on https://www\.kaggle\.com/competitions/tiny/rules first"):
+    with pytest.raises(
+        KpipeError, match=r"accept them on https://www\.kaggle\.com/competitions/tiny/rules first"
+    ):
         kaggle.download(download_cfg(tmp_path))
     assert fake.calls == ["DownloadDataFiles"]  # a 403 is not retried
 
@@ -162,8 +192,9 @@ def test_401_names_where_credentials_come_from_never_the_key(
     assert "wrong-secret-0xabc" not in str(err.value) + out.out + out.err
 
 
-def test_missing_credentials_say_where_to_put_them(tmp_path: Path, fake: FakeKaggle,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_credentials_say_where_to_put_them(
+    tmp_path: Path, fake: FakeKaggle, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("KAGGLE_USERNAME")
     monkeypatch.delenv("KAGGLE_KEY")
     with pytest.raises(KpipeError) as err:
@@ -173,9 +204,9 @@ def test_missing_credentials_say_where_to_put_them(tmp_path: Path, fake: FakeKag
     assert fake.calls == []
 
 
-def test_rejected_token_becomes_a_kpipe_error_not_an_exit(tmp_path: Path, fake: FakeKaggle,
-                                                           monkeypatch: pytest.MonkeyPatch,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_rejected_token_becomes_a_kpipe_error_not_an_exit(
+    tmp_path: Path, fake: FakeKaggle, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     # kaggle's authenticate() prints its own help and calls exit(1) when no credential works.
     monkeypatch.delenv("KAGGLE_USERNAME")
     monkeypatch.delenv("KAGGLE_KEY")
@@ -187,7 +218,9 @@ def test_rejected_token_becomes_a_kpipe_error_not_an_exit(tmp_path: Path, fake: 
     assert "Authentication required" not in out.out  # the client's own help stays off the screen
 
 
-def test_credentials_found_in_kaggle_json(tmp_path: Path, fake: FakeKaggle, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_credentials_found_in_kaggle_json(
+    tmp_path: Path, fake: FakeKaggle, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("KAGGLE_USERNAME")
     monkeypatch.delenv("KAGGLE_KEY")
     conf = tmp_path / "kconf"
@@ -202,7 +235,9 @@ def test_credentials_found_in_kaggle_json(tmp_path: Path, fake: FakeKaggle, monk
 # ------------------------------------------------------------------ submit
 
 
-def test_submit_wait_lands_score_in_ledger(cfg: Config, fake: FakeKaggle, capsys: pytest.CaptureFixture[str]) -> None:
+def test_submit_wait_lands_score_in_ledger(
+    cfg: Config, fake: FakeKaggle, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = write_sub(cfg, "good", TRUTH, cv=0.91)
     result = kaggle.submit(cfg, path, "all right", wait=True, force=False)
     assert result["status"] == "complete" and result["public_score"] == "1.00000"
@@ -213,7 +248,12 @@ def test_submit_wait_lands_score_in_ledger(cfg: Config, fake: FakeKaggle, capsys
     row = book.iloc[0]
     assert row["kaggle_ref"] == str(fake.submissions[0].ref)
     assert (row["status"], row["public_score"], row["private_score"]) == ("complete", "1.00000", "1.00000")
-    assert (row["runs"], row["cv"], row["metric"], row["source"]) == ("runs/a;runs/b", "0.91", "accuracy", "kpipe")
+    assert (row["runs"], row["cv"], row["metric"], row["source"]) == (
+        "runs/a;runs/b",
+        "0.91",
+        "accuracy",
+        "kpipe",
+    )
     assert (row["git_commit"], row["git_dirty"]) == ("", "")  # outside a git repository
     assert row["sha256"] == ledger.sha256_file(path) and row["message"] == "all right"
     assert fake.uploads == [path.read_bytes()]
@@ -272,8 +312,9 @@ def test_daily_limit_derived_when_the_limits_endpoint_is_missing(cfg: Config, fa
     assert "GetCompetition" in fake.calls and fake.uploads == []
 
 
-def test_limit_unknown_then_server_refusal_is_shown(cfg: Config, fake: FakeKaggle,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_limit_unknown_then_server_refusal_is_shown(
+    cfg: Config, fake: FakeKaggle, capsys: pytest.CaptureFixture[str]
+) -> None:
     fake.daily_limit, fake.limits_endpoint, fake.expose_max_daily = 1, False, False
     path = write_sub(cfg, "first", TRUTH)
     result = kaggle.submit(cfg, path, "first", wait=False, force=False)
@@ -293,8 +334,9 @@ def test_lost_reply_after_create_does_not_submit_twice(cfg: Config, fake: FakeKa
 # ------------------------------------------------------------------ lb
 
 
-def test_lb_lists_kpipe_and_kaggle_cli_submissions(cfg: Config, fake: FakeKaggle, capsys: pytest.CaptureFixture[str],
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lb_lists_kpipe_and_kaggle_cli_submissions(
+    cfg: Config, fake: FakeKaggle, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("COLUMNS", "200")  # a wide terminal for rich, so the table is one line a row
     kaggle.submit(cfg, write_sub(cfg, "mine", TRUTH, cv=0.95), "via kpipe", wait=True, force=False)
     # Right on the public half (t000-t002), one of three on the private half.
@@ -304,8 +346,12 @@ def test_lb_lists_kpipe_and_kaggle_cli_submissions(cfg: Config, fake: FakeKaggle
     script = Path(sys.executable).parent / "kaggle"  # the `kaggle` console command, same environment
     cli = [str(script)] if script.exists() else [sys.executable, "-m", "kaggle"]
     for f, msg in ((direct, "by hand"), (broken, "malformed")):
-        done = subprocess.run([*cli, "competitions", "submit", "tiny", "-f", str(f), "-m", msg],
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [*cli, "competitions", "submit", "tiny", "-f", str(f), "-m", msg],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         assert "Successfully submitted" in done.stdout
     capsys.readouterr()
@@ -318,7 +364,10 @@ def test_lb_lists_kpipe_and_kaggle_cli_submissions(cfg: Config, fake: FakeKaggle
     view = kaggle.lb(cfg)  # now scored: the same rows, updated
     assert len(view) == 3
     by_msg = view.set_index("message")
-    assert by_msg.loc["by hand", "public_score"] == "1.00000" and by_msg.loc["by hand", "private_score"] == "0.33333"
+    assert (
+        by_msg.loc["by hand", "public_score"] == "1.00000"
+        and by_msg.loc["by hand", "private_score"] == "0.33333"
+    )
     assert by_msg.loc["by hand", "cv"] == "0.6"  # its file and sidecar are still in submissions/
     assert by_msg.loc["by hand", "sha256"] == ledger.sha256_file(direct)
     assert by_msg.loc["malformed", "status"] == "error" and "columns" in by_msg.loc["malformed", "error"]

@@ -54,8 +54,15 @@ def kpipe_imports(path: Path) -> list[tuple[int, str]]:
                 continue
             for a in node.names:  # `from kpipe.nn import models` imports the module kpipe.nn.models
                 sub = f"{base}.{a.name}"
-                out.append((node.lineno, sub if (SRC / sub.replace(".", "/")).with_suffix(".py").exists()
-                            or (SRC / sub.replace(".", "/")).is_dir() else base))
+                out.append(
+                    (
+                        node.lineno,
+                        sub
+                        if (SRC / sub.replace(".", "/")).with_suffix(".py").exists()
+                        or (SRC / sub.replace(".", "/")).is_dir()
+                        else base,
+                    )
+                )
     return out
 
 
@@ -77,21 +84,27 @@ def test_imports_run_downwards() -> None:
     assert wrong_way_edges() == []
 
 
-@pytest.mark.parametrize("edge", [
-    ("kpipe/stages/train.py", "from kpipe import cli"),  # the old train -> cli edge
-    ("kpipe/stages/relabel.py", "from kpipe.stages import train"),  # stage -> stage
-    ("kpipe/nn/dist.py", "from kpipe.stages import train"),  # library -> stage
-    ("kpipe/config.py", "from kpipe.nn import models"),  # foundation -> library
-])
-def test_the_checker_catches_wrong_way_edges(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                             edge: tuple[str, str]) -> None:
+@pytest.mark.parametrize(
+    "edge",
+    [
+        ("kpipe/stages/train.py", "from kpipe import cli"),  # the old train -> cli edge
+        ("kpipe/stages/relabel.py", "from kpipe.stages import train"),  # stage -> stage
+        ("kpipe/nn/dist.py", "from kpipe.stages import train"),  # library -> stage
+        ("kpipe/config.py", "from kpipe.nn import models"),  # foundation -> library
+    ],
+)
+def test_the_checker_catches_wrong_way_edges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, edge: tuple[str, str]
+) -> None:
     """Each edge the layering forbids, planted in a copy of the tree, is reported."""
     import shutil
 
     copy = tmp_path / "src"
     shutil.copytree(SRC / "kpipe", copy / "kpipe")
     target = copy / edge[0]
-    target.write_text(target.read_text(encoding="utf-8") + f"\n\ndef _planted():\n    {edge[1]}\n", encoding="utf-8")
+    target.write_text(
+        target.read_text(encoding="utf-8") + f"\n\ndef _planted():\n    {edge[1]}\n", encoding="utf-8"
+    )
     monkeypatch.setattr(sys.modules[__name__], "SRC", copy)
     assert any(edge[0].replace("/", ".").removesuffix(".py") in e for e in wrong_way_edges())
 
@@ -107,9 +120,16 @@ def test_only_the_interface_reads_the_command_line() -> None:
         if layer(module_name(path)) == "interface":
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Attribute) and node.attr == "argv" and getattr(node.value, "id", "") == "sys":
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr == "argv"
+                and getattr(node.value, "id", "") == "sys"
+            ):
                 readers.append(f"{path.relative_to(SRC)}:{node.lineno}")
-            if isinstance(node, (ast.Import, ast.ImportFrom)) and any(
-                    a.name == "argparse" for a in node.names) or getattr(node, "module", None) == "argparse":
+            if (
+                isinstance(node, (ast.Import, ast.ImportFrom))
+                and any(a.name == "argparse" for a in node.names)
+                or getattr(node, "module", None) == "argparse"
+            ):
                 readers.append(f"{path.relative_to(SRC)}:{node.lineno} (argparse)")
     assert readers == []

@@ -47,11 +47,28 @@ def test_two_processes_appending_at_once_lose_nothing(tmp_path: Path) -> None:
 def test_read_absent_is_empty_and_rows_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "ledger.csv"
     assert list(ledger.read(path).columns) == list(ledger.COLUMNS) and ledger.read(path).empty
-    ledger.append(path, [{"competition": "c", "sha256": "00ab", "kaggle_ref": "007", "cv": 0.5,
-                          "runs": ["runs/a", "runs/b"], "git_dirty": True}])
+    ledger.append(
+        path,
+        [
+            {
+                "competition": "c",
+                "sha256": "00ab",
+                "kaggle_ref": "007",
+                "cv": 0.5,
+                "runs": ["runs/a", "runs/b"],
+                "git_dirty": True,
+            }
+        ],
+    )
     row = ledger.read(path).iloc[0]
     assert (row["sha256"], row["kaggle_ref"], row["cv"], row["runs"], row["git_dirty"], row["error"]) == (
-        "00ab", "007", "0.5", "runs/a;runs/b", "true", "")
+        "00ab",
+        "007",
+        "0.5",
+        "runs/a;runs/b",
+        "true",
+        "",
+    )
     assert not list(tmp_path.glob(".ledger.csv.*.tmp")), "atomic write left a temp file"
 
 
@@ -73,8 +90,14 @@ def test_older_ledger_without_newer_columns_reads(tmp_path: Path) -> None:
 
 def test_update_ref_touches_only_that_row(tmp_path: Path) -> None:
     path = tmp_path / "ledger.csv"
-    ledger.append(path, [{"competition": "c", "kaggle_ref": "1"}, {"competition": "c", "kaggle_ref": "2"},
-                         {"competition": "other", "kaggle_ref": "1"}])
+    ledger.append(
+        path,
+        [
+            {"competition": "c", "kaggle_ref": "1"},
+            {"competition": "c", "kaggle_ref": "2"},
+            {"competition": "other", "kaggle_ref": "1"},
+        ],
+    )
     ledger.update_ref(path, "c", "1", {"status": "complete", "public_score": "0.9"})
     df = ledger.read(path)
     assert list(df["status"]) == ["complete", "", ""]
@@ -82,19 +105,47 @@ def test_update_ref_touches_only_that_row(tmp_path: Path) -> None:
 
 
 def remote(ref: str, file: str, when: str, **kw: str) -> dict[str, str]:
-    return {"kaggle_ref": ref, "file": file, "time_utc": when, "message": kw.pop("message", ""),
-            "status": "complete", "public_score": "0.8", "private_score": "", "error": "", **kw}
+    return {
+        "kaggle_ref": ref,
+        "file": file,
+        "time_utc": when,
+        "message": kw.pop("message", ""),
+        "status": "complete",
+        "public_score": "0.8",
+        "private_score": "",
+        "error": "",
+        **kw,
+    }
 
 
 def test_merge_remote_updates_matches_and_adds() -> None:
-    base = pd.DataFrame([
-        ledger.make_row({"competition": "c", "file": "subs/a.csv", "time_utc": "2024-05-01T10:00:00Z",
-                         "kaggle_ref": "11", "status": "pending", "source": "kpipe"}),
-        # submitted by kpipe, but the reply with its ref was lost
-        ledger.make_row({"competition": "c", "file": "subs/b.csv", "time_utc": "2024-05-01T11:00:00Z",
-                         "status": "pending", "source": "kpipe"}),
-        ledger.make_row({"competition": "other", "file": "subs/b.csv", "time_utc": "2024-05-01T11:00:00Z"}),
-    ])
+    base = pd.DataFrame(
+        [
+            ledger.make_row(
+                {
+                    "competition": "c",
+                    "file": "subs/a.csv",
+                    "time_utc": "2024-05-01T10:00:00Z",
+                    "kaggle_ref": "11",
+                    "status": "pending",
+                    "source": "kpipe",
+                }
+            ),
+            # submitted by kpipe, but the reply with its ref was lost
+            ledger.make_row(
+                {
+                    "competition": "c",
+                    "file": "subs/b.csv",
+                    "time_utc": "2024-05-01T11:00:00Z",
+                    "status": "pending",
+                    "source": "kpipe",
+                }
+            ),
+            ledger.make_row(
+                {"competition": "other", "file": "subs/b.csv", "time_utc": "2024-05-01T11:00:00Z"}
+            ),
+        ]
+    )
     subs = [
         remote("11", "a.csv", "2024-05-01T10:00:05Z"),
         remote("12", "b.csv", "2024-05-01T11:03:00"),  # Kaggle's naive UTC; 3 min off: the same one
@@ -105,15 +156,20 @@ def test_merge_remote_updates_matches_and_adds() -> None:
     assert len(out) == 4
     assert list(out["kaggle_ref"]) == ["11", "12", "", "13"]
     assert list(out["status"])[:2] == ["complete", "complete"]
-    assert out.iloc[3]["source"] == "external" and out.iloc[3]["cv"] == "0.7" and out.iloc[3]["competition"] == "c"
+    assert (
+        out.iloc[3]["source"] == "external"
+        and out.iloc[3]["cv"] == "0.7"
+        and out.iloc[3]["competition"] == "c"
+    )
     assert seen == ["13"]
     again = ledger.merge_remote(out, subs, "c")
     assert len(again) == 4  # idempotent
 
 
 def test_best_marks_follow_the_metric_direction() -> None:
-    df = pd.DataFrame([ledger.make_row({"public_score": s, "cv": c}) for s, c in
-                       [("0.5", "0.4"), ("0.9", ""), ("", "0.1")]])
+    df = pd.DataFrame(
+        [ledger.make_row({"public_score": s, "cv": c}) for s, c in [("0.5", "0.4"), ("0.9", ""), ("", "0.1")]]
+    )
     assert ledger.best_index(df, "public_score", higher_is_better=True) == 1
     assert ledger.best_index(df, "cv", higher_is_better=False) == 2
     assert ledger.best_index(df, "private_score", higher_is_better=True) is None
@@ -129,8 +185,12 @@ def test_plot_needs_cv_and_a_score(tmp_path: Path) -> None:
     out = tmp_path / "cv_vs_lb.png"
     df = pd.DataFrame([ledger.make_row({"public_score": "0.5"})])
     assert not ledger.plot_cv_vs_lb(df, out, "t") and not out.exists()
-    df = pd.DataFrame([ledger.make_row({"public_score": "0.5", "cv": "0.6", "kaggle_ref": "3"}),
-                       ledger.make_row({"public_score": "0.7", "private_score": "0.65", "cv": "0.75"})])
+    df = pd.DataFrame(
+        [
+            ledger.make_row({"public_score": "0.5", "cv": "0.6", "kaggle_ref": "3"}),
+            ledger.make_row({"public_score": "0.7", "private_score": "0.65", "cv": "0.75"}),
+        ]
+    )
     assert ledger.plot_cv_vs_lb(df, out, "t")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -155,8 +215,16 @@ def test_provenance_and_default_message(tmp_path: Path) -> None:
     sub.write_text("id,label\n1,a\n")
     assert ledger.default_message(sub) == "r50"
     assert ledger.provenance(sub) == {"sha256": ledger.sha256_file(sub)}
-    (tmp_path / "r50.json").write_text(json.dumps({"runs": ["runs/r50", "runs/b3"], "cv": 0.91234, "metric": "accuracy",
-                                                   "sha256": ledger.sha256_file(sub)}))
+    (tmp_path / "r50.json").write_text(
+        json.dumps(
+            {
+                "runs": ["runs/r50", "runs/b3"],
+                "cv": 0.91234,
+                "metric": "accuracy",
+                "sha256": ledger.sha256_file(sub),
+            }
+        )
+    )
     assert ledger.default_message(sub) == "r50: runs r50+b3, CV 0.9123 accuracy"
     assert ledger.provenance(sub)["runs"] == ["runs/r50", "runs/b3"]
     (tmp_path / "r50.json").write_text("{not json")
@@ -176,6 +244,10 @@ print(len(ledger.read(sys.argv[1])))
 def test_ledger_works_without_fcntl(tmp_path: Path) -> None:
     """Windows has no fcntl: the ledger (and its lock) must not need it."""
     path = tmp_path / "ledger.csv"
-    out = subprocess.run([sys.executable, "-c", NO_FCNTL, str(path)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", NO_FCNTL, str(path)], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "1" and ledger.read(path)["message"].tolist() == ["from a machine without fcntl"]
+    assert out.stdout.strip() == "1" and ledger.read(path)["message"].tolist() == [
+        "from a machine without fcntl"
+    ]

@@ -30,7 +30,9 @@ def test_batches_follow_the_sampler() -> None:
     idx = _cat(batches, 2).numpy()
     assert idx.tolist() == sampler.order()
     x = _cat(batches, 0)
-    assert x.dtype == torch.uint8 and x.shape == (10, 3, 4, 5) and x.is_contiguous()  # NCHW, like the workers'
+    assert (
+        x.dtype == torch.uint8 and x.shape == (10, 3, 4, 5) and x.is_contiguous()
+    )  # NCHW, like the workers'
     np.testing.assert_array_equal(x.permute(0, 2, 3, 1).numpy(), ARR[idx])
     assert _cat(batches, 1).tolist() == LABELS[idx].tolist() and _cat(batches, 1).dtype == torch.long
     assert bool(_cat(batches, 3).all())
@@ -41,7 +43,9 @@ def test_drop_last_resume_and_shards() -> None:
     sampler = EpochSampler(rows, 0)
     sampler.set_epoch(1)
     full = list(CachedBatches(ARR, LABELS, sampler, 3, drop_last=True))
-    assert [len(b[0]) for b in full] == [3, 3] and len(CachedBatches(ARR, LABELS, sampler, 3, drop_last=True)) == 2
+    assert [len(b[0]) for b in full] == [3, 3] and len(
+        CachedBatches(ARR, LABELS, sampler, 3, drop_last=True)
+    ) == 2
     sampler.set_epoch(1, start=3)  # resumed after one batch: the rest of the same order
     rest = list(CachedBatches(ARR, LABELS, sampler, 3, drop_last=True))
     assert _cat(rest, 2).tolist() == _cat(full, 2)[3:].tolist()

@@ -250,8 +250,9 @@ def test_weights_in_hub_formats(tmp_path: Path) -> None:
     assert torch.equal(dst.layer2[0].conv1.weight, src.layer2[0].conv1.weight)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet10t", "test_resnet", "googlenet", "resnet18.a1_in1k",
-                                  "efficientnet_b0"])
+@pytest.mark.parametrize(
+    "name", ["resnet18", "resnet10t", "test_resnet", "googlenet", "resnet18.a1_in1k", "efficientnet_b0"]
+)
 def test_default_input_size_equals_the_built_model(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     mcfg = ModelConfig(name=name, pretrained=False)
     built = models.resolve_data_config(models.create_from_config(mcfg, 3), DataConfig())["img_size"]
@@ -290,8 +291,10 @@ def test_new_models_build_with_stages_head_and_preprocessing(name: str) -> None:
     assert models.default_input_size(ModelConfig(name=name)) == 224
 
 
-@pytest.mark.parametrize(("name", "size", "stage"), [("alexnet", 64, "block3"), ("vgg11_bn", 32, "block5"),
-                                                     ("simple_cnn", 32, "block3")])
+@pytest.mark.parametrize(
+    ("name", "size", "stage"),
+    [("alexnet", 64, "block3"), ("vgg11_bn", 32, "block5"), ("simple_cnn", 32, "block3")],
+)
 def test_new_models_train_one_step_frozen_and_predict(name: str, size: int, stage: str) -> None:
     model = models.create(name, 3, pretrained=False, freeze_until=stage)
     total, trainable = models.param_counts(model)
@@ -304,8 +307,11 @@ def test_new_models_train_one_step_frozen_and_predict(name: str, size: int, stag
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(after[k], before[k])}
     stages = models._stages(model)
-    frozen_paths = tuple(f"{p}." for s in models.stage_names(model)[: models.stage_names(model).index(stage)]
-                         for p in stages[s])
+    frozen_paths = tuple(
+        f"{p}."
+        for s in models.stage_names(model)[: models.stage_names(model).index(stage)]
+        for p in stages[s]
+    )
     frozen = {k for k in before if k.startswith(frozen_paths)}
     assert frozen and not frozen & changed  # weights and BN running stats unchanged
     assert any(k.startswith(tuple(f"{p}." for p in stages[stage])) for k in changed)
@@ -327,8 +333,9 @@ def test_torchvision_weights_file_keeps_features_and_resets_head(tmp_path: Path)
     torch.save(tv.state_dict(), tmp_path / "alexnet.pth")
     a = models.create("alexnet", 4, weights=tmp_path / "alexnet.pth")
     assert a.classifier[6].out_features == 4
-    assert torch.equal(a.features[3].weight, tv.features[3].weight) and torch.equal(a.classifier[4].weight,
-                                                                                     tv.classifier[4].weight)
+    assert torch.equal(a.features[3].weight, tv.features[3].weight) and torch.equal(
+        a.classifier[4].weight, tv.classifier[4].weight
+    )
 
 
 def test_torchvision_download_failure_names_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -336,7 +343,10 @@ def test_torchvision_download_failure_names_the_file(monkeypatch: pytest.MonkeyP
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", offline)
-    with pytest.raises(KpipeError, match=r"model.weights=<file>.*vgg16_bn-6c64b313.pth"), torch.device("meta"):
+    with (
+        pytest.raises(KpipeError, match=r"model.weights=<file>.*vgg16_bn-6c64b313.pth"),
+        torch.device("meta"),
+    ):
         models.create("vgg16_bn", 3, pretrained=True)
 
 
@@ -348,8 +358,12 @@ def test_simple_cnn_has_no_pretrained_weights() -> None:
 
 
 def test_kwargs_reach_the_backbone() -> None:
-    m = models.create_from_config(ModelConfig(name="test_resnet", pretrained=False,
-                                              kwargs={"drop_path_rate": 0.2, "norm_layer": "groupnorm1"}), 3)
+    m = models.create_from_config(
+        ModelConfig(
+            name="test_resnet", pretrained=False, kwargs={"drop_path_rate": 0.2, "norm_layer": "groupnorm1"}
+        ),
+        3,
+    )
     assert isinstance(m.bn1, nn.GroupNorm)
     assert any(type(x).__name__ == "DropPath" and x.drop_prob > 0 for x in m.modules())
     with torch.device("meta"):
@@ -360,7 +374,10 @@ def test_kwargs_reach_the_backbone() -> None:
 def test_wrong_kwargs_fail_naming_the_key() -> None:
     with pytest.raises(KpipeError, match=r"'test_resnet' does not take model.kwargs.drop_ratio=0.1"):
         models.create("test_resnet", 3, pretrained=False, kwargs={"drop_ratio": 0.1})
-    with pytest.raises(KpipeError, match=r"'vgg11' does not take model.kwargs.drop_path_rate"), torch.device("meta"):
+    with (
+        pytest.raises(KpipeError, match=r"'vgg11' does not take model.kwargs.drop_path_rate"),
+        torch.device("meta"),
+    ):
         models.create("vgg11", 3, pretrained=False, kwargs={"drop_path_rate": 0.1})
     with pytest.raises(KpipeError, match=r"norm_layer.*instancenorm"):
         models.create("test_resnet", 3, pretrained=False, kwargs={"norm_layer": "instancenorm"})

@@ -111,7 +111,9 @@ def test_auto_falls_back_to_fp32_when_bf16_disagrees(tmp_path: Path, monkeypatch
 
     def noisy_run(*args: object, **kw: object) -> predict.RunModels:
         rm = load(*args, **kw)
-        return predict.RunModels(rm.run, rm.cfg, rm.folds, [NoisyInBF16(m).eval() for m in rm.models], rm.data_cfg)
+        return predict.RunModels(
+            rm.run, rm.cfg, rm.folds, [NoisyInBF16(m).eval() for m in rm.models], rm.data_cfg
+        )
 
     monkeypatch.setattr(precision, "cpu_bf16", lambda: True)  # propose bf16 on any CPU
     monkeypatch.setattr(predict, "load_run", noisy_run)
@@ -135,8 +137,12 @@ def test_explicit_precision_is_obeyed_unchecked(tmp_path: Path) -> None:
     cfg = setup(tmp_path, ["infer.precision=bf16", "infer.channels_last=false"])
     infer.run(cfg)
     (form,) = _sidecar(cfg)["precision"].values()
-    assert form == {"precision": "bf16", "channels_last": False, "reason": "infer.precision=bf16 (not checked)",
-                    "check": None}
+    assert form == {
+        "precision": "bf16",
+        "channels_last": False,
+        "reason": "infer.precision=bf16 (not checked)",
+        "check": None,
+    }
 
 
 def test_choose_keeps_an_agreeing_proposal(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -145,10 +151,17 @@ def test_choose_keeps_an_agreeing_proposal(monkeypatch: pytest.MonkeyPatch) -> N
     close = lambda dtype: p if dtype is None else p + 1e-3  # noqa: E731
     choice = precision.choose("auto", torch.device("cpu"), True, close)
     assert choice.name == "bf16" and choice.amp_dtype == torch.bfloat16
-    assert choice.check["argmax_agreement"] == 1.0 and choice.check["max_prob_diff"] == pytest.approx(1e-3, rel=1e-4)
+    assert choice.check["argmax_agreement"] == 1.0 and choice.check["max_prob_diff"] == pytest.approx(
+        1e-3, rel=1e-4
+    )
     flipped = p.copy()
     flipped[:2] = flipped[:2, ::-1]  # 1% of the argmaxes change: below the 99.5% bar
-    assert precision.choose("auto", torch.device("cpu"), True, lambda d: p if d is None else flipped).name == "fp32"
-    assert precision.choose("auto", torch.device("cpu"), True, None).reason.startswith("fp32: no validation images")
+    assert (
+        precision.choose("auto", torch.device("cpu"), True, lambda d: p if d is None else flipped).name
+        == "fp32"
+    )
+    assert precision.choose("auto", torch.device("cpu"), True, None).reason.startswith(
+        "fp32: no validation images"
+    )
     unreadable = precision.choose("auto", torch.device("cpu"), True, lambda d: np.zeros((0, 0), np.float32))
     assert unreadable.name == "fp32" and "could be read" in unreadable.reason

@@ -45,20 +45,29 @@ def _predictions(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_pseudo_rows_train_in_every_fold_and_never_validate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pseudo_rows_train_in_every_fold_and_never_validate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     comp = write_competition(tmp_path, n_per_class=6)
     cfg = tiny_config(tmp_path, comp)
     folds.run(cfg)
     info = pseudo.run(cfg, str(_predictions(tmp_path)), threshold=0.9)
     table = pd.read_csv(info["file"], dtype={"id": str})
-    assert table["id"].tolist() == ["t000", "t003", "t004", "t005"]  # unsure t001 and unreadable t002 left out
+    assert table["id"].tolist() == [
+        "t000",
+        "t003",
+        "t004",
+        "t005",
+    ]  # unsure t001 and unreadable t002 left out
 
     cfg = tiny_config(tmp_path, comp, [f"data.pseudo={info['file']}", "data.pseudo_weight=0.5"])
     df, _ = load_fold_table(cfg)
     rows, targets = train.add_pseudo(cfg, df, CLASSES)
     pseudo_ids = set(table["id"])
     assert set(rows.loc[rows["fold"] == pseudo_lib.PSEUDO_FOLD, "id"]) == pseudo_ids
-    np.testing.assert_allclose(targets[len(df):], 0.5 * table[["p_cat", "p_dog", "p_fox"]].to_numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        targets[len(df) :], 0.5 * table[["p_cat", "p_dog", "p_fox"]].to_numpy(), rtol=1e-6
+    )
 
     trained: list[set[str]] = []  # ids of every training batch, per epoch (one epoch per fold here)
     validated: list[set[str]] = []  # ids of every validation / OOF / weight-choice pass
@@ -86,7 +95,9 @@ def test_pseudo_rows_train_in_every_fold_and_never_validate(tmp_path: Path, monk
     monkeypatch.setattr(train, "gather_predictions", spy_gather)
     result = train.run(cfg)
     assert len(trained) == 2 and validated
-    for seen in trained:  # pseudo rows in every fold's training batches (18 labelled / 2 folds + 4 pseudo = 13,
+    for (
+        seen
+    ) in trained:  # pseudo rows in every fold's training batches (18 labelled / 2 folds + 4 pseudo = 13,
         assert pseudo_ids & seen  # one partial batch dropped, so at least 9 of 13 seen)
     for seen in validated:
         assert not seen & pseudo_ids and seen <= set(df["id"])
@@ -94,13 +105,20 @@ def test_pseudo_rows_train_in_every_fold_and_never_validate(tmp_path: Path, monk
     oof = pd.read_csv(paths.run_dir(cfg).oof, dtype={"id": str})
     assert not set(oof["id"]) & pseudo_ids
     used = json.loads(paths.run_dir(cfg).pseudo_json.read_text())
-    assert used["file"] == info["file"] and used["n_rows"] == 4 and used["weight"] == 0.5 and len(used["sha256"]) == 64
+    assert (
+        used["file"] == info["file"]
+        and used["n_rows"] == 4
+        and used["weight"] == 0.5
+        and len(used["sha256"]) == 64
+    )
 
 
 def test_bad_pseudo_files_fail_clearly(tmp_path: Path) -> None:
     comp = write_competition(tmp_path)
     bad = tmp_path / "bad.csv"
-    pd.DataFrame({"id": ["nope"], "label": ["cat"], "p_cat": [1.0], "p_dog": [0.0], "p_fox": [0.0]}).to_csv(bad)
+    pd.DataFrame({"id": ["nope"], "label": ["cat"], "p_cat": [1.0], "p_dog": [0.0], "p_fox": [0.0]}).to_csv(
+        bad
+    )
     cfg = tiny_config(tmp_path, comp, [f"data.pseudo={bad}"])
     folds.run(cfg)
     df, _ = load_fold_table(cfg)
@@ -109,4 +127,6 @@ def test_bad_pseudo_files_fail_clearly(tmp_path: Path) -> None:
     with pytest.raises(KpipeError, match="not found"):
         train.add_pseudo(tiny_config(tmp_path, comp, ["data.pseudo=missing.csv"]), df, CLASSES)
     with pytest.raises(KpipeError, match="mixup"):
-        train.add_pseudo(tiny_config(tmp_path, comp, [f"data.pseudo={bad}", "train.mixup_alpha=0.2"]), df, CLASSES)
+        train.add_pseudo(
+            tiny_config(tmp_path, comp, [f"data.pseudo={bad}", "train.mixup_alpha=0.2"]), df, CLASSES
+        )

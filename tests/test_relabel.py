@@ -25,8 +25,9 @@ from kpipe.stages import folds, relabel
 CLASSES4 = ["a", "b", "c", "d"]
 
 
-def synthetic_oof(n: int = 600, k: int = 4, n_bad: int = 30, seed: int = 0) -> tuple[np.ndarray, np.ndarray,
-                                                                                        np.ndarray, set[int]]:
+def synthetic_oof(
+    n: int = 600, k: int = 4, n_bad: int = 30, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, set[int]]:
     """(true, given, probs, planted rows): a model of mixed confidence; planted labels are confidently wrong."""
     rng = np.random.default_rng(seed)
     true = rng.integers(0, k, n)
@@ -42,8 +43,14 @@ def synthetic_oof(n: int = 600, k: int = 4, n_bad: int = 30, seed: int = 0) -> t
 
 
 def _truth(true: np.ndarray, given: np.ndarray) -> pd.DataFrame:
-    return pd.DataFrame({"id": [f"i{j:04d}" for j in range(len(true))], "split": "train",
-                         "true_label": [CLASSES4[t] for t in true], "given_label": [CLASSES4[g] for g in given]})
+    return pd.DataFrame(
+        {
+            "id": [f"i{j:04d}" for j in range(len(true))],
+            "split": "train",
+            "true_label": [CLASSES4[t] for t in true],
+            "given_label": [CLASSES4[g] for g in given],
+        }
+    )
 
 
 def _suspects(seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, set[str]]:
@@ -74,8 +81,9 @@ def test_planted_errors_found_and_ranked_top(seed: int) -> None:
 
 
 def test_score_is_one_minus_given_probability() -> None:
-    probs = np.array([[0.9, 0.05, 0.05]] * 8 + [[0.05, 0.9, 0.05]] * 8 + [[0.05, 0.05, 0.9]] * 8
-                     + [[0.02, 0.03, 0.95]])
+    probs = np.array(
+        [[0.9, 0.05, 0.05]] * 8 + [[0.05, 0.9, 0.05]] * 8 + [[0.05, 0.05, 0.9]] * 8 + [[0.02, 0.03, 0.95]]
+    )
     labels = ["x"] * 8 + ["y"] * 8 + ["z"] * 8 + ["x"]
     s = cleaning.find_suspects([f"r{i}" for i in range(25)], labels, probs, ["x", "y", "z"])
     assert s["id"].tolist() == ["r24"]
@@ -88,14 +96,32 @@ def test_unknown_oof_label_is_refused() -> None:
 
 
 def test_precision_recall_definitions() -> None:
-    truth = pd.DataFrame({"id": ["1", "2", "3", "4", "t"], "split": ["train"] * 4 + ["test"],
-                          "true_label": ["a", "b", "a", "a", "a"], "given_label": ["b", "a", "a", "a", ""]})
-    table = pd.DataFrame({"id": ["1", "2", "3", "4"], "suggested": ["a", "c", "b", "b"],
-                          "decision": ["accept", "drop", "accept", "keep"]})
+    truth = pd.DataFrame(
+        {
+            "id": ["1", "2", "3", "4", "t"],
+            "split": ["train"] * 4 + ["test"],
+            "true_label": ["a", "b", "a", "a", "a"],
+            "given_label": ["b", "a", "a", "a", ""],
+        }
+    )
+    table = pd.DataFrame(
+        {
+            "id": ["1", "2", "3", "4"],
+            "suggested": ["a", "c", "b", "b"],
+            "decision": ["accept", "drop", "accept", "keep"],
+        }
+    )
     m = cleaning.relabel_precision_recall(table, truth)
     # acted on: 1 (hit, right fix), 2 (hit, dropped), 3 (label was right: a false alarm); 4 kept
-    assert m == {"precision": 2 / 3, "recall": 1.0, "fix_accuracy": 1.0, "n_accepted": 2, "n_dropped": 1,
-                 "n_hits": 2, "n_misfiled": 2}
+    assert m == {
+        "precision": 2 / 3,
+        "recall": 1.0,
+        "fix_accuracy": 1.0,
+        "n_accepted": 2,
+        "n_dropped": 1,
+        "n_hits": 2,
+        "n_misfiled": 2,
+    }
 
 
 def _table(rows: list[tuple]) -> pd.DataFrame:
@@ -104,9 +130,16 @@ def _table(rows: list[tuple]) -> pd.DataFrame:
 
 
 def test_accept_above_accepts_exactly_the_undecided_rows_at_or_above() -> None:
-    t = _table([("a", "x", "y", 0.99, "", "cleanlab"), ("b", "x", "y", 0.95, "keep", "cleanlab"),
-                ("c", "x", "y", 0.9, "", "cleanlab"), ("d", "x", "y", 0.8999, "", "cleanlab"),
-                ("e", "x", "y", np.nan, "", "manual"), ("f", "x", "y", 0.2, "drop", "cleanlab")])
+    t = _table(
+        [
+            ("a", "x", "y", 0.99, "", "cleanlab"),
+            ("b", "x", "y", 0.95, "keep", "cleanlab"),
+            ("c", "x", "y", 0.9, "", "cleanlab"),
+            ("d", "x", "y", 0.8999, "", "cleanlab"),
+            ("e", "x", "y", np.nan, "", "manual"),
+            ("f", "x", "y", 0.2, "drop", "cleanlab"),
+        ]
+    )
     out = relabels.accept_above_threshold(t, 0.9)
     assert out["decision"].tolist() == ["accept", "keep", "accept", "", "", "drop"]
     with pytest.raises(KpipeError, match=r"\[0, 1\]"):
@@ -114,23 +147,47 @@ def test_accept_above_accepts_exactly_the_undecided_rows_at_or_above() -> None:
 
 
 def test_merge_keeps_decisions_and_manual_rows() -> None:
-    existing = _table([("keepme", "x", "y", 0.5, "keep", "cleanlab"), ("acc", "x", "z", 0.7, "accept", "cleanlab"),
-                       ("undecided", "x", "y", 0.6, "", "cleanlab"), ("man", "y", "x", np.nan, "accept", "manual"),
-                       ("gone", "x", "y", 0.9, "drop", "cleanlab")])
-    fresh = pd.DataFrame({"id": ["keepme", "acc", "new", "man"], "given": "x", "suggested": ["y", "y", "z", "z"],
-                          "score": [0.55, 0.75, 0.65, 0.99]})
+    existing = _table(
+        [
+            ("keepme", "x", "y", 0.5, "keep", "cleanlab"),
+            ("acc", "x", "z", 0.7, "accept", "cleanlab"),
+            ("undecided", "x", "y", 0.6, "", "cleanlab"),
+            ("man", "y", "x", np.nan, "accept", "manual"),
+            ("gone", "x", "y", 0.9, "drop", "cleanlab"),
+        ]
+    )
+    fresh = pd.DataFrame(
+        {
+            "id": ["keepme", "acc", "new", "man"],
+            "given": "x",
+            "suggested": ["y", "y", "z", "z"],
+            "score": [0.55, 0.75, 0.65, 0.99],
+        }
+    )
     out = relabels.merge_relabels(existing, fresh).set_index("id")
     assert set(out.index) == {"keepme", "acc", "new", "man", "gone"}  # 'undecided' no longer suspected
     assert out.loc["keepme", "decision"] == "keep" and out.loc["keepme", "score"] == 0.55
     assert out.loc["acc", "suggested"] == "z" and out.loc["acc", "score"] == 0.75  # the person's target stays
-    assert out.loc["man", "suggested"] == "x" and np.isnan(out.loc["man", "score"]) and out.loc["man", "source"] == "manual"
+    assert (
+        out.loc["man", "suggested"] == "x"
+        and np.isnan(out.loc["man", "score"])
+        and out.loc["man", "source"] == "manual"
+    )
     assert out.loc["gone", "decision"] == "drop" and out.loc["new", "decision"] == ""
     assert list(out.index)[0] == "man"  # manual rows without a score first, then score descending
 
 
 def test_normalise_names_the_bad_line() -> None:
-    raw = pd.DataFrame({"id": ["a", "b"], "given": "x", "suggested": "y", "score": ["0.5", ""],
-                        "decision": ["Accept ", "maybe"], "source": ["cleanlab", ""]})
+    raw = pd.DataFrame(
+        {
+            "id": ["a", "b"],
+            "given": "x",
+            "suggested": "y",
+            "score": ["0.5", ""],
+            "decision": ["Accept ", "maybe"],
+            "source": ["cleanlab", ""],
+        }
+    )
     with pytest.raises(KpipeError, match="line 3 .*'maybe'"):
         relabels.normalise_relabels(raw, "relabels.csv")
     ok = relabels.normalise_relabels(raw.assign(decision=["Accept ", ""]), "relabels.csv")
@@ -139,11 +196,19 @@ def test_normalise_names_the_bad_line() -> None:
 
 def test_build_clean_labels_and_its_checks() -> None:
     labels = {"a": "x", "b": "x", "c": "y", "d": "y"}
-    t = _table([("a", "x", "y", 0.9, "accept", "cleanlab"), ("b", "x", "y", 0.8, "drop", "cleanlab"),
-                ("c", "y", "x", 0.7, "keep", "cleanlab"), ("d", "y", "x", 0.6, "", "cleanlab")])
+    t = _table(
+        [
+            ("a", "x", "y", 0.9, "accept", "cleanlab"),
+            ("b", "x", "y", 0.8, "drop", "cleanlab"),
+            ("c", "y", "x", 0.7, "keep", "cleanlab"),
+            ("d", "y", "x", 0.6, "", "cleanlab"),
+        ]
+    )
     clean = relabels.build_clean_labels(t, labels, ["x", "y"])
     assert clean.values.tolist() == [["a", "y", "relabel"], ["b", "x", "drop"]]
-    manual_unknown_id = pd.concat([t, _table([("zz", "x", "y", np.nan, "accept", "manual")])], ignore_index=True)
+    manual_unknown_id = pd.concat(
+        [t, _table([("zz", "x", "y", np.nan, "accept", "manual")])], ignore_index=True
+    )
     with pytest.raises(KpipeError, match="line 6 .*'zz'.*not a usable training image id"):
         relabels.build_clean_labels(manual_unknown_id, labels, ["x", "y"])
     unknown_class = pd.concat([t, _table([("c", "y", "w", np.nan, "accept", "manual")])], ignore_index=True)
@@ -155,12 +220,23 @@ def test_build_clean_labels_and_its_checks() -> None:
 
 
 def test_quick_config() -> None:
-    base = {"name": "e", "competition": {"name": "c"}, "model": {"name": "resnet50", "freeze_until": "layer4"},
-            "train": {"epochs": 30, "folds": [0], "lr": 1e-4}}
+    base = {
+        "name": "e",
+        "competition": {"name": "c"},
+        "model": {"name": "resnet50", "freeze_until": "layer4"},
+        "train": {"epochs": 30, "folds": [0], "lr": 1e-4},
+    }
     q = relabel.quick_config(relabel.validate({**base, "data": {"img_size": 32}}))
-    assert (q.name, q.model.name, q.model.small_stem, q.model.pretrained, q.data.img_size) == \
-        ("e_quick", "resnet10t", True, False, 32)
-    assert q.train.epochs == relabel.QUICK_MAX_EPOCHS and q.train.folds is None and q.model.freeze_until is None
+    assert (q.name, q.model.name, q.model.small_stem, q.model.pretrained, q.data.img_size) == (
+        "e_quick",
+        "resnet10t",
+        True,
+        False,
+        32,
+    )
+    assert (
+        q.train.epochs == relabel.QUICK_MAX_EPOCHS and q.train.folds is None and q.model.freeze_until is None
+    )
     assert relabel.quick_config(relabel.validate({**base, "data": {"img_size": 384}})).data.img_size == 128
     big = relabel.quick_config(relabel.validate(base))
     assert big.data.img_size == 128 and not big.model.small_stem
@@ -197,12 +273,21 @@ def _stage(tmp_path: Path, split: bool) -> tuple[Config, Path]:
 
 
 def _snapshot(folder: Path, skip: set[str] = frozenset()) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.relative_to(folder).parts[0] not in skip}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.relative_to(folder).parts[0] not in skip
+    }
 
 
-KPIPE_OWN = {"relabels.csv", "relabels.csv.lock", "review.html", "labels_clean.csv", "labels_clean.source.json",
-             "audit"}
+KPIPE_OWN = {
+    "relabels.csv",
+    "relabels.csv.lock",
+    "review.html",
+    "labels_clean.csv",
+    "labels_clean.source.json",
+    "audit",
+}
 
 
 class _Links(HTMLParser):
@@ -231,7 +316,11 @@ def test_stage_writes_table_and_review_and_applies_idempotently(tmp_path: Path, 
     planted = set(load_train(cfg).df.groupby("label").head(1)["id"])
     assert planted <= set(table["id"]) and set(table["id"].head(3)) == planted
     csv = read_csv_ids(paths.work_dir(cfg) / "relabels.csv")
-    assert list(csv.columns) == relabels.COLUMNS and (csv["decision"] == "").all() and (csv["source"] == "cleanlab").all()
+    assert (
+        list(csv.columns) == relabels.COLUMNS
+        and (csv["decision"] == "").all()
+        and (csv["source"] == "cleanlab").all()
+    )
 
     page = paths.work_dir(cfg) / "review.html"
     links = _Links()
@@ -269,8 +358,18 @@ def test_decisions_and_manual_rows_survive_rerun_and_apply(tmp_path: Path) -> No
     t.loc[0, "decision"], t.loc[1, "decision"], t.loc[2, "decision"] = "keep", "drop", "accept"
     t["note"] = ["looks right to me", "", ""]  # a column of the person's own
     target = next(i for i in load_train(cfg).df["id"] if i not in set(t["id"]))
-    manual = pd.DataFrame([{"id": target, "given": target.split("_")[0], "suggested": "émeu",
-                            "score": "", "decision": "accept", "source": "manual"}])
+    manual = pd.DataFrame(
+        [
+            {
+                "id": target,
+                "given": target.split("_")[0],
+                "suggested": "émeu",
+                "score": "",
+                "decision": "accept",
+                "source": "manual",
+            }
+        ]
+    )
     write_csv(path, pd.concat([t, manual], ignore_index=True))
     relabel.run(cfg)
     again = read_csv_ids(path).set_index("id")
@@ -288,8 +387,18 @@ def test_apply_refuses_a_bad_manual_row(tmp_path: Path) -> None:
     cfg, _ = _stage(tmp_path, split=True)
     relabel.run(cfg)
     path = paths.work_dir(cfg) / "relabels.csv"
-    bad = pd.DataFrame([{"id": "no such image", "given": "cat dog", "suggested": "émeu", "score": "",
-                         "decision": "accept", "source": "manual"}])
+    bad = pd.DataFrame(
+        [
+            {
+                "id": "no such image",
+                "given": "cat dog",
+                "suggested": "émeu",
+                "score": "",
+                "decision": "accept",
+                "source": "manual",
+            }
+        ]
+    )
     write_csv(path, pd.concat([read_csv_ids(path), bad], ignore_index=True))
     with pytest.raises(KpipeError, match="'no such image'.*source manual.*not a usable training image id"):
         relabel.run(cfg, apply=True)
@@ -302,8 +411,21 @@ def test_manual_only_table_applies_without_a_run(tmp_path: Path) -> None:
     with pytest.raises(KpipeError, match="--quick"):
         relabel.run(cfg)
     one = load_train(cfg).df["id"].iloc[0]
-    write_csv(paths.work_dir(cfg) / "relabels.csv", pd.DataFrame([{"id": one, "given": "", "suggested": "fox#1",
-                                                            "score": "", "decision": "accept", "source": "manual"}]))
+    write_csv(
+        paths.work_dir(cfg) / "relabels.csv",
+        pd.DataFrame(
+            [
+                {
+                    "id": one,
+                    "given": "",
+                    "suggested": "fox#1",
+                    "score": "",
+                    "decision": "accept",
+                    "source": "manual",
+                }
+            ]
+        ),
+    )
     relabel.run(cfg, apply=True)
     assert read_csv_ids(paths.clean_labels_csv(cfg)).values.tolist() == [[one, "fox#1", "relabel"]]
     assert (paths.work_dir(cfg) / "review.html").is_file()
@@ -334,7 +456,9 @@ def test_from_ranks_suspects_on_the_blended_oof(tmp_path: Path) -> None:
     oof = read_csv_ids(run / "oof.csv")
     pcols = [c for c in oof.columns if c.startswith("p_")]
     planted = set(load_train(cfg).df.groupby("label").head(1)["id"])
-    other = tmp_path / "runs" / "other"  # a second model, sure of every given label: the planted rows look right
+    other = (
+        tmp_path / "runs" / "other"
+    )  # a second model, sure of every given label: the planted rows look right
     calm = oof.copy()
     classes = [c[2:] for c in pcols]
     calm[pcols] = np.where(np.array(classes)[None, :] == calm["label"].to_numpy()[:, None], 0.9, 0.05)

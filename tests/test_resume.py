@@ -44,8 +44,9 @@ def _stop_after(monkeypatch: pytest.MonkeyPatch, n_steps: int) -> None:
 
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("stop_at", [2, 5])  # mid epoch 1; mid epoch 2 (epoch 1 has 3 steps)
-def test_stopped_and_resumed_equals_uninterrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                  workers: int, stop_at: int) -> None:
+def test_stopped_and_resumed_equals_uninterrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int, stop_at: int
+) -> None:
     comp = write_competition(tmp_path, n_per_class=10)
     base = [*OVERRIDES, f"data.num_workers={workers}"]
     whole = tiny_config(tmp_path, comp, [*base, "name=whole"])
@@ -57,7 +58,9 @@ def test_stopped_and_resumed_equals_uninterrupted(tmp_path: Path, monkeypatch: p
         _stop_after(m, stop_at)
         with pytest.raises(Interrupted):
             train.run(cut)
-    stopped = torch.load(tmp_path / "runs" / "cut" / "fold0" / "last.pt", map_location="cpu", weights_only=True)
+    stopped = torch.load(
+        tmp_path / "runs" / "cut" / "fold0" / "last.pt", map_location="cpu", weights_only=True
+    )
     assert not stopped["finished"] and stopped["step_in_epoch"] > 0  # really stopped mid-epoch
     train.run(cut, resume=True)
 
@@ -65,8 +68,10 @@ def test_stopped_and_resumed_equals_uninterrupted(tmp_path: Path, monkeypatch: p
     assert a.keys() == b.keys()
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differ, differ
-    ma, mb = (pd.read_csv(tmp_path / "runs" / r / "fold0" / "metrics.csv").drop(columns=["seconds", "images_per_s"])
-              for r in ("whole", "cut"))  # wall-clock columns differ
+    ma, mb = (
+        pd.read_csv(tmp_path / "runs" / r / "fold0" / "metrics.csv").drop(columns=["seconds", "images_per_s"])
+        for r in ("whole", "cut")
+    )  # wall-clock columns differ
     pd.testing.assert_frame_equal(ma, mb, check_exact=True)
 
 
@@ -84,19 +89,28 @@ class _NanAfter(torch.nn.Module):
         return loss * float("nan") if self.calls > self.good else loss
 
 
-def test_nan_loss_stops_the_fold_and_keeps_the_last_good_checkpoint(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = tiny_config(tmp_path, write_competition(tmp_path, n_per_class=10), ["train.epochs=3", "train.folds=[0]"])
+def test_nan_loss_stops_the_fold_and_keeps_the_last_good_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = tiny_config(
+        tmp_path, write_competition(tmp_path, n_per_class=10), ["train.epochs=3", "train.folds=[0]"]
+    )
     folds.run(cfg)
-    monkeypatch.setattr(train, "_criterion_and_mixup", lambda cfg, n: (_NanAfter(good=4), None))  # epoch 2, step 2
+    monkeypatch.setattr(
+        train, "_criterion_and_mixup", lambda cfg, n: (_NanAfter(good=4), None)
+    )  # epoch 2, step 2
     with pytest.raises(KpipeError) as e:
         train.run(cfg)
     msg = str(e.value)
     assert "fold 0" in msg and "epoch 2, step 2" in msg and "NaN" in msg, msg
-    last = torch.load(tmp_path / "runs" / cfg.name / "fold0" / "last.pt", map_location="cpu", weights_only=True)
+    last = torch.load(
+        tmp_path / "runs" / cfg.name / "fold0" / "last.pt", map_location="cpu", weights_only=True
+    )
     assert last["epoch"] == 1 and last["step_in_epoch"] == 0  # epoch 1's end, nothing after
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
-    best = torch.load(tmp_path / "runs" / cfg.name / "fold0" / "best.pt", map_location="cpu", weights_only=True)
+    best = torch.load(
+        tmp_path / "runs" / cfg.name / "fold0" / "best.pt", map_location="cpu", weights_only=True
+    )
     assert np.isfinite(best["score"])
 
 

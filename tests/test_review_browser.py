@@ -25,6 +25,7 @@ try:
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
+
     HAVE_SELENIUM = True
 except ImportError:
     HAVE_SELENIUM = False
@@ -32,14 +33,21 @@ except ImportError:
 pytestmark = pytest.mark.skipif(
     not (HAVE_SELENIUM and CHROMIUM and CHROMEDRIVER),
     reason="browser test needs headless Chromium: apt-get install -y chromium chromium-driver; pip install selenium "
-           f"(found: selenium={HAVE_SELENIUM}, chromium={CHROMIUM}, chromedriver={CHROMEDRIVER})")
+    f"(found: selenium={HAVE_SELENIUM}, chromium={CHROMIUM}, chromedriver={CHROMEDRIVER})",
+)
 
 
 @pytest.fixture
 def browser() -> Iterator[Any]:
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1400,900"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1400,900",
+    ):
         opts.add_argument(arg)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     driver.set_page_load_timeout(30)
@@ -61,8 +69,10 @@ def server(tiny_cfg: Config) -> Iterator[review.ReviewServer]:
 
 def shown(driver: Any) -> dict[str, str]:
     """id -> decision as the page shows it, read in one script (the page redraws rows after each click)."""
-    return driver.execute_script('return Object.fromEntries([...document.querySelectorAll("#rows section")]'
-                                 '.map(s => [s.dataset.id, s.querySelector("span.d").textContent]))')
+    return driver.execute_script(
+        'return Object.fromEntries([...document.querySelectorAll("#rows section")]'
+        '.map(s => [s.dataset.id, s.querySelector("span.d").textContent]))'
+    )
 
 
 def on_disk(srv: review.ReviewServer) -> dict[str, str]:
@@ -72,7 +82,9 @@ def on_disk(srv: review.ReviewServer) -> dict[str, str]:
 
 def wait_for(driver: Any, srv: review.ReviewServer, image_id: str, decision: str) -> None:
     """Until the click has reached the file and the page shows it."""
-    WebDriverWait(driver, 10).until(lambda d: on_disk(srv)[image_id] == decision and shown(d)[image_id] == decision)
+    WebDriverWait(driver, 10).until(
+        lambda d: on_disk(srv)[image_id] == decision and shown(d)[image_id] == decision
+    )
 
 
 def test_click_key_reload_agree_with_the_csv(browser: Any, server: review.ReviewServer) -> None:
@@ -80,7 +92,9 @@ def test_click_key_reload_agree_with_the_csv(browser: Any, server: review.Review
     WebDriverWait(browser, 10).until(lambda d: len(shown(d)) == 4)
     assert set(shown(browser).values()) == {"undecided"}
     assert browser.find_element(By.ID, "counter").text.startswith("0 of 4 decided")
-    loaded = "return [...document.images].every(i => i.complete && i.naturalWidth > 0) && document.images.length"
+    loaded = (
+        "return [...document.images].every(i => i.complete && i.naturalWidth > 0) && document.images.length"
+    )
     WebDriverWait(browser, 10).until(lambda d: d.execute_script(loaded))  # every thumbnail loads
 
     def section(image_id: str) -> Any:
@@ -94,7 +108,9 @@ def test_click_key_reload_agree_with_the_csv(browser: Any, server: review.Review
     WebDriverWait(browser, 5).until(lambda d: "cur" in section("fox_002").get_attribute("class"))
     browser.find_element(By.TAG_NAME, "body").send_keys("k")
     wait_for(browser, server, "fox_002", "keep")
-    browser.find_element(By.TAG_NAME, "body").send_keys("2")  # the next row (cat_003) accepted as class 2, dog
+    browser.find_element(By.TAG_NAME, "body").send_keys(
+        "2"
+    )  # the next row (cat_003) accepted as class 2, dog
     wait_for(browser, server, "cat_003", "accept")
 
     browser.refresh()
@@ -123,6 +139,8 @@ def test_explain_report_images_load(browser: Any, tmp_path: Any) -> None:
     train.run(cfg)
     page = explain.run(cfg, images=3).explain_html
     browser.get(page.resolve().as_uri())
-    loaded = "return [...document.images].every(i => i.complete && i.naturalWidth > 0) && document.images.length"
+    loaded = (
+        "return [...document.images].every(i => i.complete && i.naturalWidth > 0) && document.images.length"
+    )
     n = WebDriverWait(browser, 10).until(lambda d: d.execute_script(loaded))
     assert n >= 10  # filters, 2 Grad-CAM grids, feature maps of every stage

@@ -20,14 +20,19 @@ from kpipe.errors import KpipeError
 from kpipe.io import read_csv_ids
 from kpipe.stages import relabel, review
 
-SUSPECTS = [("cat_000", "cat", "dog", 0.9), ("dog_001", "dog", "fox", 0.8), ("fox_002", "fox", "cat", 0.7),
-            ("cat_003", "cat", "fox", 0.6)]
+SUSPECTS = [
+    ("cat_000", "cat", "dog", 0.9),
+    ("dog_001", "dog", "fox", 0.8),
+    ("fox_002", "fox", "cat", 0.7),
+    ("cat_003", "cat", "fox", 0.6),
+]
 
 
 def write_suspects(cfg: Config) -> Path:
     """A relabels.csv as `kpipe relabel` writes it, all undecided, with a person's own notes column."""
-    table = pd.DataFrame([(i, g, s, sc, "", "cleanlab", "") for i, g, s, sc in SUSPECTS],
-                         columns=[*relabels.COLUMNS, "note"])
+    table = pd.DataFrame(
+        [(i, g, s, sc, "", "cleanlab", "") for i, g, s, sc in SUSPECTS], columns=[*relabels.COLUMNS, "note"]
+    )
     table.loc[1, "note"] = "blurry, check"
     path = paths.relabels_csv(cfg)
     relabels.write_relabels(path, relabels.normalise_relabels(table, "test"))
@@ -61,7 +66,9 @@ def get(srv: review.ReviewServer, path: str) -> tuple[int, bytes, str]:
 
 def post(srv: review.ReviewServer, body: object, mime: str = "application/json") -> tuple[int, bytes]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(srv.url + "api/decide", data=data, headers={"Content-Type": mime}, method="POST")
+    req = urllib.request.Request(
+        srv.url + "api/decide", data=data, headers={"Content-Type": mime}, method="POST"
+    )
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             return r.status, r.read()
@@ -98,25 +105,39 @@ def test_page_rows_and_decisions_written_at_once(server: review.ReviewServer) ->
     assert decisions(csv)["cat_000"] == ""
 
 
-@pytest.mark.parametrize(("body", "mime", "code"), [
-    ({"id": "nobody", "decision": "accept"}, "application/json", 404),
-    ({"id": "cat_000", "decision": "maybe"}, "application/json", 400),
-    ({"id": "cat_000", "decision": "accept", "suggested": "wolf"}, "application/json", 400),
-    ({"decision": "accept"}, "application/json", 400),
-    (b"{not json", "application/json", 400),
-    (b"id=cat_000&decision=accept", "application/x-www-form-urlencoded", 415),
-])
-def test_bad_decisions_are_refused_and_change_nothing(server: review.ReviewServer, body: object, mime: str,
-                                                      code: int) -> None:
+@pytest.mark.parametrize(
+    ("body", "mime", "code"),
+    [
+        ({"id": "nobody", "decision": "accept"}, "application/json", 404),
+        ({"id": "cat_000", "decision": "maybe"}, "application/json", 400),
+        ({"id": "cat_000", "decision": "accept", "suggested": "wolf"}, "application/json", 400),
+        ({"decision": "accept"}, "application/json", 400),
+        (b"{not json", "application/json", 400),
+        (b"id=cat_000&decision=accept", "application/x-www-form-urlencoded", 415),
+    ],
+)
+def test_bad_decisions_are_refused_and_change_nothing(
+    server: review.ReviewServer, body: object, mime: str, code: int
+) -> None:
     before = server.state.csv.read_bytes()
     status, text = post(server, body, mime)
     assert status == code, text
     assert server.state.csv.read_bytes() == before
 
 
-@pytest.mark.parametrize("url", ["/img?id=../../tiny.yaml", "/img?id=..%2F..%2Ftiny.yaml", "/img?id=nobody",
-                                 "/img?id=/etc/passwd", "/../tiny.yaml", "/img/../../tiny.yaml",
-                                 "/relabels.csv", "/img?id=cat_000&id=dog_001"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/img?id=../../tiny.yaml",
+        "/img?id=..%2F..%2Ftiny.yaml",
+        "/img?id=nobody",
+        "/img?id=/etc/passwd",
+        "/../tiny.yaml",
+        "/img/../../tiny.yaml",
+        "/relabels.csv",
+        "/img?id=cat_000&id=dog_001",
+    ],
+)
 def test_only_training_images_by_id_are_served(server: review.ReviewServer, url: str) -> None:
     status, body, _ = get(server, url)
     assert status == 404, body
@@ -127,7 +148,9 @@ def test_thumbnail_of_a_training_id(server: review.ReviewServer) -> None:
     assert status == 200 and mime == "image/png" and body.startswith(b"\x89PNG")
 
 
-def test_image_outside_the_competition_folder_is_not_served(server: review.ReviewServer, tmp_path: Path) -> None:
+def test_image_outside_the_competition_folder_is_not_served(
+    server: review.ReviewServer, tmp_path: Path
+) -> None:
     outside = tmp_path / "secret.png"
     outside.write_bytes((server.state.image_root / "train" / "cat_000.png").read_bytes())
     server.state.files["cat_000"] = str(outside)  # as if the ingest table pointed outside
@@ -171,8 +194,12 @@ def test_no_relabels_csv_says_what_to_run(tiny_cfg: Config) -> None:
 
 def test_apply_after_clicks_equals_apply_after_typing(tmp_path: Path) -> None:
     """Decisions made through the server give the same labels_clean.csv as the same decisions typed in."""
-    clicks = [("cat_000", "accept", None), ("dog_001", "drop", None), ("fox_002", "accept", "dog"),
-              ("cat_003", "keep", None)]
+    clicks = [
+        ("cat_000", "accept", None),
+        ("dog_001", "drop", None),
+        ("fox_002", "accept", "dog"),
+        ("cat_003", "keep", None),
+    ]
     clean = []
     for how in ("server", "typed"):
         root = tmp_path / how
@@ -182,7 +209,11 @@ def test_apply_after_clicks_equals_apply_after_typing(tmp_path: Path) -> None:
         if how == "server":
             srv, thread = serve(cfg)
             for image_id, decision, suggested in clicks:
-                body = {"id": image_id, "decision": decision, **({"suggested": suggested} if suggested else {})}
+                body = {
+                    "id": image_id,
+                    "decision": decision,
+                    **({"suggested": suggested} if suggested else {}),
+                }
                 assert post(srv, body)[0] == 200
             srv.shutdown()
             srv.server_close()
@@ -197,8 +228,12 @@ def test_apply_after_clicks_equals_apply_after_typing(tmp_path: Path) -> None:
         relabel.run(cfg, apply=True)
         clean.append(paths.clean_labels_csv(cfg).read_bytes())
     assert clean[0] == clean[1]
-    assert clean[0].decode().splitlines() == ["id,label,action", "cat_000,dog,relabel", "dog_001,dog,drop",
-                                              "fox_002,dog,relabel"]
+    assert clean[0].decode().splitlines() == [
+        "id,label,action",
+        "cat_000,dog,relabel",
+        "dog_001,dog,drop",
+        "fox_002,dog,relabel",
+    ]
 
 
 def test_cli_has_review_with_port() -> None:

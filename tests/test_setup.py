@@ -38,8 +38,13 @@ def fake_python(bin_dir: Path, name: str, version: tuple[int, int, int]) -> Path
 def make(tmp_path: Path, bin_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     shutil.copy(ROOT / "Makefile", tmp_path / "Makefile")
     (tmp_path / "pyproject.toml").touch()
-    return subprocess.run([MAKE, "-C", str(tmp_path), *args], capture_output=True, text=True, timeout=60,
-                          env={"PATH": str(bin_dir), "HOME": str(tmp_path)})
+    return subprocess.run(
+        [MAKE, "-C", str(tmp_path), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": str(bin_dir), "HOME": str(tmp_path)},
+    )
 
 
 def test_setup_stops_on_python_310_naming_it(tmp_path: Path) -> None:

@@ -62,16 +62,33 @@ def test_stale_audit_is_refused_by_folds(tmp_path: Path) -> None:
 def test_stale_clean_labels_are_refused_by_folds(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path, write_competition(tmp_path))
     one = ingest.load_train(cfg).df["id"].iloc[0]
-    write_csv(paths.relabels_csv(cfg), pd.DataFrame([{"id": one, "given": "", "suggested": "fox", "score": "",
-                                                      "decision": "accept", "source": "manual"}]))
+    write_csv(
+        paths.relabels_csv(cfg),
+        pd.DataFrame(
+            [
+                {
+                    "id": one,
+                    "given": "",
+                    "suggested": "fox",
+                    "score": "",
+                    "decision": "accept",
+                    "source": "manual",
+                }
+            ]
+        ),
+    )
     relabel.run(cfg, apply=True)
     assert paths.clean_labels_source(cfg).is_file()
     folds.run(cfg)
     _change_train_csv(cfg)
-    with pytest.raises(KpipeError, match=r"labels_clean\.csv.*other training data.*kpipe relabel .*--apply") as e:
+    with pytest.raises(
+        KpipeError, match=r"labels_clean\.csv.*other training data.*kpipe relabel .*--apply"
+    ) as e:
         folds.run(cfg)
     assert "folds.clean_labels=false" in str(e.value)
-    folds.run(tiny_config(tmp_path, tmp_path / "tiny.yaml", ["folds.clean_labels=false"]))  # the way out it names
+    folds.run(
+        tiny_config(tmp_path, tmp_path / "tiny.yaml", ["folds.clean_labels=false"])
+    )  # the way out it names
 
 
 def test_clean_labels_without_a_record_warn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -88,14 +105,16 @@ def test_clean_labels_without_a_record_warn(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_fewer_groups_than_folds_is_a_clear_error() -> None:
-    df = pd.DataFrame({"id": [f"i{j}" for j in range(12)], "label": ["a", "b", "c"] * 4,
-                       "group": ["g0"] * 6 + ["g1"] * 6})
+    df = pd.DataFrame(
+        {"id": [f"i{j}" for j in range(12)], "label": ["a", "b", "c"] * 4, "group": ["g0"] * 6 + ["g1"] * 6}
+    )
     with pytest.raises(KpipeError, match=r"n_folds=3.*only 2 groups.*Lower folds.n_folds to 2"):
         make_folds(df, 3, 0, "group")
 
 
-def test_fewer_groups_than_folds_through_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_fewer_groups_than_folds_through_the_cli(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     comp = write_competition(tmp_path)
     cfg = tiny_config(tmp_path, comp, ["competition.group_col=site"])
     csv = paths.data_dir(cfg) / "train.csv"
@@ -114,16 +133,21 @@ def test_empty_sample_submission_is_a_clear_error(tmp_path: Path) -> None:
         ingest.load_test(cfg)
 
 
-SIGNED = ("https://storage.googleapis.com/kaggle-competitions-data/x/train.zip?GoogleAccessId=web-data%40kaggle"
-          "&Expires=1700000000&X-Goog-Algorithm=GOOG4-RSA-SHA256&X-Goog-Signature=deadbeefcafe0123")
+SIGNED = (
+    "https://storage.googleapis.com/kaggle-competitions-data/x/train.zip?GoogleAccessId=web-data%40kaggle"
+    "&Expires=1700000000&X-Goog-Algorithm=GOOG4-RSA-SHA256&X-Goog-Signature=deadbeefcafe0123"
+)
 
 
-@pytest.mark.parametrize("url", [
-    SIGNED,
-    "https://bucket.s3.amazonaws.com/f.zip?X-Amz-Credential=AKIA&X-Amz-Signature=deadbeefcafe0123",
-    "https://example.com/download?file=train.zip&token=deadbeefcafe0123",
-    "https://cdn.example.com/f.zip?Expires=1&Signature=deadbeefcafe0123&Key-Pair-Id=K",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        SIGNED,
+        "https://bucket.s3.amazonaws.com/f.zip?X-Amz-Credential=AKIA&X-Amz-Signature=deadbeefcafe0123",
+        "https://example.com/download?file=train.zip&token=deadbeefcafe0123",
+        "https://cdn.example.com/f.zip?Expires=1&Signature=deadbeefcafe0123&Key-Pair-Id=K",
+    ],
+)
 def test_signed_urls_never_reach_a_message(url: str) -> None:
     response = requests.Response()
     response.status_code, response.url = 403, url

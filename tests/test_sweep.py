@@ -15,8 +15,9 @@ from kpipe.tools import sweep
 
 
 def test_axes_names_and_combinations(tmp_path: Path) -> None:
-    fixed, axes = sweep.split_overrides(["train.folds=0,1", "model.name=resnet10t|test_resnet",
-                                         "train.optimizer=sgd|adamw"])
+    fixed, axes = sweep.split_overrides(
+        ["train.folds=0,1", "model.name=resnet10t|test_resnet", "train.optimizer=sgd|adamw"]
+    )
     assert fixed == ["train.folds=0,1"]
     combos = sweep.combinations(axes)
     assert combos[1] == {"model.name": "resnet10t", "train.optimizer": "adamw"} and len(combos) == 4
@@ -35,8 +36,10 @@ def test_sweep_trains_skips_and_resumes(tmp_path: Path, tiny_comp: Path) -> None
 
     exp = tmp_path / "tiny_exp.yaml"
     exp.write_text(yaml.safe_dump(TINY_EXP))
-    fixed = [f"paths.{k}={tmp_path / k.split('_')[0]}" for k in
-             ("data_root", "folds_dir", "runs_dir", "predictions_dir", "submissions_dir")]
+    fixed = [
+        f"paths.{k}={tmp_path / k.split('_')[0]}"
+        for k in ("data_root", "folds_dir", "runs_dir", "predictions_dir", "submissions_dir")
+    ]
     fixed.append(f"data.cache_dir={tmp_path / 'cache'}")
     folds.run(load_config(exp, tiny_comp, fixed))
     grid = ["train.optimizer=sgd|adamw"]
@@ -59,16 +62,19 @@ def test_sweep_trains_skips_and_resumes(tmp_path: Path, tiny_comp: Path) -> None
     assert sweep.is_finished(runs[1]) and runs[1].fold(1).oof.is_file()
 
 
-def test_sweep_on_several_gpus_runs_one_process_per_run(tmp_path: Path, tiny_comp: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sweep_on_several_gpus_runs_one_process_per_run(
+    tmp_path: Path, tiny_comp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from kpipe import cli, launch
     from kpipe.config import load_config
     from kpipe.stages import folds
 
     exp = tmp_path / "tiny_exp.yaml"
     exp.write_text(yaml.safe_dump(TINY_EXP))
-    fixed = [f"paths.{k}={tmp_path / k.split('_')[0]}" for k in
-             ("data_root", "folds_dir", "runs_dir", "predictions_dir", "submissions_dir")]
+    fixed = [
+        f"paths.{k}={tmp_path / k.split('_')[0]}"
+        for k in ("data_root", "folds_dir", "runs_dir", "predictions_dir", "submissions_dir")
+    ]
     fixed += [f"data.cache_dir={tmp_path / 'cache'}", "train.folds=0"]
     folds.run(load_config(exp, tiny_comp, fixed))
     seen: list[tuple[list[str], int]] = []
@@ -92,6 +98,11 @@ def test_sweep_on_several_gpus_runs_one_process_per_run(tmp_path: Path, tiny_com
 def test_run_per_gpu_queues_jobs_and_reports_failures(tmp_path: Path) -> None:
     from kpipe import launch
 
-    jobs = [(f"job{i}", ["--help"] if i != 1 else ["no-such-command"], tmp_path / f"job{i}.log") for i in range(3)]
+    jobs = [
+        (f"job{i}", ["--help"] if i != 1 else ["no-such-command"], tmp_path / f"job{i}.log") for i in range(3)
+    ]
     assert launch.run_per_gpu(jobs, 2) == ["job1"]
-    assert "usage" in (tmp_path / "job0.log").read_text() and "invalid choice" in (tmp_path / "job1.log").read_text()
+    assert (
+        "usage" in (tmp_path / "job0.log").read_text()
+        and "invalid choice" in (tmp_path / "job1.log").read_text()
+    )

@@ -31,7 +31,15 @@ def test_run_writes_every_artefact(tmp_path: Path) -> None:
     cfg = _setup(tmp_path)
     result = train.run(cfg)
     run = paths.run_dir(cfg).root
-    for name in ["config.yaml", "oof.csv", "cv.json", "curves.png", "confusion.png", "per_class.csv", "per_class.png"]:
+    for name in [
+        "config.yaml",
+        "oof.csv",
+        "cv.json",
+        "curves.png",
+        "confusion.png",
+        "per_class.csv",
+        "per_class.png",
+    ]:
         assert (run / name).is_file(), name
     oof = pd.read_csv(run / "oof.csv", dtype={"id": str})
     assert len(oof) == 18 and oof["id"].is_unique
@@ -41,11 +49,20 @@ def test_run_writes_every_artefact(tmp_path: Path) -> None:
     for k in (0, 1):
         fdir = run / f"fold{k}"
         m = pd.read_csv(fdir / "metrics.csv")
-        assert len(m) == 2 and {"train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr", "seconds",
-                                "images_per_s"} <= set(m.columns)
+        assert len(m) == 2 and {
+            "train_loss",
+            "val_loss",
+            "val_accuracy",
+            "val_macro_f1",
+            "lr",
+            "seconds",
+            "images_per_s",
+        } <= set(m.columns)
         best = torch.load(fdir / "best.pt", weights_only=False)
         assert best["classes"] == ["cat", "dog", "fox"] and "model" in best
-        assert set(oof.loc[oof["fold"] == k, "id"]) == set(pd.read_csv(paths.folds_csv(cfg), dtype=str).query(f"fold == '{k}'")["id"])
+        assert set(oof.loc[oof["fold"] == k, "id"]) == set(
+            pd.read_csv(paths.folds_csv(cfg), dtype=str).query(f"fold == '{k}'")["id"]
+        )
     assert 0.0 <= result["cv"] <= 1.0 and result["complete"]
 
 
@@ -67,7 +84,9 @@ def test_resume_after_interrupt_finishes_all_epochs(tmp_path: Path, monkeypatch:
     real_step = engine._optimizer_step
     calls = {"n": 0}
 
-    def step_then_stop(st, clip):  # Ctrl-C during the 5th optimiser step: 4 steps per epoch, so epoch 2, step 1
+    def step_then_stop(
+        st, clip
+    ):  # Ctrl-C during the 5th optimiser step: 4 steps per epoch, so epoch 2, step 1
         real_step(st, clip)
         calls["n"] += 1
         if calls["n"] == 5:
@@ -98,26 +117,52 @@ def test_same_seed_same_cv(tmp_path: Path) -> None:
 
 
 def test_googlenet_goes_through_the_same_loop(tmp_path: Path) -> None:
-    cfg = _setup(tmp_path, ["model.name=googlenet", "model.small_stem=true", "train.epochs=1", "train.folds=0"])
+    cfg = _setup(
+        tmp_path, ["model.name=googlenet", "model.small_stem=true", "train.epochs=1", "train.folds=0"]
+    )
     result = train.run(cfg)
     assert result["n_oof"] == 9
 
 
 def test_baseline_cnn_with_resampling_and_an_aug_list(tmp_path: Path) -> None:
-    cfg = _setup(tmp_path, ["model.name=simple_cnn", "model.init=kaiming", "model.kwargs={width: 8, hidden: 32}",
-                            "train.epochs=1", "train.folds=0", "data.sampling=oversample",
-                            "data.aug=hflip,rotate,color_jitter"])
+    cfg = _setup(
+        tmp_path,
+        [
+            "model.name=simple_cnn",
+            "model.init=kaiming",
+            "model.kwargs={width: 8, hidden: 32}",
+            "train.epochs=1",
+            "train.folds=0",
+            "data.sampling=oversample",
+            "data.aug=hflip,rotate,color_jitter",
+        ],
+    )
     assert train.run(cfg)["n_oof"] == 9
     saved = load_run_config(paths.run_dir(cfg).root)
     assert saved.data.aug == ["hflip", "rotate", "color_jitter"] and saved.model.kwargs["width"] == 8
 
 
 def test_schedules_optimisers_and_extras_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = _setup(tmp_path, ["train.folds=0", "train.optimizer=nadam", "train.scheduler=plateau", "train.ema=true",
-                            "train.mixup_alpha=0.2", "train.label_smoothing=0.1", "train.accum_steps=2",
-                            "train.clip_grad=1.0", "data.balanced_sampling=true", "data.aug=heavy",
-                            "model.freeze_until=layer2", "model.unfreeze_epoch=1", "model.act=silu",
-                            "data.cache=true", "data.hflip=false"])
+    cfg = _setup(
+        tmp_path,
+        [
+            "train.folds=0",
+            "train.optimizer=nadam",
+            "train.scheduler=plateau",
+            "train.ema=true",
+            "train.mixup_alpha=0.2",
+            "train.label_smoothing=0.1",
+            "train.accum_steps=2",
+            "train.clip_grad=1.0",
+            "data.balanced_sampling=true",
+            "data.aug=heavy",
+            "model.freeze_until=layer2",
+            "model.unfreeze_epoch=1",
+            "model.act=silu",
+            "data.cache=true",
+            "data.hflip=false",
+        ],
+    )
     seen: dict[str, object] = {}
     real_fit = train.fit
 
@@ -140,7 +185,9 @@ def test_schedules_optimisers_and_extras_run(tmp_path: Path, monkeypatch: pytest
     assert fold.step.accum_steps == 2 and fold.step.clip_grad == 1.0
     assert fold.sampler.weights is not None  # balanced sampling
     dataset = fold.loader.dataset
-    assert dataset.cache is not None and any(Path(cfg.data.cache_dir).rglob("*"))  # read from the decode-once cache
+    assert dataset.cache is not None and any(
+        Path(cfg.data.cache_dir).rglob("*")
+    )  # read from the decode-once cache
     ops = {type(t).__name__: t for t in dataset.transform.transforms}
     assert {"Affine", "ColorJitter", "CoarseDropout"} <= ops.keys()  # the heavy preset
     assert ops["HorizontalFlip"].p == 0.0  # data.hflip=false
@@ -153,12 +200,15 @@ def test_schedules_optimisers_and_extras_run(tmp_path: Path, monkeypatch: pytest
 
 
 def test_batch_augmentation_trains_from_the_cache(tmp_path: Path) -> None:
-    cfg = _setup(tmp_path, ["train.folds=0", "train.epochs=1", "data.cache=true", "data.batch_aug=true",
-                            "data.aug=medium"])
+    cfg = _setup(
+        tmp_path,
+        ["train.folds=0", "train.epochs=1", "data.cache=true", "data.batch_aug=true", "data.aug=medium"],
+    )
     assert train.run(cfg)["n_oof"] == 9
     with pytest.raises(KpipeError, match="batch_aug=true needs data.cache=true"):
-        train.run(cfg.model_copy(update={"name": "nocache",
-                                         "data": cfg.data.model_copy(update={"cache": False})}))
+        train.run(
+            cfg.model_copy(update={"name": "nocache", "data": cfg.data.model_copy(update={"cache": False})})
+        )
 
 
 def test_oof_comes_from_best_pt_not_the_last_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -174,16 +224,22 @@ def test_oof_comes_from_best_pt_not_the_last_weights(tmp_path: Path, monkeypatch
     df, classes = folds_lib.load_fold_table(cfg)
     rows = df[df["id"].isin(oof["id"])].sort_values("id")
     rm = predict.load_run(str(paths.run_dir(cfg).root), classes, torch.device("cpu"))  # fold0/best.pt
-    loader = predict.make_eval_loader(rows["path"].tolist(), rm.data_cfg, 4, 0, torch.device("cpu"), tolerant=False)
+    loader = predict.make_eval_loader(
+        rows["path"].tolist(), rm.data_cfg, 4, 0, torch.device("cpu"), tolerant=False
+    )
     prepare = transforms.Normalize(rm.data_cfg["mean"], rm.data_cfg["std"])
-    best, _ = predict.predict_models(rm.models, loader, ["identity"], len(classes), torch.device("cpu"), None, False,
-                                   prepare)
+    best, _ = predict.predict_models(
+        rm.models, loader, ["identity"], len(classes), torch.device("cpu"), None, False, prepare
+    )
     got = oof[[f"p_{c}" for c in classes]].to_numpy()
     np.testing.assert_allclose(got, best[0, 0], atol=1e-5)
     rm.models[0].load_state_dict(torch.load(fdir / "last.pt", weights_only=False)["model"])
-    last, _ = predict.predict_models(rm.models, loader, ["identity"], len(classes), torch.device("cpu"), None, False,
-                                   prepare)
-    assert not np.allclose(got, last[0, 0], atol=1e-3)  # the last weights would have given other probabilities
+    last, _ = predict.predict_models(
+        rm.models, loader, ["identity"], len(classes), torch.device("cpu"), None, False, prepare
+    )
+    assert not np.allclose(
+        got, last[0, 0], atol=1e-3
+    )  # the last weights would have given other probabilities
 
 
 def test_mixup_on_an_odd_batch_gets_soft_targets() -> None:
@@ -197,7 +253,9 @@ def test_mixup_on_an_odd_batch_gets_soft_targets() -> None:
     _, target = step.batch(x, y)
     assert target.shape == (5, 3) and target.is_floating_point()
     assert torch.allclose(target.sum(1), torch.ones(5))
-    assert target[0, 0] == pytest.approx(1 - 0.1 + 0.1 / 3)  # the smoothed one-hot, as Mixup would give at lam=1
+    assert target[0, 0] == pytest.approx(
+        1 - 0.1 + 0.1 / 3
+    )  # the smoothed one-hot, as Mixup would give at lam=1
     step.criterion(torch.randn(5, 3), target)  # the loss takes it
 
 

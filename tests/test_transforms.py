@@ -154,7 +154,12 @@ def test_aug_list_form_adds_one_op_at_a_time() -> None:
     assert names([]) == ["Resize", "ToTensorV2"]
     assert names(["hflip"]) == ["Resize", "HorizontalFlip", "ToTensorV2"]
     assert names(["crop", "hflip", "color_jitter", "grayscale"]) == [
-        "RandomResizedCrop", "HorizontalFlip", "ColorJitter", "ToGray", "ToTensorV2"]
+        "RandomResizedCrop",
+        "HorizontalFlip",
+        "ColorJitter",
+        "ToGray",
+        "ToTensorV2",
+    ]
     for op in AUG_OPS.names():  # every op builds and ships uint8 CHW, per image and (flips, crop) per batch
         x = T.build_train([op], 32)(image=_img())["image"]
         assert x.shape == (3, 32, 32) and x.dtype == torch.uint8

@@ -39,8 +39,13 @@ from test_kaggle import fake as kaggle_server  # noqa: F401
 
 def _where(root: Path) -> list[str]:
     """CLI overrides that keep every output under root."""
-    dirs = {"data_root": "data", "folds_dir": "folds", "runs_dir": "runs", "predictions_dir": "predictions",
-            "submissions_dir": "submissions"}
+    dirs = {
+        "data_root": "data",
+        "folds_dir": "folds",
+        "runs_dir": "runs",
+        "predictions_dir": "predictions",
+        "submissions_dir": "submissions",
+    }
     return [f"paths.{k}={root / v}" for k, v in dirs.items()] + [f"data.cache_dir={root / 'cache'}"]
 
 
@@ -74,7 +79,16 @@ def test_crafted_checkpoint_is_refused_not_run(tmp_path: Path, capsys: pytest.Ca
     with pytest.raises(KpipeError, match="fold0/best.pt: refused"):
         predict.load_run(str(run), ["cat", "dog", "fox"], torch.device("cpu"))
     assert not marker.exists()
-    argv = ["infer", "-c", str(tmp_path / "tiny_exp.yaml"), "--comp", str(comp), *_where(tmp_path), "--runs", str(run)]
+    argv = [
+        "infer",
+        "-c",
+        str(tmp_path / "tiny_exp.yaml"),
+        "--comp",
+        str(comp),
+        *_where(tmp_path),
+        "--runs",
+        str(run),
+    ]
     assert cli.main(argv) != 0
     out = capsys.readouterr()
     assert "refused" in out.out + out.err and "best.pt" in out.out + out.err
@@ -90,7 +104,9 @@ def test_crafted_checkpoint_is_refused_not_run(tmp_path: Path, capsys: pytest.Ca
 def test_old_format_checkpoint_is_refused_with_what_to_do(tmp_path: Path) -> None:
     old = tmp_path / "last.pt"  # kpipe's former last.pt: numpy RNG state pickled as an array
     torch.save({"model": {}, "rng": {"numpy": np.random.get_state()}}, old)
-    with pytest.raises(KpipeError, match=r"last.pt: refused: .*numpy.*kpipe before this check.*train the run again"):
+    with pytest.raises(
+        KpipeError, match=r"last.pt: refused: .*numpy.*kpipe before this check.*train the run again"
+    ):
         load_checkpoint(old)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(KpipeError, match="junk.pt: not a readable checkpoint"):
@@ -102,8 +118,13 @@ def test_checkpoint_round_trip_is_plain_data(tmp_path: Path) -> None:
     import random
 
     np.random.seed(3), random.seed(4), torch.manual_seed(5)
-    payload = {"model": {"w": torch.ones(2)}, "rng": checkpoint.rng_state(), "score": np.float64(0.25),
-               "history": [{"epoch": 1, "val_score": np.float32(0.5), "path": tmp_path}], "arr": np.arange(3)}
+    payload = {
+        "model": {"w": torch.ones(2)},
+        "rng": checkpoint.rng_state(),
+        "score": np.float64(0.25),
+        "history": [{"epoch": 1, "val_score": np.float32(0.5), "path": tmp_path}],
+        "arr": np.arange(3),
+    }
     expect = (np.random.rand(), random.random(), torch.rand(1).item())
     save_checkpoint(tmp_path / "x.pt", payload)
     ck = torch.load(tmp_path / "x.pt", weights_only=True)
@@ -136,10 +157,16 @@ def test_train_ids_that_leave_the_folder_are_refused(tmp_path: Path) -> None:
     problem = next(p for p in ing.problems if p.kind == "ids outside the image folder")
     assert problem.severity == "error" and set(problem.ids) == set(escaping)
     assert ingest.leaves_folder("..\\x") and ingest.leaves_folder("C:\\x") and ingest.leaves_folder("a\0b")
-    assert not ingest.leaves_folder("sub/abc.jpg") and not ingest.leaves_folder("a..b") and not ingest.leaves_folder("x:1")
+    assert (
+        not ingest.leaves_folder("sub/abc.jpg")
+        and not ingest.leaves_folder("a..b")
+        and not ingest.leaves_folder("x:1")
+    )
 
 
-def test_test_ids_that_leave_the_folder_get_the_prior(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_test_ids_that_leave_the_folder_get_the_prior(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     comp = write_competition(tmp_path)
     cfg = tiny_config(tmp_path, comp, ["name=a"])
     folds.run(cfg)
@@ -148,8 +175,9 @@ def test_test_ids_that_leave_the_folder_get_the_prior(tmp_path: Path, capsys: py
     cv2.imwrite(str(data / "outside.png"), draw(0, np.random.default_rng(0)))  # data/tiny/outside.png exists
     sample = read_csv_ids(data / "sample_submission.csv")
     escaping = ["../outside", str(data / "outside")]
-    pd.concat([sample, pd.DataFrame({"id": escaping, "label": "cat"})]).to_csv(data / "sample_submission.csv",
-                                                                                 index=False)
+    pd.concat([sample, pd.DataFrame({"id": escaping, "label": "cat"})]).to_csv(
+        data / "sample_submission.csv", index=False
+    )
     test = ingest.load_test(cfg)
     assert test.set_index("id").loc[escaping, "path"].eq("").all()
     assert [p.kind for p in ingest.check_test(test, cfg)] == ["test ids outside the image folder"]
@@ -164,8 +192,9 @@ def test_test_ids_that_leave_the_folder_get_the_prior(tmp_path: Path, capsys: py
     assert "2 refused: id outside the test folder" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("override", ["name=../evil", "infer.name=a/b", "competition.name=..", "name=x\x1b[2J",
-                                      "infer.name=/abs"])
+@pytest.mark.parametrize(
+    "override", ["name=../evil", "infer.name=a/b", "competition.name=..", "name=x\x1b[2J", "infer.name=/abs"]
+)
 def test_output_names_must_be_plain(tmp_path: Path, override: str) -> None:
     comp = write_competition(tmp_path)
     with pytest.raises(KpipeError, match="must be a plain name"):
@@ -187,11 +216,14 @@ def test_download_file_must_stay_in_the_data_folder(tmp_path: Path) -> None:
 
 def _png_claiming(width: int, height: int) -> bytes:
     """A ~70-byte PNG whose header claims width x height RGB pixels (its data is one empty zlib stream)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
 
     ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
 
 
 def test_decompression_bomb_is_an_image_read_error(tmp_path: Path) -> None:
@@ -278,8 +310,12 @@ def test_audit_lists_an_identical_class_once_with_its_size(tmp_path: Path) -> No
     pd.concat([table, pd.DataFrame({"id": ids, "label": "cat"})]).to_csv(data / "train.csv", index=False)
     summary = audit.run(cfg, workers=1)
     classes = read_csv_ids(paths.work_dir(cfg) / "audit" / "identical_classes.csv")
-    assert classes.iloc[0][["first_id", "size", "train", "test"]].tolist() == ["blank000", str(len(ids)), str(len(ids)),
-                                                                               "0"]
+    assert classes.iloc[0][["first_id", "size", "train", "test"]].tolist() == [
+        "blank000",
+        str(len(ids)),
+        str(len(ids)),
+        "0",
+    ]
     assert summary["largest_identical_class"] == len(ids) and summary["largest_group"] == len(ids)
 
 
@@ -293,7 +329,9 @@ def test_nan_model_is_an_error_naming_the_run_not_a_submission(tmp_path: Path) -
     run = make_run(cfg)
     best = run / "fold1" / "best.pt"
     ck = torch.load(best, weights_only=True)
-    ck["model"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in ck["model"].items()}
+    ck["model"] = {
+        k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in ck["model"].items()
+    }
     torch.save(ck, best)
     with pytest.raises(KpipeError, match=r"a/fold1/best.pt, TTA view identity.*not finite"):
         infer.run(cfg)
@@ -320,19 +358,38 @@ def test_non_finite_weights_and_oof_are_refused(tmp_path: Path) -> None:
     bad = p.copy()
     bad[2, 1] = np.nan
     with pytest.raises(KpipeError, match=r"runs/b \[identity\] OOF: 1 of 4 rows"):
-        blend.fit([p, bad], np.array([0, 1, 0, 1]), "accuracy", names=["runs/a [identity] OOF", "runs/b [identity] OOF"])
+        blend.fit(
+            [p, bad],
+            np.array([0, 1, 0, 1]),
+            "accuracy",
+            names=["runs/a [identity] OOF", "runs/b [identity] OOF"],
+        )
     # An ensemble JSON with a NaN weight: NaN > 0 is False, so it used to drop its member silently.
     comp = write_competition(tmp_path)
     cfg = tiny_config(tmp_path, comp, ["name=a"])
     folds.run(cfg)
     run = make_run(cfg)
     weights = tmp_path / "weights.json"
-    weights.write_text(json.dumps({"metric": "accuracy", "how": "mean", "cv_blend": 0.7, "classes": ["cat", "dog", "fox"],
-                                   "members": [{"run": str(run), "view": "identity", "weight": 0.5},
-                                               {"run": str(run), "view": "hflip", "weight": float("nan")}]}))
+    weights.write_text(
+        json.dumps(
+            {
+                "metric": "accuracy",
+                "how": "mean",
+                "cv_blend": 0.7,
+                "classes": ["cat", "dog", "fox"],
+                "members": [
+                    {"run": str(run), "view": "identity", "weight": 0.5},
+                    {"run": str(run), "view": "hflip", "weight": float("nan")},
+                ],
+            }
+        )
+    )
     with pytest.raises(KpipeError, match=r"weights.json: member .* \[hflip\] has weight nan"):
-        infer.make_plan(cfg.model_copy(update={"infer": cfg.infer.model_copy(update={"ensemble_weights": str(weights)})}),
-                        None, ["cat", "dog", "fox"])
+        infer.make_plan(
+            cfg.model_copy(update={"infer": cfg.infer.model_copy(update={"ensemble_weights": str(weights)})}),
+            None,
+            ["cat", "dog", "fox"],
+        )
 
 
 def test_submit_refuses_a_sidecar_of_another_csv(tmp_path: Path) -> None:
@@ -354,14 +411,19 @@ def test_submit_refuses_a_sidecar_of_another_csv(tmp_path: Path) -> None:
     if ledger.sha256_file(sub) == side["sha256"]:
         table.loc[0, "label"] = "fox" if table.loc[0, "label"] != "fox" else "cat"
     table.to_csv(sub, index=False)
-    with pytest.raises(KpipeError, match=r"a.json records sha256 .* but a.csv has sha256 .*Nothing was uploaded"):
+    with pytest.raises(
+        KpipeError, match=r"a.json records sha256 .* but a.csv has sha256 .*Nothing was uploaded"
+    ):
         kaggle.submit(cfg, sub, "m")
     assert not paths.ledger_csv(cfg).exists()
     assert ledger.provenance(sub) == {"sha256": ledger.sha256_file(sub)}  # its runs/CV are not this file's
 
 
-def test_two_concurrent_submits_of_one_file_upload_once(kaggle_cfg: Config, kaggle_server: FakeKaggle,  # noqa: F811
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_concurrent_submits_of_one_file_upload_once(
+    kaggle_cfg: Config,  # noqa: F811
+    kaggle_server: FakeKaggle,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     cfg, fake = kaggle_cfg, kaggle_server
     from kpipe.kaggle import ledger
     from kpipe.stages import kaggle
@@ -396,7 +458,9 @@ def test_two_concurrent_submits_of_one_file_upload_once(kaggle_cfg: Config, kagg
 # ------------------------------------------------------------------ 5. user strings are data
 
 
-def test_markup_and_escape_codes_in_labels_and_ids_stay_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_markup_and_escape_codes_in_labels_and_ids_stay_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     labels = ["[/]x", "dog\x1b[2J\x1b]0;pwned\x07", "[bold red]fox"]
     comp = write_competition(tmp_path, labels=labels)
     data = tmp_path / "data" / "tiny"
@@ -409,8 +473,13 @@ def test_markup_and_escape_codes_in_labels_and_ids_stay_data(tmp_path: Path, cap
         assert cli.main([stage, "-c", str(exp), "--comp", str(comp), *_where(tmp_path)]) == 0, stage
     # A submission whose cells carry escape codes and markup: the validator lists them as data.
     sub = tmp_path / "sub.csv"
-    pd.DataFrame({"id": ["t000\x1b[2J", "[/]t001"], "label": ["[/]x", "cat\x1b]0;x\x07"]}).to_csv(sub, index=False)
-    assert cli.main(["validate-submission", str(sub), "-c", str(exp), "--comp", str(comp), *_where(tmp_path)]) == 1
+    pd.DataFrame({"id": ["t000\x1b[2J", "[/]t001"], "label": ["[/]x", "cat\x1b]0;x\x07"]}).to_csv(
+        sub, index=False
+    )
+    assert (
+        cli.main(["validate-submission", str(sub), "-c", str(exp), "--comp", str(comp), *_where(tmp_path)])
+        == 1
+    )
     out = capsys.readouterr()
     text = out.out + out.err
     assert "\x1b" not in text and "\x07" not in text and "[/]t001" in text

@@ -32,8 +32,10 @@ def plain_name(value: str) -> str:
     """A name kpipe turns into a file or folder name (runs/<name>/, submissions/<name>.csv): one path
     component, so no output lands outside its folder. ValueError (pydantic's message) otherwise."""
     if not value or value in (".", "..") or _UNSAFE_CHARS.search(value) or value != value.strip():
-        raise ValueError("must be a plain name such as 'b0_384' (one file-name part: no '/', '\\', '.' or '..' "
-                         "alone, control characters or surrounding spaces), because it becomes a file or folder name")
+        raise ValueError(
+            "must be a plain name such as 'b0_384' (one file-name part: no '/', '\\', '.' or '..' "
+            "alone, control characters or surrounding spaces), because it becomes a file or folder name"
+        )
     return value
 
 
@@ -41,8 +43,10 @@ def relative_name(value: str, what: str) -> str:
     """A relative path that stays inside its folder ('train/1.jpg' yes; '../x', '/x' no), or a KpipeError."""
     parts = re.split(r"[\\/]", value)
     if not value or value.startswith(("/", "\\")) or ".." in parts or re.search(r"[\x00-\x1f\x7f]", value):
-        raise KpipeError(f"{what} {value!r}: must be a path inside the competition's data folder "
-                         "(no leading '/', no '..' parts, no control characters).")
+        raise KpipeError(
+            f"{what} {value!r}: must be a path inside the competition's data folder "
+            "(no leading '/', no '..' parts, no control characters)."
+        )
     return value
 
 
@@ -73,8 +77,10 @@ def _check_aug(value: str | list[str]) -> str | list[str]:
         if name not in ops:
             close = difflib.get_close_matches(name, [*presets, *ops], n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ValueError(f"unknown augmentation '{name}'{hint}: data.aug is a preset ({', '.join(presets)}) "
-                             f"or a list of ops ({', '.join(ops)})")
+            raise ValueError(
+                f"unknown augmentation '{name}'{hint}: data.aug is a preset ({', '.join(presets)}) "
+                f"or a list of ops ({', '.join(ops)})"
+            )
     if len(set(value)) != len(value):
         raise ValueError(f"data.aug lists an op twice: {value}")
     return value
@@ -173,8 +179,10 @@ class DataConfig(Section):
     @model_validator(mode="after")
     def _one_sampling(self) -> DataConfig:
         if self.balanced_sampling and self.sampling not in ("none", "weighted"):
-            raise ValueError(f"data.balanced_sampling=true (weighted) and data.sampling={self.sampling} "
-                             "contradict each other; keep data.sampling only")
+            raise ValueError(
+                f"data.balanced_sampling=true (weighted) and data.sampling={self.sampling} "
+                "contradict each other; keep data.sampling only"
+            )
         if isinstance(self.aug, list) and "hflip" in self.aug and not self.hflip:
             raise ValueError("data.aug lists hflip but data.hflip=false forbids flips; drop one of them")
         return self
@@ -190,8 +198,12 @@ class TrainConfig(Section):
     folds: list[int] | None = None  # default: every fold in the folds file
     full_epochs: int | None = Field(None, ge=1)
     teacher: str | None = None  # run folder: fold k's student learns from the teacher's own fold<k>/best.pt
-    distill_temperature: float = Field(1.0, gt=0)  # softens the teacher's probabilities: p^(1/T), renormalised
-    distill_weight: float = Field(0.5, ge=0, le=1)  # target = (1 - w) x label + w x softened teacher  # `kpipe train --full`; default: the CV run's mean best epoch
+    distill_temperature: float = Field(
+        1.0, gt=0
+    )  # softens the teacher's probabilities: p^(1/T), renormalised
+    distill_weight: float = Field(
+        0.5, ge=0, le=1
+    )  # target = (1 - w) x label + w x softened teacher  # `kpipe train --full`; default: the CV run's mean best epoch
     optimizer: Annotated[str, Choice(OPTIMIZERS)] = "adamw"  # kpipe.nn.optim
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = 1e-4
@@ -206,7 +218,9 @@ class TrainConfig(Section):
     cutmix_alpha: float = 0.0
     ema: bool = False
     ema_decay: float = 0.999
-    swa: bool = False  # also average the end-of-epoch weights of the last swa_epochs epochs (kpipe.nn.average)
+    swa: bool = (
+        False  # also average the end-of-epoch weights of the last swa_epochs epochs (kpipe.nn.average)
+    )
     swa_epochs: int = Field(3, ge=1)
     accum_steps: int = 1
     clip_grad: float | None = None
@@ -341,7 +355,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _merge(dst: dict[str, Any], src: dict[str, Any], source: str, prov: dict[str, str], prefix: str = "") -> None:
+def _merge(
+    dst: dict[str, Any], src: dict[str, Any], source: str, prov: dict[str, str], prefix: str = ""
+) -> None:
     """Deep-merge src into dst, recording which file set each leaf key."""
     for k, v in src.items():
         key = f"{prefix}{k}"

@@ -57,8 +57,9 @@ def setup_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger()
     if any(isinstance(h, RichHandler) for h in root.handlers):
         return
-    handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False,
-                          rich_tracebacks=False)
+    handler = RichHandler(
+        console=err_console, show_time=False, show_path=False, markup=False, rich_tracebacks=False
+    )
     handler.setFormatter(logging.Formatter("%(message)s"))
     root.addHandler(handler)
     root.setLevel(logging.WARNING)  # other libraries: warnings only

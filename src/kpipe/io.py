@@ -136,5 +136,7 @@ def check_free_space(folder: str | os.PathLike[str], needed: int, what: str, set
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if needed > free:
-        raise KpipeError(f"{what} needs {human_bytes(needed)} in {folder}, but only {human_bytes(free)} is free "
-                         f"there. Free some space, or change {setting}.")
+        raise KpipeError(
+            f"{what} needs {human_bytes(needed)} in {folder}, but only {human_bytes(free)} is free "
+            f"there. Free some space, or change {setting}."
+        )

@@ -44,8 +44,16 @@ def strip_launch_flags(argv: list[str]) -> list[str]:
 
 def torchrun(gpus: int, argv: list[str]) -> int:
     """`kpipe train --gpus N`: the same command under torchrun, N processes on this machine."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
-           "-m", "kpipe", *strip_launch_flags(argv)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={gpus}",
+        "-m",
+        "kpipe",
+        *strip_launch_flags(argv),
+    ]
     console.print("launching: " + safe(shlex.join(cmd)), soft_wrap=True)
     return subprocess.call(cmd)
 
@@ -68,9 +76,16 @@ def run_per_gpu(jobs: list[tuple[str, list[str], Path]], gpus: int) -> list[str]
             gpu, (label, args, log_path) = free.pop(0), queue.pop(0)
             log_path.parent.mkdir(parents=True, exist_ok=True)
             log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 (closed when the job ends)
-            running[gpu] = (label, subprocess.Popen([sys.executable, "-m", "kpipe", *args],
-                                                    env={**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)},
-                                                    stdout=log, stderr=subprocess.STDOUT), log)
+            running[gpu] = (
+                label,
+                subprocess.Popen(
+                    [sys.executable, "-m", "kpipe", *args],
+                    env={**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)},
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ),
+                log,
+            )
             console.print(f"{safe(label)} started on GPU {gpu} (log: {safe(log_path)})")
         for gpu, (label, proc, log) in list(running.items()):
             if proc.poll() is None:
@@ -80,7 +95,9 @@ def run_per_gpu(jobs: list[tuple[str, list[str], Path]], gpus: int) -> list[str]
             free.append(gpu)
             if proc.returncode:
                 failed.append(label)
-            console.print(f"{safe(label)} {'failed' if proc.returncode else 'finished'} (exit {proc.returncode})")
+            console.print(
+                f"{safe(label)} {'failed' if proc.returncode else 'finished'} (exit {proc.returncode})"
+            )
         time.sleep(0.5)
     return failed
 
@@ -94,12 +111,17 @@ def fold_per_gpu(cfg: Config, argv: list[str]) -> int:
     df, classes = load_fold_table(cfg)
     fold_ids = cfg.train.folds if cfg.train.folds is not None else sorted(df["fold"].unique().tolist())
     base = [a for a in argv if a != "--resume"]  # "train", then the user's options and overrides
-    jobs = [(f"fold {k}", [*base, "--resume", f"train.folds={k}"], paths.run_dir(cfg).fold(k).log)
-            for k in fold_ids]
+    jobs = [
+        (f"fold {k}", [*base, "--resume", f"train.folds={k}"], paths.run_dir(cfg).fold(k).log)
+        for k in fold_ids
+    ]
     failed = [int(label.split()[-1]) for label in run_per_gpu(jobs, gpu_count())]
     if failed:
-        console.print(f"[red]folds {sorted(failed)} failed; see fold<k>/train.log. Re-run one alone with:[/] "
-                      + safe(f"kpipe {shlex.join(base)} --resume train.folds={sorted(failed)[0]}"), soft_wrap=True)
+        console.print(
+            f"[red]folds {sorted(failed)} failed; see fold<k>/train.log. Re-run one alone with:[/] "
+            + safe(f"kpipe {shlex.join(base)} --resume train.folds={sorted(failed)[0]}"),
+            soft_wrap=True,
+        )
         return 1
     train.finish_run(cfg, df, classes)
     return 0

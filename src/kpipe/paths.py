@@ -248,8 +248,11 @@ def run_folders(runs_dir: str | Path) -> list[RunDir]:
     root = Path(runs_dir)
     if not root.is_dir():
         return []
-    return [RunDir(p) for p in sorted(root.iterdir())
-            if p.is_dir() and p.name not in NOT_RUNS and (p / "config.yaml").is_file()]
+    return [
+        RunDir(p)
+        for p in sorted(root.iterdir())
+        if p.is_dir() and p.name not in NOT_RUNS and (p / "config.yaml").is_file()
+    ]
 
 
 def compare_dir(runs_dir: str | Path, name: str) -> Path:

@@ -141,8 +141,12 @@ def _fill(
     else:
         partial.unlink(missing_ok=True)  # a stale attempt's space is free again before it is counted
         # The .npy is sparse until filled: without this check a full disk shows up mid-build as a failed write.
-        check_free_space(cache_file.parent, int(np.prod(shape)), f"the {img_size} px image cache of {len(paths)} images",
-                         "data.cache_dir (or data.cache=false, or a smaller data.img_size)")
+        check_free_space(
+            cache_file.parent,
+            int(np.prod(shape)),
+            f"the {img_size} px image cache of {len(paths)} images",
+            "data.cache_dir (or data.cache=false, or a smaller data.img_size)",
+        )
         arr = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
         filled, failed = 0, {}
     t0, last_log = time.monotonic(), 0.0

@@ -17,7 +17,9 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-MAX_PAIRS = 2_000_000  # cap on listed pairs (a few thousand blank images would make millions); groups stay exact
+MAX_PAIRS = (
+    2_000_000  # cap on listed pairs (a few thousand blank images would make millions); groups stay exact
+)
 BIG_CLASS = 64  # an identical class larger than this is listed as a star (n - 1 pairs), not all n^2 / 2
 
 
@@ -119,13 +121,17 @@ def expand_pairs(
     chunks: list[tuple[np.ndarray, np.ndarray, int, float]] = []
     count, truncated = 0, False
     pieces = [(m, None, 0, 1.0) for m in g.members if len(m) > 1]
-    pieces += [(g.members[g.ci[k]], g.members[g.cj[k]], int(g.cd[k]), float(g.cs[k]))
-               for k in np.argsort(g.cd, kind="stable")]
+    pieces += [
+        (g.members[g.ci[k]], g.members[g.cj[k]], int(g.cd[k]), float(g.cs[k]))
+        for k in np.argsort(g.cd, kind="stable")
+    ]
     for mi, mj, dist, sim in pieces:
         if count >= max_pairs:
             truncated = True
             break
-        a, b, n = _class_pairs(mi, max_pairs - count) if mj is None else _cross_pairs(mi, mj, max_pairs - count)
+        a, b, n = (
+            _class_pairs(mi, max_pairs - count) if mj is None else _cross_pairs(mi, mj, max_pairs - count)
+        )
         truncated |= n > len(a)
         chunks.append((a, b, dist, sim))
         count += len(a)

@@ -45,7 +45,8 @@ def make_folds(df: pd.DataFrame, n_folds: int, seed: int, group_col: str | None 
                 f"folds.n_folds={n_folds}, but the {len(df)} images fall into only {n_groups} groups (column "
                 f"'{group_col}': the competition's group column and the audit's near-duplicate groups), and no "
                 f"group may be split across folds. Lower folds.n_folds to {max(n_groups, 2)} or less, check the "
-                "group column, or re-run `kpipe audit` with a lower --threshold / higher --min-similarity.")
+                "group column, or re-run `kpipe audit` with a lower --threshold / higher --min-similarity."
+            )
         splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
         splits = splitter.split(np.zeros(len(df)), y, groups=df[group_col].to_numpy())
     else:
@@ -86,11 +87,17 @@ def apply_label_changes(df: pd.DataFrame, changes: pd.DataFrame) -> tuple[pd.Dat
     new = out["id"].map(relabel)
     out["label"] = new.where(new.notna(), out["label"])
     moved = out.loc[out["label"] != before.loc[out.index]]
-    summary = pd.DataFrame({
-        "relabelled_from": moved.groupby(before.loc[moved.index]).size(),
-        "relabelled_to": moved.groupby("label").size(),
-        "dropped": df[df["id"].isin(drop_ids)].groupby("label").size(),
-    }).fillna(0).astype(int)
+    summary = (
+        pd.DataFrame(
+            {
+                "relabelled_from": moved.groupby(before.loc[moved.index]).size(),
+                "relabelled_to": moved.groupby("label").size(),
+                "dropped": df[df["id"].isin(drop_ids)].groupby("label").size(),
+            }
+        )
+        .fillna(0)
+        .astype(int)
+    )
     return out.reset_index(drop=True), summary
 
 
@@ -100,17 +107,26 @@ def load_fold_table(cfg: Config) -> tuple[pd.DataFrame, list[str]]:
     What train, oof-tta and relabel read: it fails clearly when the folds are missing or stale.
     """
     if not paths.folds_csv(cfg).is_file():
-        raise KpipeError(f"{paths.folds_csv(cfg)}: no folds yet. Run `kpipe folds --comp {cfg.competition.name}` first.")
+        raise KpipeError(
+            f"{paths.folds_csv(cfg)}: no folds yet. Run `kpipe folds --comp {cfg.competition.name}` first."
+        )
     df = read_csv_ids(paths.folds_csv(cfg))
     classes = load_classes(cfg)
     files = load_train(cfg).df.set_index("id")["path"]
     missing = df.loc[~df["id"].isin(files.index), "id"].tolist()
     if missing:
-        raise KpipeError(f"{paths.folds_csv(cfg)}: {len(missing)} ids have no usable train image now ({preview(missing)}). "
-                         "Re-run `kpipe folds` (and re-train).")
+        raise KpipeError(
+            f"{paths.folds_csv(cfg)}: {len(missing)} ids have no usable train image now ({preview(missing)}). "
+            "Re-run `kpipe folds` (and re-train)."
+        )
     unknown = sorted(set(df["label"]) - set(classes))
     if unknown:
-        raise KpipeError(f"{paths.folds_csv(cfg)}: labels {preview(unknown)} are not in the class list. Re-run `kpipe folds`.")
-    df = df.assign(path=df["id"].map(files), fold=df["fold"].astype(int),
-                   y=df["label"].map({c: i for i, c in enumerate(classes)}).astype(int))
+        raise KpipeError(
+            f"{paths.folds_csv(cfg)}: labels {preview(unknown)} are not in the class list. Re-run `kpipe folds`."
+        )
+    df = df.assign(
+        path=df["id"].map(files),
+        fold=df["fold"].astype(int),
+        y=df["label"].map({c: i for i, c in enumerate(classes)}).astype(int),
+    )
     return df, classes

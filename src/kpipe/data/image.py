@@ -42,7 +42,9 @@ class ImageReadError(KpipeError):
 
     def __init__(self, path: str | os.PathLike[str], reason: str | None = None) -> None:
         if reason is None:  # torch's DataLoader rebuilds a worker's error from its traceback text alone
-            last = str(path).rstrip().splitlines()[-1]  # "kpipe.data.image.ImageReadError: <file>: cannot read image: <why>"
+            last = (
+                str(path).rstrip().splitlines()[-1]
+            )  # "kpipe.data.image.ImageReadError: <file>: cannot read image: <why>"
             path, _, reason = last.split(": ", 1)[-1].partition(": cannot read image: ")
         self.path = str(path)
         self.reason = reason
@@ -67,8 +69,11 @@ def read_rgb(path: str | os.PathLike[str]) -> np.ndarray:
             arr = _decode_with_pil(path, buf)  # formats this OpenCV build lacks (e.g. GIF on old builds)
         else:
             if arr.shape[0] * arr.shape[1] > max_pixels():  # a format whose header PIL could not read
-                raise ImageReadError(path, f"too large: {arr.shape[1]} x {arr.shape[0]} pixels, over the limit of "
-                                     f"{max_pixels():,} (set KPIPE_MAX_PIXELS to raise it)")
+                raise ImageReadError(
+                    path,
+                    f"too large: {arr.shape[1]} x {arr.shape[0]} pixels, over the limit of "
+                    f"{max_pixels():,} (set KPIPE_MAX_PIXELS to raise it)",
+                )
             arr = _to_rgb8(path, arr)
     except cv2.error as e:  # e.g. a size OpenCV's own limit refuses, or data its codec chokes on
         raise ImageReadError(path, f"OpenCV cannot decode it ({_first_line(e)})") from None
@@ -104,14 +109,18 @@ def _check_pixels(path: str | os.PathLike[str], buf: bytes) -> None:
             with Image.open(io.BytesIO(buf)) as im:
                 width, height = im.size
     except Image.DecompressionBombError as e:  # PIL's own refusal (> 179 Mpx) also comes from the header
-        raise ImageReadError(path, f"too large: {_first_line(e)}; the limit is {limit:,} pixels "
-                             "(KPIPE_MAX_PIXELS)") from None
+        raise ImageReadError(
+            path, f"too large: {_first_line(e)}; the limit is {limit:,} pixels (KPIPE_MAX_PIXELS)"
+        ) from None
     # Anything else PIL cannot make of the header is for the decoders below to judge.
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
         return
     if width * height > limit:
-        raise ImageReadError(path, f"too large: {width} x {height} = {width * height:,} pixels, over the limit of "
-                             f"{limit:,} (set KPIPE_MAX_PIXELS to raise it)")
+        raise ImageReadError(
+            path,
+            f"too large: {width} x {height} = {width * height:,} pixels, over the limit of "
+            f"{limit:,} (set KPIPE_MAX_PIXELS to raise it)",
+        )
 
 
 def _first_line(e: BaseException) -> str:
@@ -195,8 +204,11 @@ def _decode_with_pil(path: str | os.PathLike[str], buf: bytes) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(buf)) as im:
             if im.width * im.height > max_pixels():  # a format only PIL knows: checked before decoding too
-                raise ImageReadError(path, f"too large: {im.width} x {im.height} pixels, over the limit of "
-                                     f"{max_pixels():,} (set KPIPE_MAX_PIXELS to raise it)")
+                raise ImageReadError(
+                    path,
+                    f"too large: {im.width} x {im.height} pixels, over the limit of "
+                    f"{max_pixels():,} (set KPIPE_MAX_PIXELS to raise it)",
+                )
             rgba = np.asarray(im.convert("RGBA"))
     except UnidentifiedImageError:
         raise ImageReadError(path, "not an image (or a format neither OpenCV nor PIL decodes)") from None

@@ -70,8 +70,13 @@ def leaves_folder(image_id: str) -> bool:
     """True for an id that would name a file outside its image folder when joined to it: absolute
     ("/etc/x", "C:\\x", "\\\\host\\x"), a ".." part ("../x", "a/../../x", "..\\x"), or a NUL byte."""
     parts = re.split(r"[\\/]", image_id)
-    return (os.path.isabs(image_id) or image_id.startswith("\\") or bool(re.match(r"[A-Za-z]:[\\/]", image_id))
-            or ".." in parts or "\0" in image_id)
+    return (
+        os.path.isabs(image_id)
+        or image_id.startswith("\\")
+        or bool(re.match(r"[A-Za-z]:[\\/]", image_id))
+        or ".." in parts
+        or "\0" in image_id
+    )
 
 
 def resolve_file(
@@ -171,8 +176,10 @@ def load_train(cfg: Config) -> Ingest:
     ing = _drop_unusable_files(ing)
     if ing.df.empty:
         reasons = ing.excluded["reason"].value_counts().to_dict() if len(ing.excluded) else {}
-        raise KpipeError(f"{train_dir}: no usable training image ({len(ing.excluded)} rows left out: {reasons or 'none listed'}). "
-                         "Check competition.train_dir, train_csv and image_ext (e.g. '.jpg').")
+        raise KpipeError(
+            f"{train_dir}: no usable training image ({len(ing.excluded)} rows left out: {reasons or 'none listed'}). "
+            "Check competition.train_dir, train_csv and image_ext (e.g. '.jpg')."
+        )
     _check_empty_classes(ing)
     return ing
 
@@ -202,8 +209,13 @@ def _ingest_csv(cfg: Config, train_dir: Path) -> Ingest:
     excluded = [pd.DataFrame({"id": df.loc[empty, "id"], "label": "", "reason": "empty label"})]
     if empty.any():
         problems.append(
-            Problem("empty labels", f"{int(empty.sum())} rows have no label; left out", f"Fill the {comp.label_col} column.",
-                    "error", tuple(df.loc[empty, "id"]))
+            Problem(
+                "empty labels",
+                f"{int(empty.sum())} rows have no label; left out",
+                f"Fill the {comp.label_col} column.",
+                "error",
+                tuple(df.loc[empty, "id"]),
+            )
         )
     df = df[~empty]
     df, dup_problems, dup_dropped = dedupe_ids(df)
@@ -247,8 +259,9 @@ def _read_table(path: Path, what: str) -> pd.DataFrame:
     except pd.errors.EmptyDataError:
         raise KpipeError(f"{path}: the {what} is empty (not even a header row).") from None
     except UnicodeDecodeError as e:
-        raise KpipeError(f"{path}: the {what} is not UTF-8 text ({e.reason} at byte {e.start}). "
-                         "Re-save it as UTF-8.") from None
+        raise KpipeError(
+            f"{path}: the {what} is not UTF-8 text ({e.reason} at byte {e.start}). Re-save it as UTF-8."
+        ) from None
     except pd.errors.ParserError as e:
         raise KpipeError(f"{path}: the {what} is not a well-formed CSV ({e}).") from None
 
@@ -272,14 +285,30 @@ def _ingest_folders(train_dir: Path) -> Ingest:
             "Check competition.train_dir, or use layout: csv."
         )
     if stray:
-        problems.append(Problem("not images", f"{len(stray)} files are not images or sit outside a class folder; ignored",
-                                "Move images into a class folder; other files can stay.", "warning", tuple(stray)))
+        problems.append(
+            Problem(
+                "not images",
+                f"{len(stray)} files are not images or sit outside a class folder; ignored",
+                "Move images into a class folder; other files can stay.",
+                "warning",
+                tuple(stray),
+            )
+        )
     ws = sorted({i.split("/")[0] for i in df["id"] if i.split("/")[0] != i.split("/")[0].strip()})
     if ws:
-        problems.append(Problem("label whitespace", f"{len(ws)} class folder names have leading/trailing whitespace; "
-                                "used with the whitespace removed", "Rename the folders to silence this.", "warning", tuple(ws)))
-    excluded = pd.DataFrame({"id": [f"{c}/" for c in empty], "label": [c.strip() for c in empty],
-                             "reason": "empty class folder"})
+        problems.append(
+            Problem(
+                "label whitespace",
+                f"{len(ws)} class folder names have leading/trailing whitespace; "
+                "used with the whitespace removed",
+                "Rename the folders to silence this.",
+                "warning",
+                tuple(ws),
+            )
+        )
+    excluded = pd.DataFrame(
+        {"id": [f"{c}/" for c in empty], "label": [c.strip() for c in empty], "reason": "empty class folder"}
+    )
     return Ingest(df, problems, excluded)
 
 
@@ -289,9 +318,18 @@ def _drop_unusable_files(ing: Ingest) -> Ingest:
     zero = pd.Series(sizes, index=ing.df.index) == 0
     if zero.any():
         ids = tuple(ing.df.loc[zero, "id"])
-        ing.problems.append(Problem("zero-byte files", f"{len(ids)} training images are empty files; left out",
-                                    "Re-download them, or ignore: they are excluded.", "error", ids))
-        ing.excluded = _concat([ing.excluded, ing.df.loc[zero, ["id", "label", "path"]].assign(reason="zero-byte file")])
+        ing.problems.append(
+            Problem(
+                "zero-byte files",
+                f"{len(ids)} training images are empty files; left out",
+                "Re-download them, or ignore: they are excluded.",
+                "error",
+                ids,
+            )
+        )
+        ing.excluded = _concat(
+            [ing.excluded, ing.df.loc[zero, ["id", "label", "path"]].assign(reason="zero-byte file")]
+        )
         ing.df = ing.df[~zero].reset_index(drop=True)
     return ing
 
@@ -300,9 +338,15 @@ def _check_empty_classes(ing: Ingest) -> None:
     counts = ing.df["label"].value_counts()
     empty = [c for c in ing.classes if counts.get(c, 0) == 0]
     if empty:
-        ing.problems.append(Problem("empty classes", f"{len(empty)} classes have no usable training image",
-                                    "The model can never predict them; add images or check the folder/labels.",
-                                    "warning", tuple(empty)))
+        ing.problems.append(
+            Problem(
+                "empty classes",
+                f"{len(empty)} classes have no usable training image",
+                "The model can never predict them; add images or check the folder/labels.",
+                "warning",
+                tuple(empty),
+            )
+        )
 
 
 def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
@@ -343,8 +387,10 @@ def fingerprint(cfg: Config) -> str:
 def check_fingerprint(recorded: str, current: str, what: Path, rerun: str, alternative: str = "") -> None:
     """Refuse a kpipe file computed from other training data than today's (KpipeError naming the command)."""
     if recorded != current:
-        raise KpipeError(f"{what} was computed from other training data (the train CSV or images changed since, "
-                         f"e.g. a new download). Re-run `{rerun}` to redo it for this data{alternative}.")
+        raise KpipeError(
+            f"{what} was computed from other training data (the train CSV or images changed since, "
+            f"e.g. a new download). Re-run `{rerun}` to redo it for this data{alternative}."
+        )
 
 
 # ------------------------------------------------------------------ test and sample submission
@@ -356,18 +402,24 @@ def read_sample_submission(cfg: Config) -> pd.DataFrame:
         raise KpipeError(f"{path}: sample submission not found. Set competition.sample_submission.")
     df = _read_table(path, "sample submission")
     if df.shape[1] < 2:
-        raise KpipeError(f"{path}: expected an id column and at least one target column, got {list(df.columns)}.")
+        raise KpipeError(
+            f"{path}: expected an id column and at least one target column, got {list(df.columns)}."
+        )
     if df.empty:
-        raise KpipeError(f"{path}: the sample submission has a header but no rows, so there are no test ids to "
-                         "predict. Download the competition's data again (kpipe kaggle download) or fix the file.")
+        raise KpipeError(
+            f"{path}: the sample submission has a header but no rows, so there are no test ids to "
+            "predict. Download the competition's data again (kpipe kaggle download) or fix the file."
+        )
     return df
 
 
 def sample_id_col(cfg: Config, sample: pd.DataFrame) -> str:
     col = cfg.competition.sub_id_col or sample.columns[0]
     if col not in sample.columns:
-        raise KpipeError(f"{cfg.competition.sample_submission}: no id column '{col}' (columns: {list(sample.columns)}). "
-                         "Set competition.sub_id_col.")
+        raise KpipeError(
+            f"{cfg.competition.sample_submission}: no id column '{col}' (columns: {list(sample.columns)}). "
+            "Set competition.sub_id_col."
+        )
     return col
 
 
@@ -388,7 +440,10 @@ def load_test(cfg: Config) -> pd.DataFrame:
     outside = [leaves_folder(i) for i in ids]
     reason = [OUTSIDE if o else "" if f else "file not found" for f, o in zip(found, outside, strict=True)]
     # An id that leaves the folder is never joined to it: its path stays empty, so nothing reads it.
-    files = [f if f is not None else "" if o else str(test_dir / i) for f, i, o in zip(files, ids, outside, strict=True)]
+    files = [
+        f if f is not None else "" if o else str(test_dir / i)
+        for f, i, o in zip(files, ids, outside, strict=True)
+    ]
     return pd.DataFrame({"id": ids.tolist(), "path": files, "found": found, "reason": reason})
 
 
@@ -397,17 +452,27 @@ def check_test(test: pd.DataFrame, cfg: Config) -> list[Problem]:
     missing = tuple(test.loc[~test["found"] & ~outside, "id"])
     problems = []
     if outside.any():
-        problems.append(Problem("test ids outside the image folder",
-                                f"{int(outside.sum())} ids of {cfg.competition.sample_submission} are absolute paths or "
-                                f"contain '..'; refused (never read)",
-                                "They still get a submission row (the class prior). Check the sample submission.",
-                                "warning", tuple(test.loc[outside, "id"])))
+        problems.append(
+            Problem(
+                "test ids outside the image folder",
+                f"{int(outside.sum())} ids of {cfg.competition.sample_submission} are absolute paths or "
+                f"contain '..'; refused (never read)",
+                "They still get a submission row (the class prior). Check the sample submission.",
+                "warning",
+                tuple(test.loc[outside, "id"]),
+            )
+        )
     if missing:
-        problems.append(Problem("test ids without an image",
-                                f"{len(missing)} ids of {cfg.competition.sample_submission} have no file in "
-                                f"{cfg.competition.test_dir}/",
-                                "They still get a submission row (the class prior). Check competition.test_dir / image_ext.",
-                                "warning", missing))
+        problems.append(
+            Problem(
+                "test ids without an image",
+                f"{len(missing)} ids of {cfg.competition.sample_submission} have no file in "
+                f"{cfg.competition.test_dir}/",
+                "They still get a submission row (the class prior). Check competition.test_dir / image_ext.",
+                "warning",
+                missing,
+            )
+        )
     return problems
 
 

@@ -82,8 +82,11 @@ class ImageDataset(Dataset):
             return read_rgb(self.paths[i]), True
         except ImageReadError as e:
             if not self.tolerant:
-                raise ImageReadError(e.path, f"{e.reason}; run `kpipe audit`, then `kpipe folds`, "
-                                             "to leave unreadable images out of training") from None
+                raise ImageReadError(
+                    e.path,
+                    f"{e.reason}; run `kpipe audit`, then `kpipe folds`, "
+                    "to leave unreadable images out of training",
+                ) from None
             return np.zeros((self.blank_size, self.blank_size, 3), np.uint8), False
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int, bool]:
@@ -116,7 +119,9 @@ class SoftTargets(Dataset):
 class _MappedRef:
     """Where a read-only memmap's bytes live (file, offset, shape, dtype, order): enough to map it again."""
 
-    def __init__(self, filename: str, offset: int, shape: tuple[int, ...], dtype: np.dtype, order: str) -> None:
+    def __init__(
+        self, filename: str, offset: int, shape: tuple[int, ...], dtype: np.dtype, order: str
+    ) -> None:
         self.filename, self.offset, self.shape, self.dtype, self.order = filename, offset, shape, dtype, order
 
     @staticmethod
@@ -252,8 +257,15 @@ class CachedBatches:
     Mid-epoch resume and DDP sharding come from the EpochSampler as for a DataLoader.
     """
 
-    def __init__(self, cache: np.ndarray, labels: np.ndarray | None, sampler: Sampler[int], batch_size: int,
-                 drop_last: bool = False, pin_memory: bool = False) -> None:
+    def __init__(
+        self,
+        cache: np.ndarray,
+        labels: np.ndarray | None,
+        sampler: Sampler[int],
+        batch_size: int,
+        drop_last: bool = False,
+        pin_memory: bool = False,
+    ) -> None:
         self.cache, self.labels, self.sampler = cache, labels, sampler
         self.batch_size, self.drop_last, self.pin_memory = batch_size, drop_last, pin_memory
 
@@ -268,8 +280,11 @@ class CachedBatches:
             if self.drop_last and len(idx) < self.batch_size:
                 return
             x = torch.from_numpy(self.cache[idx]).permute(0, 3, 1, 2).contiguous()  # NHWC rows -> NCHW
-            y = (torch.from_numpy(self.labels[idx]).long() if self.labels is not None
-                 else torch.full((len(idx),), -1, dtype=torch.long))
+            y = (
+                torch.from_numpy(self.labels[idx]).long()
+                if self.labels is not None
+                else torch.full((len(idx),), -1, dtype=torch.long)
+            )
             if self.pin_memory:
                 x = x.pin_memory()
             yield x, y, torch.from_numpy(idx), torch.ones(len(idx), dtype=torch.bool)

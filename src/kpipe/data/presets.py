@@ -43,10 +43,22 @@ NOTHING = Preset(crop=False, flip=False)
 
 AUG_PRESETS.register("none")(NOTHING)
 AUG_PRESETS.register("light")(Preset(min_scale=0.7))
-AUG_PRESETS.register("medium")(Preset(min_scale=0.5, rotate=15, affine_p=0.5, jitter=0.2, hue=0.02, jitter_p=0.5, gray_p=0.05))
-AUG_PRESETS.register("heavy")(Preset(min_scale=0.3, rotate=30, shear=10, affine_p=0.7, jitter=0.4, hue=0.05,
-                                     jitter_p=0.8,
-                                     gray_p=0.1, dropout_p=0.5))
+AUG_PRESETS.register("medium")(
+    Preset(min_scale=0.5, rotate=15, affine_p=0.5, jitter=0.2, hue=0.02, jitter_p=0.5, gray_p=0.05)
+)
+AUG_PRESETS.register("heavy")(
+    Preset(
+        min_scale=0.3,
+        rotate=30,
+        shear=10,
+        affine_p=0.7,
+        jitter=0.4,
+        hue=0.05,
+        jitter_p=0.8,
+        gray_p=0.1,
+        dropout_p=0.5,
+    )
+)
 
 # Single ops: the Preset fields each one sets, at the "medium" strength.
 AUG_OPS.register("crop")({"crop": True, "min_scale": 0.5})

@@ -33,7 +33,9 @@ SOURCES = ("cleanlab", "manual")
 def sort_relabels(df: pd.DataFrame) -> pd.DataFrame:
     """Best first: score descending (manual rows without a score on top), then id."""
     s = pd.to_numeric(df["score"], errors="coerce")
-    order = df.assign(_s=s).sort_values(["_s", "id"], ascending=[False, True], na_position="first", kind="mergesort")
+    order = df.assign(_s=s).sort_values(
+        ["_s", "id"], ascending=[False, True], na_position="first", kind="mergesort"
+    )
     return order.drop(columns="_s").reset_index(drop=True)
 
 
@@ -47,11 +49,15 @@ def normalise_relabels(raw: pd.DataFrame, where: str) -> pd.DataFrame:
     tidy = ["given", "suggested", "score", "decision", "source"]  # not the id: ids stay byte for byte
     df[tidy] = df[tidy].apply(lambda c: c.str.strip())
     df["decision"] = df["decision"].str.lower()
-    df["source"] = df["source"].str.lower().replace("", "manual")  # a hand-added row without a source is manual
+    df["source"] = (
+        df["source"].str.lower().replace("", "manual")
+    )  # a hand-added row without a source is manual
     for i, row in df.iterrows():
         line = f"{where} line {int(i) + 2} (id '{row['id']}')"
         if row["decision"] not in DECISIONS:
-            raise KpipeError(f"{line}: decision '{row['decision']}' is not one of accept, drop, keep or empty.")
+            raise KpipeError(
+                f"{line}: decision '{row['decision']}' is not one of accept, drop, keep or empty."
+            )
         if row["source"] not in SOURCES:
             raise KpipeError(f"{line}: source '{row['source']}' is not cleanlab or manual.")
         if not row["id"]:
@@ -60,7 +66,9 @@ def normalise_relabels(raw: pd.DataFrame, where: str) -> pd.DataFrame:
     bad = score.isna() & (df["score"] != "")
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise KpipeError(f"{where} line {i + 2}: score '{df['score'].iloc[i]}' is not a number (leave it empty).")
+        raise KpipeError(
+            f"{where} line {i + 2}: score '{df['score'].iloc[i]}' is not a number (leave it empty)."
+        )
     return df.assign(score=score)
 
 
@@ -84,13 +92,16 @@ def merge_relabels(existing: pd.DataFrame | None, fresh: pd.DataFrame) -> pd.Dat
 def accept_above_threshold(df: pd.DataFrame, threshold: float) -> pd.DataFrame:
     """decision=accept for every undecided row with score >= threshold; decided rows untouched."""
     if not 0.0 <= threshold <= 1.0:
-        raise KpipeError(f"--accept-above {threshold}: scores lie in [0, 1]; pick a threshold there (e.g. 0.9).")
+        raise KpipeError(
+            f"--accept-above {threshold}: scores lie in [0, 1]; pick a threshold there (e.g. 0.9)."
+        )
     hit = (df["decision"] == "") & (pd.to_numeric(df["score"], errors="coerce") >= threshold)
     return df.assign(decision=df["decision"].where(~hit, "accept"))
 
 
-def build_clean_labels(df: pd.DataFrame, train_labels: dict[str, str], classes: list[str],
-                       where: str = "relabels.csv") -> pd.DataFrame:
+def build_clean_labels(
+    df: pd.DataFrame, train_labels: dict[str, str], classes: list[str], where: str = "relabels.csv"
+) -> pd.DataFrame:
     """labels_clean rows (id, label, action) from accepted and dropped rows, sorted by id.
 
     Every row that takes effect, and every manual row, must name a training id; an accepted row
@@ -104,16 +115,26 @@ def build_clean_labels(df: pd.DataFrame, train_labels: dict[str, str], classes: 
         if not (effective or row["source"] == "manual"):
             continue
         if row["id"] not in train_labels:
-            raise KpipeError(f"{line}: '{row['id']}' is not a usable training image id. Fix the id or delete the row.")
+            raise KpipeError(
+                f"{line}: '{row['id']}' is not a usable training image id. Fix the id or delete the row."
+            )
         if row["decision"] == "accept" and row["suggested"] not in known:
-            raise KpipeError(f"{line}: suggested class '{row['suggested']}' is not a class "
-                             f"({preview(classes)}). Fix it, or use decision=drop.")
+            raise KpipeError(
+                f"{line}: suggested class '{row['suggested']}' is not a class "
+                f"({preview(classes)}). Fix it, or use decision=drop."
+            )
         if not effective:
             continue
-        change = ("relabel", row["suggested"]) if row["decision"] == "accept" else ("drop", train_labels[row["id"]])
+        change = (
+            ("relabel", row["suggested"])
+            if row["decision"] == "accept"
+            else ("drop", train_labels[row["id"]])
+        )
         if row["id"] in out and out[row["id"]][:2] != change:
-            raise KpipeError(f"{line}: contradicts line {out[row['id']][2]} for the same id "
-                             f"({out[row['id']][0]} vs {change[0]} {change[1]}). Keep one of them.")
+            raise KpipeError(
+                f"{line}: contradicts line {out[row['id']][2]} for the same id "
+                f"({out[row['id']][0]} vs {change[0]} {change[1]}). Keep one of them."
+            )
         out.setdefault(row["id"], (*change, int(i) + 2))
     rows = [(k, v[1], v[0]) for k, v in sorted(out.items())]
     return pd.DataFrame(rows, columns=["id", "label", "action"])
@@ -156,7 +177,9 @@ def set_decision(path: Path, image_id: str, decision: str, suggested: str | None
             raise KpipeError(f"{path} does not exist. Run `kpipe relabel` first to write it.")
         hit = table["id"] == image_id
         if not hit.any():
-            raise UnknownId(f"{path}: no row with id '{image_id}'. Reload the page: the file may have been re-made.")
+            raise UnknownId(
+                f"{path}: no row with id '{image_id}'. Reload the page: the file may have been re-made."
+            )
         table.loc[hit, "decision"] = decision
         if suggested is not None:
             table.loc[hit, "suggested"] = suggested

@@ -48,7 +48,8 @@ def build_train(preset: str | Sequence[str], img_size: int, hflip: bool = True) 
     # area_for_downscale: antialiased (INTER_AREA) when the crop shrinks, bilinear when it grows.
     ops: list[Any] = [
         A.RandomResizedCrop(size=(img_size, img_size), scale=(p.min_scale, 1.0), area_for_downscale="image")
-        if p.crop else A.Resize(img_size, img_size, interpolation=cv2.INTER_AREA),
+        if p.crop
+        else A.Resize(img_size, img_size, interpolation=cv2.INTER_AREA),
     ]
     if p.flip:
         ops.append(A.HorizontalFlip(p=0.5 if hflip else 0.0))
@@ -56,14 +57,26 @@ def build_train(preset: str | Sequence[str], img_size: int, hflip: bool = True) 
         ops.append(A.VerticalFlip(p=0.5))
     if p.affine_p:
         shear = {"shear": (-p.shear, p.shear)} if p.shear else {}
-        ops.append(A.Affine(rotate=(-p.rotate, p.rotate), **shear, border_mode=cv2.BORDER_REFLECT_101, p=p.affine_p))
+        ops.append(
+            A.Affine(rotate=(-p.rotate, p.rotate), **shear, border_mode=cv2.BORDER_REFLECT_101, p=p.affine_p)
+        )
     if p.jitter_p:
-        ops.append(A.ColorJitter(brightness=p.jitter, contrast=p.jitter, saturation=p.jitter, hue=p.hue, p=p.jitter_p))
+        ops.append(
+            A.ColorJitter(
+                brightness=p.jitter, contrast=p.jitter, saturation=p.jitter, hue=p.hue, p=p.jitter_p
+            )
+        )
     if p.gray_p:
         ops.append(A.ToGray(p=p.gray_p))
     if p.dropout_p:
-        ops.append(A.CoarseDropout(num_holes_range=(1, 4), hole_height_range=(0.05, 0.2),
-                                   hole_width_range=(0.05, 0.2), p=p.dropout_p))
+        ops.append(
+            A.CoarseDropout(
+                num_holes_range=(1, 4),
+                hole_height_range=(0.05, 0.2),
+                hole_width_range=(0.05, 0.2),
+                p=p.dropout_p,
+            )
+        )
     return A.Compose([*ops, ToTensorV2()])
 
 
@@ -136,7 +149,9 @@ class Normalize:
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         if len(mean) != len(std) or any(s <= 0 for s in std):
-            raise KpipeError(f"data.mean {list(mean)} / data.std {list(std)}: need one positive std per mean.")
+            raise KpipeError(
+                f"data.mean {list(mean)} / data.std {list(std)}: need one positive std per mean."
+            )
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         self._consts: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -157,8 +172,15 @@ class Normalize:
 
 
 def _crop_flip_grid(
-    b: int, h: int, w: int, out: int, scale: tuple[float, float], ratio: tuple[float, float],
-    hflip: float, vflip: float, generator: torch.Generator | None,
+    b: int,
+    h: int,
+    w: int,
+    out: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    hflip: float,
+    vflip: float,
+    generator: torch.Generator | None,
 ) -> torch.Tensor:
     """grid_sample's (B, out, out, 2) sampling grid for one random resized crop + flips per sample."""
     u = torch.rand(b, 6, generator=generator)
@@ -181,8 +203,15 @@ def _crop_flip_grid(
     return grid
 
 
-def _crop_flip(x: torch.Tensor, size: int | None, scale: tuple[float, float], ratio: tuple[float, float],
-               hflip: float, vflip: float, generator: torch.Generator | None) -> torch.Tensor:
+def _crop_flip(
+    x: torch.Tensor,
+    size: int | None,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    hflip: float,
+    vflip: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
     """Float32 NCHW result of the random crops + flips of x (any dtype, NCHW or NHWC)."""
     xf = _as_float(x)
     b, _, h, w = xf.shape
@@ -220,8 +249,14 @@ class BatchAugment:
     it is for when the loader, not the model, is the bottleneck (see README, Speed).
     """
 
-    def __init__(self, preset: str | Sequence[str], img_size: int, mean: Sequence[float], std: Sequence[float],
-                 hflip: bool = True) -> None:
+    def __init__(
+        self,
+        preset: str | Sequence[str],
+        img_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        hflip: bool = True,
+    ) -> None:
         p: Preset = presets.resolve(preset)
         self.crop = p.crop
         self.scale = (p.min_scale, 1.0) if p.crop else (1.0, 1.0)

@@ -49,8 +49,10 @@ def blend(probs_list: list[np.ndarray], weights: np.ndarray, how: str = "mean") 
     how="rank_mean", the weighted mean of their column ranks, each row renormalised to sum to 1."""
     w = np.asarray(weights, dtype=np.float64)
     if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
-        raise KpipeError(f"blend weights must be finite, non-negative and not all 0; got {w.tolist()}. "
-                         "Re-run `kpipe ensemble` to fit them again.")
+        raise KpipeError(
+            f"blend weights must be finite, non-negative and not all 0; got {w.tolist()}. "
+            "Re-run `kpipe ensemble` to fit them again."
+        )
     if how == RANK_MEAN:
         out = aggregate(np.stack([ranks(p) for p in probs_list]), "mean", w)
         return out / out.sum(axis=1, keepdims=True)
@@ -61,9 +63,11 @@ def check_finite(probs: np.ndarray, what: str) -> None:
     """KpipeError naming `what` (a run, a file) when its (N, K) probabilities hold NaN or inf."""
     bad = ~np.isfinite(np.asarray(probs, dtype=np.float64)).all(axis=-1)
     if bad.any():
-        raise KpipeError(f"{what}: {int(bad.sum())} of {bad.size} rows have probabilities that are not finite "
-                         f"(NaN or inf), first at row {int(np.flatnonzero(bad)[0])}. The model that wrote them "
-                         "probably diverged: re-train it, or leave it out.")
+        raise KpipeError(
+            f"{what}: {int(bad.sum())} of {bad.size} rows have probabilities that are not finite "
+            f"(NaN or inf), first at row {int(np.flatnonzero(bad)[0])}. The model that wrote them "
+            "probably diverged: re-train it, or leave it out."
+        )
 
 
 def _log_loss_and_grad(
@@ -143,8 +147,13 @@ class Fit:
     log_loss: float
 
 
-def fit(oof_probs: list[np.ndarray], labels: np.ndarray, metric: str, how: str = "mean",
-        names: list[str] | None = None) -> Fit:
+def fit(
+    oof_probs: list[np.ndarray],
+    labels: np.ndarray,
+    metric: str,
+    how: str = "mean",
+    names: list[str] | None = None,
+) -> Fit:
     """Fit blend weights on OOF and say which candidate won; see the module docstring.
     `names` (one per member) name a member whose OOF holds NaN or inf in the KpipeError."""
     for i, p in enumerate(oof_probs):
@@ -178,8 +187,9 @@ def fit_weights(
     return fit(oof_probs, labels, metric, how).weights
 
 
-def hill_climb(oof_probs: list[np.ndarray], labels: np.ndarray, metric: str, how: str = "mean",
-               max_steps: int = 100) -> Fit:
+def hill_climb(
+    oof_probs: list[np.ndarray], labels: np.ndarray, metric: str, how: str = "mean", max_steps: int = 100
+) -> Fit:
     """Caruana's ensemble selection: from the best single member, add the member (with replacement)
     whose addition gains most by `metric` (then by log loss); stop when no addition gains."""
     probs = np.stack([np.asarray(p, dtype=np.float64) for p in oof_probs])
@@ -232,16 +242,24 @@ class Nested:
     probs: np.ndarray  # (N, K) the held-out blend of every row
 
 
-def nested(oof_probs: list[np.ndarray], labels: np.ndarray, folds: np.ndarray, metric: str, how: str,
-           fit_fn: Callable[[list[np.ndarray], np.ndarray], Fit]) -> Nested:
+def nested(
+    oof_probs: list[np.ndarray],
+    labels: np.ndarray,
+    folds: np.ndarray,
+    metric: str,
+    how: str,
+    fit_fn: Callable[[list[np.ndarray], np.ndarray], Fit],
+) -> Nested:
     """Nested CV of a blend: for each fold f, fit on the rows of the other folds, blend fold f's rows
     with those weights; score all rows' held-out blend together, as a run's CV pools its OOF."""
     folds = np.asarray(folds)
     labels = np.asarray(labels, dtype=np.int64)
     uniq = [int(f) for f in np.unique(folds)]
     if len(uniq) < 2:
-        raise KpipeError(f"nested blend CV needs OOF rows from at least 2 folds; the OOF has fold(s) {uniq}. "
-                         "Train more folds (train.folds) before ensembling.")
+        raise KpipeError(
+            f"nested blend CV needs OOF rows from at least 2 folds; the OOF has fold(s) {uniq}. "
+            "Train more folds (train.folds) before ensembling."
+        )
     out = np.zeros_like(np.asarray(oof_probs[0], dtype=np.float64))
     per_fold, weights = {}, {}
     for f in uniq:
@@ -272,6 +290,8 @@ def blended_oof(sources: list[str], how: str = "mean") -> Oof:
         ref, members = load_members(sources, include_tta=True)
         probs, weights = [mb.probs for mb in members], np.ones(len(members))
     if how == RANK_MEAN:
-        raise KpipeError("a rank_mean blend gives ranks, not probabilities, and confident learning reads "
-                         "probabilities: pass the runs themselves (kpipe relabel --from runs/a runs/b).")
+        raise KpipeError(
+            "a rank_mean blend gives ranks, not probabilities, and confident learning reads "
+            "probabilities: pass the runs themselves (kpipe relabel --from runs/a runs/b)."
+        )
     return Oof(ref.ids, ref.labels, ref.classes, blend(probs, weights, how), ref.folds)

@@ -36,18 +36,30 @@ def find_suspects(ids: list[str], labels: list[str], probs: np.ndarray, classes:
     probs = probs / np.maximum(probs.sum(axis=1, keepdims=True), 1e-12)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        issues = find_label_issues(y, probs, n_jobs=1)  # n_jobs=1: its process pool costs more than it saves here
-    few = sorted({int(m.group(1)) for w in caught if (m := re.search(r"class: (\d+), it has too few", str(w.message)))})
+        issues = find_label_issues(
+            y, probs, n_jobs=1
+        )  # n_jobs=1: its process pool costs more than it saves here
+    few = sorted(
+        {int(m.group(1)) for w in caught if (m := re.search(r"class: (\d+), it has too few", str(w.message)))}
+    )
     if few:
-        console.print(f"[yellow]cleanlab: classes {preview([classes[i] for i in few])} have too few images "
-                      "for it to flag every issue in them.")
+        console.print(
+            f"[yellow]cleanlab: classes {preview([classes[i] for i in few])} have too few images "
+            "for it to flag every issue in them."
+        )
     score = np.round(1.0 - get_label_quality_scores(y, probs, method="self_confidence"), 4)
     others = probs.copy()
     others[np.arange(len(y)), y] = -1.0  # the best class that is not the given one
     suggested = others.argmax(axis=1)
     rows = np.flatnonzero(issues)
-    out = pd.DataFrame({"id": np.asarray(ids, dtype=object)[rows], "given": np.asarray(labels, dtype=object)[rows],
-                        "suggested": [classes[k] for k in suggested[rows]], "score": score[rows]})
+    out = pd.DataFrame(
+        {
+            "id": np.asarray(ids, dtype=object)[rows],
+            "given": np.asarray(labels, dtype=object)[rows],
+            "suggested": [classes[k] for k in suggested[rows]],
+            "score": score[rows],
+        }
+    )
     return sort_relabels(out)
 
 
@@ -62,7 +74,9 @@ def relabel_precision_recall(relabels_df: pd.DataFrame, truth_df: pd.DataFrame) 
     """
     t = truth_df[truth_df["split"].astype(str) == "train"]
     true = dict(zip(t["id"].astype(str), t["true_label"].astype(str), strict=True))
-    misfiled = {i for i, g in zip(t["id"].astype(str), t["given_label"].astype(str), strict=True) if g != true[i]}
+    misfiled = {
+        i for i, g in zip(t["id"].astype(str), t["given_label"].astype(str), strict=True) if g != true[i]
+    }
     d = relabels_df.astype({"id": str, "decision": str, "suggested": str})
     acted = d[d["decision"].isin(["accept", "drop"])].drop_duplicates("id")
     hits = acted["id"].isin(misfiled)
@@ -72,7 +86,12 @@ def relabel_precision_recall(relabels_df: pd.DataFrame, truth_df: pd.DataFrame) 
     def ratio(a: int, b: int) -> float:
         return a / b if b else float("nan")
 
-    return {"precision": ratio(int(hits.sum()), len(acted)), "recall": ratio(int(hits.sum()), len(misfiled)),
-            "fix_accuracy": ratio(fixed, len(acc_hits)), "n_accepted": int((acted["decision"] == "accept").sum()),
-            "n_dropped": int((acted["decision"] == "drop").sum()), "n_hits": int(hits.sum()),
-            "n_misfiled": len(misfiled)}
+    return {
+        "precision": ratio(int(hits.sum()), len(acted)),
+        "recall": ratio(int(hits.sum()), len(misfiled)),
+        "fix_accuracy": ratio(fixed, len(acc_hits)),
+        "n_accepted": int((acted["decision"] == "accept").sum()),
+        "n_dropped": int((acted["decision"] == "drop").sum()),
+        "n_hits": int(hits.sum()),
+        "n_misfiled": len(misfiled),
+    }

@@ -46,7 +46,9 @@ def plot_cv(records: list[RunRecord], path: Path) -> str:
     for i, r in enumerate(records):
         folds = _fold_scores(r)
         ax.scatter([i] * len(folds), folds, color="black", s=12, zorder=3)
-    finite = [v for r in records for v in [*_fold_scores(r), (r.cv or {}).get("cv", math.nan)] if np.isfinite(v)]
+    finite = [
+        v for r in records for v in [*_fold_scores(r), (r.cv or {}).get("cv", math.nan)] if np.isfinite(v)
+    ]
     if finite:
         lo, hi = min(finite), max(finite)
         pad = max((hi - lo) * 0.3, 0.01)
@@ -63,7 +65,9 @@ def run_seconds(rec: RunRecord) -> tuple[float, str]:
     walls = rec.facts.get("fold_wall_s")
     if walls:
         return float(sum(walls.values())), "wall"
-    secs = [pd.to_numeric(m["seconds"], errors="coerce").sum() for m in rec.metrics.values() if "seconds" in m]
+    secs = [
+        pd.to_numeric(m["seconds"], errors="coerce").sum() for m in rec.metrics.values() if "seconds" in m
+    ]
     return (float(sum(secs)), "train epochs") if secs else (math.nan, "")
 
 
@@ -71,7 +75,9 @@ def plot_time(records: list[RunRecord], path: Path) -> str:
     fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(records) + 2), 4))
     times = [run_seconds(r) for r in records]
     x = np.arange(len(records))
-    ax.bar(x, [t / 60 for t, _ in times], color=["tab:orange" if k == "wall" else "tab:gray" for _, k in times])
+    ax.bar(
+        x, [t / 60 for t, _ in times], color=["tab:orange" if k == "wall" else "tab:gray" for _, k in times]
+    )
     ax.set_xticks(x, [r.name for r in records], rotation=30, ha="right")
     ax.set_ylabel("minutes")
     ax.set_title("training time (orange: wall time; gray: training epochs only)")
@@ -80,8 +86,11 @@ def plot_time(records: list[RunRecord], path: Path) -> str:
 
 def mean_curve(rec: RunRecord, column: str) -> pd.Series:
     """`column` of metrics.csv by epoch, averaged over the folds that reached that epoch."""
-    parts = [m.set_index("epoch")[column].astype(float) for m in rec.metrics.values()
-             if {"epoch", column} <= set(m.columns)]
+    parts = [
+        m.set_index("epoch")[column].astype(float)
+        for m in rec.metrics.values()
+        if {"epoch", column} <= set(m.columns)
+    ]
     return pd.concat(parts, axis=1).mean(axis=1).sort_index() if parts else pd.Series(dtype=float)
 
 
@@ -112,8 +121,11 @@ def plot_f1_delta(f1_by_run: dict[str, pd.DataFrame], baseline: str, path: Path)
         delta = f1_delta(f1_by_run[name], f1_by_run[baseline])
         if len(delta) > MAX_CLASSES:  # the classes that moved most, still worst first
             delta = delta.loc[delta.abs().nlargest(MAX_CLASSES).index].sort_values(kind="stable")
-        ax.barh(np.arange(len(delta)), delta.to_numpy(),
-                color=["tab:red" if v < 0 else "tab:green" for v in delta.to_numpy()])
+        ax.barh(
+            np.arange(len(delta)),
+            delta.to_numpy(),
+            color=["tab:red" if v < 0 else "tab:green" for v in delta.to_numpy()],
+        )
         ax.set_yticks(np.arange(len(delta)), [str(c) for c in delta.index], fontsize="small")
         ax.invert_yaxis()
         ax.axvline(0, color="black", linewidth=0.8)
@@ -123,24 +135,34 @@ def plot_f1_delta(f1_by_run: dict[str, pd.DataFrame], baseline: str, path: Path)
     return _save(fig, path)
 
 
-def write_report(out: Path, records: list[RunRecord], f1_by_run: dict[str, pd.DataFrame], baseline: str) -> Path:
+def write_report(
+    out: Path, records: list[RunRecord], f1_by_run: dict[str, pd.DataFrame], baseline: str
+) -> Path:
     """PNGs and index.html in `out`; returns the index."""
     out.mkdir(parents=True, exist_ok=True)
-    images = [plot_cv(records, out / "cv.png"), plot_time(records, out / "time.png"),
-              plot_curves(records, out / "curves.png")]
+    images = [
+        plot_cv(records, out / "cv.png"),
+        plot_time(records, out / "time.png"),
+        plot_curves(records, out / "curves.png"),
+    ]
     if baseline in f1_by_run:
         images.append(plot_f1_delta(f1_by_run, baseline, out / "f1_delta.png"))
     keys = differing_keys({r.name: r.config for r in records})
     head = "".join(f"<th>{html.escape(r.name)}</th>" for r in records)
     rows = "".join(
         f"<tr><td>{html.escape(k)}</td>"
-        + "".join(f"<td>{html.escape(str(r.config.get(k, '-')))}</td>" for r in records) + "</tr>" for k in keys)
+        + "".join(f"<td>{html.escape(str(r.config.get(k, '-')))}</td>" for r in records)
+        + "</tr>"
+        for k in keys
+    )
     body = "".join(f'<p><img src="{html.escape(name)}" alt="{html.escape(name)}"></p>' for name in images)
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>kpipe compare</title>"
-            "<style>body{font-family:sans-serif;margin:2em} td,th{border:1px solid #ccc;padding:4px 8px}"
-            "table{border-collapse:collapse}</style></head><body>"
-            f"<h1>{html.escape(', '.join(r.name for r in records))}</h1>"
-            f"<p>baseline: {html.escape(baseline)}</p>"
-            f"<h2>config keys that differ</h2><table><tr><th>key</th>{head}</tr>{rows}</table>{body}</body></html>")
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>kpipe compare</title>"
+        "<style>body{font-family:sans-serif;margin:2em} td,th{border:1px solid #ccc;padding:4px 8px}"
+        "table{border-collapse:collapse}</style></head><body>"
+        f"<h1>{html.escape(', '.join(r.name for r in records))}</h1>"
+        f"<p>baseline: {html.escape(baseline)}</p>"
+        f"<h2>config keys that differ</h2><table><tr><th>key</th>{head}</tr>{rows}</table>{body}</body></html>"
+    )
     write_text(out / "index.html", page)
     return out / "index.html"

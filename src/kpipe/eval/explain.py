@@ -30,10 +30,22 @@ def top_losses(oof: Oof, n: int) -> pd.DataFrame:
     y = oof.y
     p_label = oof.probs[np.arange(len(y)), y]
     pred = oof.probs.argmax(axis=1)
-    df = pd.DataFrame({"id": oof.ids, "fold": oof.folds if oof.folds is not None else -1, "label": oof.labels,
-                       "predicted": [oof.classes[i] for i in pred], "p_label": p_label,
-                       "p_pred": oof.probs[np.arange(len(y)), pred], "loss": -np.log(np.clip(p_label, 1e-12, 1))})
-    return df.sort_values(["loss", "id"], ascending=[False, True], kind="mergesort").head(n).reset_index(drop=True)
+    df = pd.DataFrame(
+        {
+            "id": oof.ids,
+            "fold": oof.folds if oof.folds is not None else -1,
+            "label": oof.labels,
+            "predicted": [oof.classes[i] for i in pred],
+            "p_label": p_label,
+            "p_pred": oof.probs[np.arange(len(y)), pred],
+            "loss": -np.log(np.clip(p_label, 1e-12, 1)),
+        }
+    )
+    return (
+        df.sort_values(["loss", "id"], ascending=[False, True], kind="mergesort")
+        .head(n)
+        .reset_index(drop=True)
+    )
 
 
 def most_confused(oof: Oof, n: int) -> pd.DataFrame:
@@ -42,7 +54,11 @@ def most_confused(oof: Oof, n: int) -> pd.DataFrame:
     df = pd.DataFrame({"label": oof.labels, "predicted": pred})
     df = df[df["label"] != df["predicted"]]
     counts = df.value_counts().rename("count").reset_index()
-    return counts.sort_values(["count", "label", "predicted"], ascending=[False, True, True]).head(n).reset_index(drop=True)
+    return (
+        counts.sort_values(["count", "label", "predicted"], ascending=[False, True, True])
+        .head(n)
+        .reset_index(drop=True)
+    )
 
 
 # ------------------------------------------------------------------ pictures
@@ -51,7 +67,9 @@ def most_confused(oof: Oof, n: int) -> pd.DataFrame:
 def to_uint8(a: np.ndarray) -> np.ndarray:
     """Min-max scaled to 0..255 (a constant array gives mid-grey, not a division by zero)."""
     lo, hi = float(a.min()), float(a.max())
-    return np.full(a.shape, 128, np.uint8) if hi - lo < 1e-12 else ((a - lo) / (hi - lo) * 255).astype(np.uint8)
+    return (
+        np.full(a.shape, 128, np.uint8) if hi - lo < 1e-12 else ((a - lo) / (hi - lo) * 255).astype(np.uint8)
+    )
 
 
 def tile(pics: list[np.ndarray], cols: int, cell: int, pad: int = 2) -> np.ndarray:
@@ -64,7 +82,7 @@ def tile(pics: list[np.ndarray], cols: int, cell: int, pad: int = 2) -> np.ndarr
         p = np.repeat(p[..., None], 3, axis=2) if p.ndim == 2 else p
         r, c = divmod(i, cols)
         y, x = pad + r * (cell + pad), pad + c * (cell + pad)
-        out[y:y + cell, x:x + cell] = cv2.resize(p, (cell, cell), interpolation=cv2.INTER_NEAREST)
+        out[y : y + cell, x : x + cell] = cv2.resize(p, (cell, cell), interpolation=cv2.INTER_NEAREST)
     return out
 
 
@@ -72,8 +90,10 @@ def first_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
     for name, m in models.unwrap(model).named_modules():
         if isinstance(m, nn.Conv2d):
             return name, m
-    raise KpipeError(f"{type(model).__name__} has no Conv2d layer: the first-layer filters picture is unsupported "
-                     "for it (the other pictures still work).")
+    raise KpipeError(
+        f"{type(model).__name__} has no Conv2d layer: the first-layer filters picture is unsupported "
+        "for it (the other pictures still work)."
+    )
 
 
 def filter_grid(weight: np.ndarray, cell: int = 24, max_filters: int = 64) -> np.ndarray:
@@ -116,9 +136,11 @@ def cam_stage(model: nn.Module, outs: dict[str, torch.Tensor], min_side: int = 4
     the head (fc, classifier) gives 2-D outputs and is never a candidate.
     """
     if not outs:
-        raise KpipeError(f"{type(model).__name__}: no stage gives a (N, C, H, W) feature map "
-                         f"(stages: {', '.join(models.stage_names(model))}); Grad-CAM and feature maps are "
-                         "unsupported for it.")
+        raise KpipeError(
+            f"{type(model).__name__}: no stage gives a (N, C, H, W) feature map "
+            f"(stages: {', '.join(models.stage_names(model))}); Grad-CAM and feature maps are "
+            "unsupported for it."
+        )
     wide = [s for s, t in outs.items() if min(t.shape[-2:]) >= min_side]
     return wide[-1] if wide else list(outs)[-1]
 
@@ -166,16 +188,24 @@ def png(rgb: np.ndarray) -> bytes:
 
 def table_html(df: pd.DataFrame) -> str:
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(f'{v:.3f}' if isinstance(v, float) else str(v))}</td>"
-                                    for v in r) + "</tr>" for r in df.itertuples(index=False))
+    body = "".join(
+        "<tr>"
+        + "".join(f"<td>{html.escape(f'{v:.3f}' if isinstance(v, float) else str(v))}</td>" for v in r)
+        + "</tr>"
+        for r in df.itertuples(index=False)
+    )
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def render_index(title: str, sections: list[tuple[str, str]]) -> str:
     """One page from (heading, inner HTML) sections; pictures are relative links to PNGs beside it."""
-    css = ("body{font-family:sans-serif;margin:1.5em}img{image-rendering:pixelated;max-width:100%}"
-           "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;font-size:90%}"
-           "figure{display:inline-block;margin:4px;text-align:center}figcaption{font-size:80%;max-width:260px}")
+    css = (
+        "body{font-family:sans-serif;margin:1.5em}img{image-rendering:pixelated;max-width:100%}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;font-size:90%}"
+        "figure{display:inline-block;margin:4px;text-align:center}figcaption{font-size:80%;max-width:260px}"
+    )
     body = "".join(f"<h2>{html.escape(h)}</h2>{inner}" for h, inner in sections)
-    return (f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{css}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>\n")
+    return (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{css}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>\n"
+    )

@@ -45,8 +45,13 @@ class Oof:
         return frame(self.ids, self.folds, self.labels, self.probs, self.classes)
 
 
-def frame(ids: Sequence[str], folds: Sequence[int] | np.ndarray | int | None, labels: Sequence[str],
-          probs: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
+def frame(
+    ids: Sequence[str],
+    folds: Sequence[int] | np.ndarray | int | None,
+    labels: Sequence[str],
+    probs: np.ndarray,
+    classes: Sequence[str],
+) -> pd.DataFrame:
     """The table as written: id, fold, label, p_<class>... (fold left out when None)."""
     head = pd.DataFrame({"id": list(ids)})
     if folds is not None:
@@ -71,16 +76,23 @@ def parse(df: pd.DataFrame, where: str) -> Oof:
     probs = df[pcols].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
     bad = ~np.isfinite(probs).all(axis=1)
     if bad.any():
-        raise KpipeError(f"{where}: non-numeric or empty probabilities in rows {preview(df['id'][bad].tolist())}.")
-    classes = [c[len(PREFIX):] for c in pcols]
+        raise KpipeError(
+            f"{where}: non-numeric or empty probabilities in rows {preview(df['id'][bad].tolist())}."
+        )
+    classes = [c[len(PREFIX) :] for c in pcols]
     unknown = sorted(set(df["label"]) - set(classes))
     if unknown:
         raise KpipeError(f"{where}: labels with no p_<class> column: {preview(unknown)}.")
     folds = pd.to_numeric(df["fold"], errors="coerce").to_numpy() if "fold" in df.columns else None
     if folds is not None and np.isnan(folds).any():
         raise KpipeError(f"{where}: the fold column has non-numeric values.")
-    return Oof(df["id"].tolist(), df["label"].astype(str).tolist(), classes, probs,
-               None if folds is None else folds.astype(np.int64))
+    return Oof(
+        df["id"].tolist(),
+        df["label"].astype(str).tolist(),
+        classes,
+        probs,
+        None if folds is None else folds.astype(np.int64),
+    )
 
 
 def read_oof(path: Path, hint: str = "Train the run first (`kpipe train`).") -> Oof:

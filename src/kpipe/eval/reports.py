@@ -66,8 +66,15 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> None:
         for i in range(n):
             for j in range(n):
                 if cm[i, j]:
-                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if norm[i, j] > 0.5 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        str(cm[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black",
+                    )
     ax.set(xlabel="predicted", ylabel="given label", title="OOF confusion (row-normalised)")
     fig.colorbar(im, ax=ax, fraction=0.046)
     _save(fig, path)
@@ -90,7 +97,9 @@ def write_all(run_dir: Path, oof: pd.DataFrame, classes: list[str]) -> pd.DataFr
     labels = oof["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
     preds = oof[[f"p_{c}" for c in classes]].to_numpy().argmax(axis=1)
     plot_curves(run_dir)
-    plot_confusion(confusion_matrix(labels, preds, labels=range(len(classes))), classes, RunDir(run_dir).confusion_png)
+    plot_confusion(
+        confusion_matrix(labels, preds, labels=range(len(classes))), classes, RunDir(run_dir).confusion_png
+    )
     report = per_class_report(labels, preds, classes)
     write_csv(RunDir(run_dir).per_class_csv, report)
     plot_per_class(report, RunDir(run_dir).per_class_png)

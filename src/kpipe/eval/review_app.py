@@ -137,13 +137,15 @@ refresh();
 def render_app(title: str) -> str:
     """The page; the competition name is the only server-side text in it, and it is escaped."""
     t = html.escape(title)
-    return (f'<!doctype html><html><head><meta charset="utf-8"><title>kpipe review: {t}</title>'
-            f"<style>{APP_CSS}</style></head><body><h1>Suspected label errors: {t}</h1>"
-            '<div id="bar"><span id="counter">loading…</span> · class <select id="f-class"></select> '
-            'score ≥ <input id="f-score" type="number" min="0" max="1" step="0.05" value="0" style="width:5em"> '
-            '<label><input id="f-undecided" type="checkbox"> undecided only</label> · <span id="status"></span>'
-            "<div>Keys: <kbd>a</kbd> accept, <kbd>d</kbd> drop, <kbd>k</kbd> keep, <kbd>u</kbd> undecide, "
-            "<kbd>1</kbd>–<kbd>9</kbd> accept as that class, <kbd>n</kbd>/<kbd>p</kbd> or arrows: next/previous. "
-            "Every decision is saved to relabels.csv at once; then <code>kpipe relabel ... --apply</code>."
-            '</div></div><div id="rows"></div>'
-            f"<script>{APP_JS}</script></body></html>\n")
+    return (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>kpipe review: {t}</title>'
+        f"<style>{APP_CSS}</style></head><body><h1>Suspected label errors: {t}</h1>"
+        '<div id="bar"><span id="counter">loading…</span> · class <select id="f-class"></select> '
+        'score ≥ <input id="f-score" type="number" min="0" max="1" step="0.05" value="0" style="width:5em"> '
+        '<label><input id="f-undecided" type="checkbox"> undecided only</label> · <span id="status"></span>'
+        "<div>Keys: <kbd>a</kbd> accept, <kbd>d</kbd> drop, <kbd>k</kbd> keep, <kbd>u</kbd> undecide, "
+        "<kbd>1</kbd>–<kbd>9</kbd> accept as that class, <kbd>n</kbd>/<kbd>p</kbd> or arrows: next/previous. "
+        "Every decision is saved to relabels.csv at once; then <code>kpipe relabel ... --apply</code>."
+        '</div></div><div id="rows"></div>'
+        f"<script>{APP_JS}</script></body></html>\n"
+    )

@@ -29,8 +29,26 @@ from kpipe.paths import RunDir
 
 # Keys that differ between any two runs without saying anything about the experiment.
 IGNORED_KEYS = ("name", "paths.", "infer.", "data.num_workers", "data.cache_dir")
-COLUMNS = ("run", "status", "model", "params", "trainable", "img_size", "epochs", "differs", "wall_s", "img_per_s",
-           "metric", "cv", "fold_mean", "fold_std", "per_fold", "tta_views", "public", "private")
+COLUMNS = (
+    "run",
+    "status",
+    "model",
+    "params",
+    "trainable",
+    "img_size",
+    "epochs",
+    "differs",
+    "wall_s",
+    "img_per_s",
+    "metric",
+    "cv",
+    "fold_mean",
+    "fold_std",
+    "per_fold",
+    "tta_views",
+    "public",
+    "private",
+)
 
 
 @dataclass
@@ -63,7 +81,9 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise KpipeError(f"{path}: not valid JSON ({e}). Delete it and re-run the stage that wrote it.") from None
+        raise KpipeError(
+            f"{path}: not valid JSON ({e}). Delete it and re-run the stage that wrote it."
+        ) from None
     if not isinstance(data, dict):
         raise KpipeError(f"{path}: expected a JSON object. Delete it and re-run the stage that wrote it.")
     return data
@@ -77,9 +97,11 @@ def load_run(run: RunDir) -> RunRecord:
         raise KpipeError(f"{run.config}: not valid YAML ({e}). Was it edited by hand?") from None
     if not isinstance(raw, dict):
         raise KpipeError(f"{run.config}: expected a mapping of config keys. Was it edited by hand?")
-    rec = RunRecord(run.name, run.root, flatten(raw), cv=_read_json(run.cv), facts=_read_json(run.run_json) or {})
+    rec = RunRecord(
+        run.name, run.root, flatten(raw), cv=_read_json(run.cv), facts=_read_json(run.run_json) or {}
+    )
     for fd in run.fold_dirs():
-        k = fd.root.name[len("fold"):]
+        k = fd.root.name[len("fold") :]
         if not k.isdigit():
             continue
         if fd.metrics.is_file():
@@ -107,8 +129,10 @@ def differing_keys(configs: dict[str, dict[str, Any]]) -> list[str]:
     for key in keys:
         if _ignored(key):
             continue
-        values = [json.dumps(c[key], sort_keys=True, default=str) if key in c else "<missing>"
-                  for c in configs.values()]
+        values = [
+            json.dumps(c[key], sort_keys=True, default=str) if key in c else "<missing>"
+            for c in configs.values()
+        ]
         if len(set(values)) > 1:
             out.append(key)
     return out
@@ -176,19 +200,28 @@ def build_table(records: list[RunRecord], ledger: pd.DataFrame) -> pd.DataFrame:
         per_fold = {int(k): float(v) for k, v in (r.cv or {}).get("per_fold", {}).items()}
         scores = list(per_fold.values())
         pub, priv = _ledger_scores(r.name, r.root, ledger)
-        rows.append({
-            "run": r.name, "status": status(r), "model": c.get("model.name", ""),
-            "params": r.facts.get("params_total", math.nan), "trainable": r.facts.get("params_trainable", math.nan),
-            "img_size": c.get("data.img_size") or "model", "epochs": c.get("train.epochs", math.nan),
-            "differs": "  ".join(f"{k}={_value_text(c.get(k))}" for k in diff),
-            "wall_s": _wall(r), "img_per_s": _throughput(r.metrics),
-            "metric": (r.cv or {}).get("metric", c.get("competition.metric", "")),
-            "cv": float(r.cv["cv"]) if r.cv and "cv" in r.cv else math.nan,
-            "fold_mean": float(np.mean(scores)) if scores else math.nan,
-            "fold_std": float(np.std(scores)) if len(scores) > 1 else math.nan,
-            "per_fold": " ".join(f"{k}:{v:.4f}" for k, v in sorted(per_fold.items())),
-            "tta_views": ",".join(r.tta_views), "public": pub, "private": priv,
-        })
+        rows.append(
+            {
+                "run": r.name,
+                "status": status(r),
+                "model": c.get("model.name", ""),
+                "params": r.facts.get("params_total", math.nan),
+                "trainable": r.facts.get("params_trainable", math.nan),
+                "img_size": c.get("data.img_size") or "model",
+                "epochs": c.get("train.epochs", math.nan),
+                "differs": "  ".join(f"{k}={_value_text(c.get(k))}" for k in diff),
+                "wall_s": _wall(r),
+                "img_per_s": _throughput(r.metrics),
+                "metric": (r.cv or {}).get("metric", c.get("competition.metric", "")),
+                "cv": float(r.cv["cv"]) if r.cv and "cv" in r.cv else math.nan,
+                "fold_mean": float(np.mean(scores)) if scores else math.nan,
+                "fold_std": float(np.std(scores)) if len(scores) > 1 else math.nan,
+                "per_fold": " ".join(f"{k}:{v:.4f}" for k, v in sorted(per_fold.items())),
+                "tta_views": ",".join(r.tta_views),
+                "public": pub,
+                "private": priv,
+            }
+        )
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
@@ -221,13 +254,34 @@ def _fmt(col: str, v: Any) -> str:
 def render(df: pd.DataFrame, title: str = "runs") -> Table:
     """The console table: CV folds as mean ± std, user text escaped."""
     table = Table(title=title)
-    shown = ["run", "status", "model", "params", "trainable", "img_size", "epochs", "wall_s", "img_per_s", "cv",
-             "folds", "tta_views", "public", "private", "differs"]
+    shown = [
+        "run",
+        "status",
+        "model",
+        "params",
+        "trainable",
+        "img_size",
+        "epochs",
+        "wall_s",
+        "img_per_s",
+        "cv",
+        "folds",
+        "tta_views",
+        "public",
+        "private",
+        "differs",
+    ]
     for col in shown:
         table.add_column(col, overflow="fold")
     for _, row in df.iterrows():
-        folds = "-" if math.isnan(row["fold_mean"]) else (
-            f"{row['fold_mean']:.4f}" + ("" if math.isnan(row["fold_std"]) else f" ± {row['fold_std']:.4f}"))
+        folds = (
+            "-"
+            if math.isnan(row["fold_mean"])
+            else (
+                f"{row['fold_mean']:.4f}"
+                + ("" if math.isnan(row["fold_std"]) else f" ± {row['fold_std']:.4f}")
+            )
+        )
         cells = [folds if c == "folds" else _fmt(c, row[c]) for c in shown]
         table.add_row(*[escape(x) for x in cells])
     return table

@@ -111,8 +111,8 @@ def credentials_help() -> str:
     found = f" ({json_path} exists but has no 'username' and 'key')" if json_path.is_file() else ""
     return (
         "no Kaggle credentials found. Put them where the kaggle client looks, one of:\n"
-        f"  - {json_path}{found}: {{\"username\": \"...\", \"key\": \"...\"}} from {TOKEN_PAGE} "
-        "(\"Create Legacy API Key\"); then chmod 600 it. $KAGGLE_CONFIG_DIR moves this folder.\n"
+        f'  - {json_path}{found}: {{"username": "...", "key": "..."}} from {TOKEN_PAGE} '
+        '("Create Legacy API Key"); then chmod 600 it. $KAGGLE_CONFIG_DIR moves this folder.\n'
         "  - environment variables KAGGLE_USERNAME and KAGGLE_KEY\n"
         f"  - an API token from {TOKEN_PAGE} in $KAGGLE_API_TOKEN or in ~/.kaggle/access_token\n"
         "  - `kaggle auth login` (OAuth; stored in ~/.kaggle/credentials.json)"
@@ -193,8 +193,10 @@ def _status(e: BaseException) -> int | None:
 
 # A query string that signs or authorises a request (GCS / S3 signed URLs, tokens): never shown or logged.
 _QUERY = re.compile(r"\?[^\s'\"<>()]*")
-_SECRET_KEY = re.compile(r"(?i)(?:^|[?&])(?:x-goog-[\w-]*|x-amz-[\w-]*|signature|sig|token|access_token|key|"
-                         r"googleaccessid|credential|policy)=")
+_SECRET_KEY = re.compile(
+    r"(?i)(?:^|[?&])(?:x-goog-[\w-]*|x-amz-[\w-]*|signature|sig|token|access_token|key|"
+    r"googleaccessid|credential|policy)="
+)
 
 
 def redact(text: str) -> str:
@@ -209,15 +211,21 @@ def redact(text: str) -> str:
 def _explain(e: BaseException, what: str, slug: str) -> KaggleError:
     status, detail = _status(e), redact(str(e))
     if status == 401:
-        msg = (f"Kaggle rejected the credentials while {what} (401 Unauthorized). They come from "
-               f"{credential_source() or 'nowhere'}; create a new token at {TOKEN_PAGE} and put it there.")
+        msg = (
+            f"Kaggle rejected the credentials while {what} (401 Unauthorized). They come from "
+            f"{credential_source() or 'nowhere'}; create a new token at {TOKEN_PAGE} and put it there."
+        )
     elif status == 403:
-        msg = (f"Kaggle refused {what} (403 Forbidden: {detail}). Most often the competition's rules "
-               f"are not accepted yet: accept them on https://www.kaggle.com/competitions/{slug}/rules "
-               "first, then run this again.")
+        msg = (
+            f"Kaggle refused {what} (403 Forbidden: {detail}). Most often the competition's rules "
+            f"are not accepted yet: accept them on https://www.kaggle.com/competitions/{slug}/rules "
+            "first, then run this again."
+        )
     elif status == 404:
-        msg = (f"Kaggle found nothing while {what} (404: {detail}). Is '{slug}' the competition's slug "
-               "(the last part of its URL)? Set competition.kaggle_slug in the competition YAML.")
+        msg = (
+            f"Kaggle found nothing while {what} (404: {detail}). Is '{slug}' the competition's slug "
+            "(the last part of its URL)? Set competition.kaggle_slug in the competition YAML."
+        )
     elif status is None:
         msg = f"could not reach Kaggle while {what}: {detail}. Check the network and any proxy settings."
     else:
@@ -228,8 +236,10 @@ def _explain(e: BaseException, what: str, slug: str) -> KaggleError:
 def _transient(e: BaseException) -> bool:
     if isinstance(e, requests.HTTPError):
         return _status(e) in RETRY_STATUS
-    return isinstance(e, (requests.ConnectionError, requests.Timeout,
-                          requests.exceptions.ChunkedEncodingError, _UploadFailed))
+    return isinstance(
+        e,
+        (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError, _UploadFailed),
+    )
 
 
 def _retry_after(e: BaseException) -> float | None:
@@ -241,8 +251,15 @@ def _retry_after(e: BaseException) -> float | None:
         return None  # an HTTP-date: fall back to our own delay
 
 
-def call(fn: Callable[..., T], *args: Any, what: str, slug: str, backoff: Backoff,
-         recover: Callable[[], T | None] | None = None, **kwargs: Any) -> T:
+def call(
+    fn: Callable[..., T],
+    *args: Any,
+    what: str,
+    slug: str,
+    backoff: Backoff,
+    recover: Callable[[], T | None] | None = None,
+    **kwargs: Any,
+) -> T:
     """fn(*args, **kwargs), retrying transient failures; other failures become a KaggleError.
 
     `recover` runs before each retry after a 5xx or a dropped connection, which may come after
@@ -259,8 +276,13 @@ def call(fn: Callable[..., T], *args: Any, what: str, slug: str, backoff: Backof
             hint = _retry_after(e)
             if hint is not None:  # the server's Retry-After, within our cap
                 delay = min(backoff.cap, max(delay, hint))
-            err_console.print(safe(f"kaggle: {what} failed ({_status(e) or type(e).__name__}); "
-                  f"retry {attempt + 1}/{len(delays)} in {delay:.1f} s"), soft_wrap=True)
+            err_console.print(
+                safe(
+                    f"kaggle: {what} failed ({_status(e) or type(e).__name__}); "
+                    f"retry {attempt + 1}/{len(delays)} in {delay:.1f} s"
+                ),
+                soft_wrap=True,
+            )
             time.sleep(delay)
             if recover is not None and _status(e) != 429:
                 found = recover()

@@ -44,11 +44,29 @@ def upload(root: Path, notes: str) -> dict[str, Any]:
     what = f"{'creating' if new else 'versioning'} dataset {ref}"
     console.print(f"{what} from {safe(root)} ...")
     if new:
-        response = call(api.dataset_create_new, str(root), public=False, quiet=True, convert_to_csv=False,
-                        dir_mode="zip", what=what, slug=ref, backoff=backoff)
+        response = call(
+            api.dataset_create_new,
+            str(root),
+            public=False,
+            quiet=True,
+            convert_to_csv=False,
+            dir_mode="zip",
+            what=what,
+            slug=ref,
+            backoff=backoff,
+        )
     else:
-        response = call(api.dataset_create_version, str(root), notes, quiet=True, convert_to_csv=False,
-                        dir_mode="zip", what=what, slug=ref, backoff=backoff)
+        response = call(
+            api.dataset_create_version,
+            str(root),
+            notes,
+            quiet=True,
+            convert_to_csv=False,
+            dir_mode="zip",
+            what=what,
+            slug=ref,
+            backoff=backoff,
+        )
     if getattr(response, "error", None):
         raise KaggleError(f"Kaggle refused {what}: {response.error}")
     status = wait_ready(api, ref)
@@ -61,16 +79,27 @@ def wait_ready(api: Any, ref: str) -> str:
     delay, timeout = wait_settings()
     deadline = time.monotonic() + timeout
     while True:
-        status = str(call(api.dataset_status, ref, what=f"reading dataset {ref}'s status", slug=ref,
-                          backoff=retry_policy())).lower()
+        status = str(
+            call(
+                api.dataset_status,
+                ref,
+                what=f"reading dataset {ref}'s status",
+                slug=ref,
+                backoff=retry_policy(),
+            )
+        ).lower()
         if status == "ready":
             return status
         if status in ("failed", "deleted"):
-            raise KaggleError(f"Kaggle could not process dataset {ref} (status {status}); see its page "
-                              f"https://www.kaggle.com/datasets/{ref} and upload again.")
+            raise KaggleError(
+                f"Kaggle could not process dataset {ref} (status {status}); see its page "
+                f"https://www.kaggle.com/datasets/{ref} and upload again."
+            )
         if time.monotonic() + delay > deadline:
-            raise KaggleError(f"dataset {ref} is still processing ({status}) after {timeout:.0f} s; a notebook "
-                              "started now would not see this version. Check `kaggle datasets status "
-                              f"{ref}` and push the notebook once it says ready.")
+            raise KaggleError(
+                f"dataset {ref} is still processing ({status}) after {timeout:.0f} s; a notebook "
+                "started now would not see this version. Check `kaggle datasets status "
+                f"{ref}` and push the notebook once it says ready."
+            )
         time.sleep(delay)
         delay = min(60.0, delay * 1.5)

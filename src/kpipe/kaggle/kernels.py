@@ -41,10 +41,14 @@ def push(kd: paths.KernelDir, wait: bool = True) -> dict[str, Any]:
         result.update(status=status, failure=failure, files=fetch_output(api, ref, kd.output))
         write_json(kd.output / "push.json", result)
         if status != "complete":
-            raise KpipeError(f"notebook {ref} version {version} ended {status}: {failure or 'no message'}. "
-                             f"Its log, in {kd.output}:\n  " + "\n  ".join(_log_tail(kd.output)))
-        console.print(f"[bold green]{safe(ref)} version {version} complete[/]; output in {safe(kd.output)}. "
-                      f"Submit it: kpipe submit --kernel {safe(ref)} --version {version} --wait")
+            raise KpipeError(
+                f"notebook {ref} version {version} ended {status}: {failure or 'no message'}. "
+                f"Its log, in {kd.output}:\n  " + "\n  ".join(_log_tail(kd.output))
+            )
+        console.print(
+            f"[bold green]{safe(ref)} version {version} complete[/]; output in {safe(kd.output)}. "
+            f"Submit it: kpipe submit --kernel {safe(ref)} --version {version} --wait"
+        )
     else:
         write_json(kd.output / "push.json", result)
     return result
@@ -55,21 +59,33 @@ def wait_done(api: Any, ref: str) -> tuple[str, str]:
     delay, timeout = wait_settings()
     deadline = time.monotonic() + timeout
     while True:
-        got = call(api.kernels_status, ref, what=f"reading notebook {ref}'s status", slug=ref, backoff=retry_policy())
+        got = call(
+            api.kernels_status, ref, what=f"reading notebook {ref}'s status", slug=ref, backoff=retry_policy()
+        )
         status = got.status.name.lower() if got.status is not None else ""
         if status in DONE:
             return status, got.failure_message or ""
         if time.monotonic() + delay > deadline:
-            raise KaggleError(f"notebook {ref} is still {status or 'queued'} after {timeout:.0f} s; check "
-                              f"`kaggle kernels status {ref}`, then fetch its output with `kaggle kernels output`.")
+            raise KaggleError(
+                f"notebook {ref} is still {status or 'queued'} after {timeout:.0f} s; check "
+                f"`kaggle kernels status {ref}`, then fetch its output with `kaggle kernels output`."
+            )
         time.sleep(delay)
         delay = min(60.0, delay * 1.5)
 
 
 def fetch_output(api: Any, ref: str, out: Path) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
-    files, _ = call(api.kernels_output, ref, str(out), force=True, quiet=True, what=f"fetching notebook {ref}'s output",
-                    slug=ref, backoff=retry_policy())
+    files, _ = call(
+        api.kernels_output,
+        ref,
+        str(out),
+        force=True,
+        quiet=True,
+        what=f"fetching notebook {ref}'s output",
+        slug=ref,
+        backoff=retry_policy(),
+    )
     return [Path(f).name for f in files]
 
 

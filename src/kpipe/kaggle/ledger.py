@@ -125,7 +125,9 @@ def append(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]]) -> p
     return transact(path, lambda df: pd.concat([df, new_rows], ignore_index=True))
 
 
-def update_ref(path: str | os.PathLike[str], competition: str, ref: str, values: Mapping[str, Any]) -> pd.DataFrame:
+def update_ref(
+    path: str | os.PathLike[str], competition: str, ref: str, values: Mapping[str, Any]
+) -> pd.DataFrame:
     """Set `values` on the row(s) of Kaggle submission `ref`."""
     cells = {k: v for k, v in make_row(values).items() if k in values}
 
@@ -160,8 +162,17 @@ def reserve(path: str | os.PathLike[str], row: Mapping[str, Any], force: bool = 
 def release(path: str | os.PathLike[str], row: Mapping[str, Any]) -> pd.DataFrame:
     """Drop the row `reserve` wrote for `row` (nothing was uploaded)."""
     key = make_row(row)
-    return transact(path, lambda df: df[~((df["competition"] == key["competition"]) & (df["sha256"] == key["sha256"])
-                                          & (df["time_utc"] == key["time_utc"]) & (df["status"] == "uploading"))])
+    return transact(
+        path,
+        lambda df: df[
+            ~(
+                (df["competition"] == key["competition"])
+                & (df["sha256"] == key["sha256"])
+                & (df["time_utc"] == key["time_utc"])
+                & (df["status"] == "uploading")
+            )
+        ],
+    )
 
 
 def settle(path: str | os.PathLike[str], row: Mapping[str, Any], values: Mapping[str, Any]) -> pd.DataFrame:
@@ -169,8 +180,12 @@ def settle(path: str | os.PathLike[str], row: Mapping[str, Any], values: Mapping
     key, cells = make_row(row), {k: v for k, v in make_row(values).items() if k in values}
 
     def apply(df: pd.DataFrame) -> pd.DataFrame:
-        hit = ((df["competition"] == key["competition"]) & (df["sha256"] == key["sha256"])
-               & (df["time_utc"] == key["time_utc"]) & (df["status"] == "uploading"))
+        hit = (
+            (df["competition"] == key["competition"])
+            & (df["sha256"] == key["sha256"])
+            & (df["time_utc"] == key["time_utc"])
+            & (df["status"] == "uploading")
+        )
         for k, v in cells.items():
             df.loc[hit, k] = v
         return df
@@ -257,6 +272,7 @@ def sha256_file(path: Path) -> str:
 
 def git_state(cwd: Path | None = None) -> tuple[str, str]:
     """(HEAD commit, "true"/"false" for uncommitted changes) around cwd; empty strings outside git."""
+
     def git(*args: str) -> subprocess.CompletedProcess[str] | None:
         try:
             return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=30)
@@ -280,11 +296,20 @@ def provenance(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(side.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise KpipeError(f"{side}: not valid JSON ({e}). It is the sidecar of {path.name}; fix or delete it.") from None
-    if data.get("sha256") != out["sha256"]:  # the sidecar describes other bytes: its runs and CV are not this file's
+        raise KpipeError(
+            f"{side}: not valid JSON ({e}). It is the sidecar of {path.name}; fix or delete it."
+        ) from None
+    if (
+        data.get("sha256") != out["sha256"]
+    ):  # the sidecar describes other bytes: its runs and CV are not this file's
         return out
     runs = data.get("runs") or []
-    return {**out, "runs": [runs] if isinstance(runs, str) else runs, "cv": data.get("cv"), "metric": data.get("metric")}
+    return {
+        **out,
+        "runs": [runs] if isinstance(runs, str) else runs,
+        "cv": data.get("cv"),
+        "metric": data.get("metric"),
+    }
 
 
 def check_sidecar(path: Path) -> None:
@@ -296,15 +321,23 @@ def check_sidecar(path: Path) -> None:
     try:
         recorded = json.loads(side.read_text(encoding="utf-8")).get("sha256")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise KpipeError(f"{side}: not a valid sidecar ({e}). It is the sidecar of {path.name}; re-run "
-                         "`kpipe infer` to write both again, or delete it to submit without provenance.") from None
+        raise KpipeError(
+            f"{side}: not a valid sidecar ({e}). It is the sidecar of {path.name}; re-run "
+            "`kpipe infer` to write both again, or delete it to submit without provenance."
+        ) from None
     actual = sha256_file(path)
     if recorded != actual:
-        said = f"records sha256 {recorded[:12]}…" if isinstance(recorded, str) else "records no sha256 (older kpipe)"
-        raise KpipeError(f"{side} {said}, but {path.name} has sha256 {actual[:12]}…: the sidecar describes another "
-                         "file (was infer stopped between writing the CSV and its sidecar, or the CSV edited?), so "
-                         "its runs and CV would go into the ledger wrongly. Nothing was uploaded. Re-run `kpipe infer` "
-                         "to write both again, or delete the sidecar to submit without provenance.")
+        said = (
+            f"records sha256 {recorded[:12]}…"
+            if isinstance(recorded, str)
+            else "records no sha256 (older kpipe)"
+        )
+        raise KpipeError(
+            f"{side} {said}, but {path.name} has sha256 {actual[:12]}…: the sidecar describes another "
+            "file (was infer stopped between writing the CSV and its sidecar, or the CSV edited?), so "
+            "its runs and CV would go into the ledger wrongly. Nothing was uploaded. Re-run `kpipe infer` "
+            "to write both again, or delete the sidecar to submit without provenance."
+        )
 
 
 def default_message(path: Path) -> str:
@@ -349,16 +382,33 @@ def render_table(df: pd.DataFrame, higher_is_better: bool, title: str) -> Table:
     """CV vs public vs private, one row per submission; the best of each column starred."""
     best = {c: best_index(df, c, higher_is_better) for c in ("cv", "public_score", "private_score")}
     table = Table(title=title, title_justify="left")
-    for name, justify in [("ref", "right"), ("UTC", "left"), ("file", "left"), ("message", "left"),
-                          ("src", "left"), ("status", "left"), ("CV", "right"), ("public", "right"),
-                          ("private", "right")]:
+    for name, justify in [
+        ("ref", "right"),
+        ("UTC", "left"),
+        ("file", "left"),
+        ("message", "left"),
+        ("src", "left"),
+        ("status", "left"),
+        ("CV", "right"),
+        ("public", "right"),
+        ("private", "right"),
+    ]:
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for idx, row in df.iterrows():
         status = row["status"] + (f": {row['error'][:40]}" if row["error"] else "")
         scores = [_score_cell(row[c], idx == best[c]) for c in ("cv", "public_score", "private_score")]
-        text = [safe(t) for t in (Path(row["file"]).name, row["message"][:30], status)]  # user text, not markup
-        table.add_row(row["kaggle_ref"], row["time_utc"][5:16].replace("T", " "), text[0], text[1],
-                      "kpipe" if row["source"] == "kpipe" else "ext", text[2], *scores)
+        text = [
+            safe(t) for t in (Path(row["file"]).name, row["message"][:30], status)
+        ]  # user text, not markup
+        table.add_row(
+            row["kaggle_ref"],
+            row["time_utc"][5:16].replace("T", " "),
+            text[0],
+            text[1],
+            "kpipe" if row["source"] == "kpipe" else "ext",
+            text[2],
+            *scores,
+        )
     return table
 
 
@@ -388,12 +438,25 @@ def plot_cv_vs_lb(df: pd.DataFrame, out: Path, title: str, higher_is_better: boo
     if has_priv.any():
         ax.scatter(cv[has_priv], priv[has_priv], label="private LB", facecolors="none", edgecolors="tab:red")
     for idx in df.index[has_pub]:
-        ax.annotate(df.at[idx, "kaggle_ref"] or str(idx), (cv[idx], pub[idx]), fontsize=7,
-                    xytext=(3, 3), textcoords="offset points")
+        ax.annotate(
+            df.at[idx, "kaggle_ref"] or str(idx),
+            (cv[idx], pub[idx]),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
     best = best_index(df[has_pub], "public_score", higher_is_better)
     if best is not None:
-        ax.scatter([cv[best]], [pub[best]], marker="*", s=220, color="gold", edgecolors="black", zorder=3,
-                   label="best public")
+        ax.scatter(
+            [cv[best]],
+            [pub[best]],
+            marker="*",
+            s=220,
+            color="gold",
+            edgecolors="black",
+            zorder=3,
+            label="best public",
+        )
     both = pd.concat([cv[has_pub | has_priv], pub[has_pub], priv[has_priv]])
     lo, hi = float(both.min()), float(both.max())
     ax.plot([lo, hi], [lo, hi], ls="--", color="grey", lw=1, label="LB = CV")

@@ -18,10 +18,23 @@ from typing import Any
 
 # Distributions `kpipe infer` imports, with the module whose __version__ tells the installed version
 # (Kaggle's image has opencv-python, not -headless: the module is what matters).
-INFER_MODULES = {"torch": "torch", "torchvision": "torchvision", "timm": "timm", "albumentations": "albumentations",
-                 "opencv-python-headless": "cv2", "numpy": "numpy", "pandas": "pandas", "scikit-learn": "sklearn",
-                 "scipy": "scipy", "pydantic": "pydantic", "pyyaml": "yaml", "rich": "rich",
-                 "safetensors": "safetensors", "filelock": "filelock", "pillow": "PIL"}
+INFER_MODULES = {
+    "torch": "torch",
+    "torchvision": "torchvision",
+    "timm": "timm",
+    "albumentations": "albumentations",
+    "opencv-python-headless": "cv2",
+    "numpy": "numpy",
+    "pandas": "pandas",
+    "scikit-learn": "sklearn",
+    "scipy": "scipy",
+    "pydantic": "pydantic",
+    "pyyaml": "yaml",
+    "rich": "rich",
+    "safetensors": "safetensors",
+    "filelock": "filelock",
+    "pillow": "PIL",
+}
 
 
 @dataclass(frozen=True)
@@ -53,28 +66,42 @@ def _cell(kind: str, source: str) -> dict[str, Any]:
 
 def render(spec: NotebookSpec) -> dict[str, Any]:
     """The notebook (nbformat 4) as a dict."""
-    consts = (f"PACKAGE = {spec.package!r}\nCOMPETITION = {spec.competition!r}\n"
-              f"SAMPLE = {spec.sample_submission!r}\nID_COL = {spec.id_col!r}\nREQUIRES = {spec.requires!r}\n")
+    consts = (
+        f"PACKAGE = {spec.package!r}\nCOMPETITION = {spec.competition!r}\n"
+        f"SAMPLE = {spec.sample_submission!r}\nID_COL = {spec.id_col!r}\nREQUIRES = {spec.requires!r}\n"
+    )
     cells = [
-        _cell("markdown", f"# {spec.package}: kpipe inference for `{spec.competition}`\n\n"
-                          "Rendered by `kpipe kernel`; runs with the internet off. It installs the kpipe wheel from the "
-                          "package dataset, checks the installed libraries, runs `kpipe infer` on the competition's "
-                          "test images and checks `submission.csv` against `sample_submission.csv`."),
+        _cell(
+            "markdown",
+            f"# {spec.package}: kpipe inference for `{spec.competition}`\n\n"
+            "Rendered by `kpipe kernel`; runs with the internet off. It installs the kpipe wheel from the "
+            "package dataset, checks the installed libraries, runs `kpipe infer` on the competition's "
+            "test images and checks `submission.csv` against `sample_submission.csv`.",
+        ),
         _cell("code", _SETUP.replace("# CONSTANTS\n", consts)),
         _cell("code", _INSTALL),
         _cell("code", _VERSIONS),
         _cell("code", _INFER),
         _cell("code", _CHECK),
     ]
-    return {"cells": cells, "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python",
-                                                        "name": "python3"},
-                                         "language_info": {"name": "python"}},
-            "nbformat": 4, "nbformat_minor": 5}
+    return {
+        "cells": cells,
+        "metadata": {
+            "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+            "language_info": {"name": "python"},
+        },
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    }
 
 
 def as_script(nb: dict[str, Any]) -> str:
     """The notebook's code cells in order, as one Python script (what the dry-run executes)."""
-    parts = [f"# %% cell {i}\n" + "".join(c["source"]) for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code"]
+    parts = [
+        f"# %% cell {i}\n" + "".join(c["source"])
+        for i, c in enumerate(nb["cells"])
+        if c["cell_type"] == "code"
+    ]
     return "\n\n".join(parts) + "\n"
 
 
@@ -120,7 +147,7 @@ WORK.mkdir(parents=True, exist_ok=True)
 print(f"package {PKG}\\ncompetition {COMP}\\nworking {WORK}")
 '''
 
-_INSTALL = '''
+_INSTALL = """
 # The kpipe wheel, offline: no index, no dependencies (they come from the image; checked next).
 wheels = sorted((PKG / "wheels").glob("kpipe-*.whl"))
 if not wheels:
@@ -139,9 +166,9 @@ subprocess.run(cmd + [str(w) for w in deps] + [str(wheels[-1])], check=True)
 found = subprocess.run([sys.executable, "-c", "import kpipe; print(kpipe.__version__, kpipe.__file__)"],
                        env=ENV, capture_output=True, text=True, check=True).stdout.split()
 print(f"kpipe {found[0]} from {found[1]}")
-'''
+"""
 
-_VERSIONS = '''
+_VERSIONS = """
 from importlib import import_module, metadata
 
 from packaging.specifiers import SpecifierSet
@@ -168,9 +195,9 @@ if problems:
     raise SystemExit("this notebook's image lacks what kpipe needs:\\n  " + "\\n  ".join(problems) +
                      "\\nAdd wheels of those versions to a dataset and pip install them with --no-index "
                      "before this cell, or pick another environment (Settings > Environment).")
-'''
+"""
 
-_INFER = '''
+_INFER = """
 # The same code path as a local `kpipe infer`, reading the packaged weights.
 cmd = [sys.executable, "-m", "kpipe", "infer", "-c", str(PKG / "config.yaml"), f"infer.package={PKG}",
        "infer.runs=null", "infer.ensemble_weights=null", "infer.name=submission", f"competition.data_dir={COMP}",
@@ -183,9 +210,9 @@ done = subprocess.run(cmd, env=ENV, check=False)
 if done.returncode != 0:
     raise SystemExit(f"kpipe infer failed (exit {done.returncode}); its message is above.")
 print(f"kpipe infer: {time.time() - t_infer:.1f} s")
-'''
+"""
 
-_CHECK = '''
+_CHECK = """
 import pandas as pd  # noqa: E402
 
 sub_path = WORK / "submission.csv"
@@ -208,4 +235,4 @@ if problems:
 print(f"submission.csv: {len(sub)} rows x {sub.shape[1]} columns, matches sample_submission; "
       f"{time.time() - T0:.1f} s in all")
 print(sub.head())
-'''
+"""

@@ -53,10 +53,20 @@ class PackageSpec:
     metric: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "kpipe_version": kpipe.__version__, "name": self.name, "classes": self.classes,
-                "prior": self.prior, "how": self.how, "cv": self.cv, "metric": self.metric,
-                "runs": [{"tag": r.tag, "source": r.source, "folds": r.folds, "views": r.views} for r in self.runs],
-                "weights": self.weights}
+        return {
+            "format": FORMAT,
+            "kpipe_version": kpipe.__version__,
+            "name": self.name,
+            "classes": self.classes,
+            "prior": self.prior,
+            "how": self.how,
+            "cv": self.cv,
+            "metric": self.metric,
+            "runs": [
+                {"tag": r.tag, "source": r.source, "folds": r.folds, "views": r.views} for r in self.runs
+            ],
+            "weights": self.weights,
+        }
 
 
 def read_spec(root: Path) -> PackageSpec:
@@ -66,17 +76,32 @@ def read_spec(root: Path) -> PackageSpec:
         raise KpipeError(f"{path}: not found. infer.package must name a folder written by `kpipe package`.")
     raw = json.loads(path.read_text(encoding="utf-8"))
     if raw.get("format") != FORMAT:
-        raise KpipeError(f"{path}: package format {raw.get('format')!r}, this kpipe reads {FORMAT}. "
-                         "Write the package again with this kpipe (`kpipe package`).")
-    runs = [PackagedRun(r["tag"], r["source"], [int(k) for k in r["folds"]], list(r["views"])) for r in raw["runs"]]
+        raise KpipeError(
+            f"{path}: package format {raw.get('format')!r}, this kpipe reads {FORMAT}. "
+            "Write the package again with this kpipe (`kpipe package`)."
+        )
+    runs = [
+        PackagedRun(r["tag"], r["source"], [int(k) for k in r["folds"]], list(r["views"]))
+        for r in raw["runs"]
+    ]
     for r in runs:
         for k in r.folds:
             weights = paths.package_weights(paths.PackageDir(root).run(r.tag), k)
             if not weights.is_file():
-                raise KpipeError(f"{weights}: missing; {path} lists fold {k} of run {r.tag}. "
-                                 "Write the package again with `kpipe package`.")
-    return PackageSpec(raw["name"], list(raw["classes"]), [float(p) for p in raw["prior"]], runs, raw["weights"],
-                       raw["how"], raw["cv"], raw["metric"])
+                raise KpipeError(
+                    f"{weights}: missing; {path} lists fold {k} of run {r.tag}. "
+                    "Write the package again with `kpipe package`."
+                )
+    return PackageSpec(
+        raw["name"],
+        list(raw["classes"]),
+        [float(p) for p in raw["prior"]],
+        runs,
+        raw["weights"],
+        raw["how"],
+        raw["cv"],
+        raw["metric"],
+    )
 
 
 def export_fold(best_pt: Path, run_root: Path, k: int) -> None:
@@ -87,9 +112,14 @@ def export_fold(best_pt: Path, run_root: Path, k: int) -> None:
     tensors = {name: t.detach().cpu().contiguous() for name, t in ck["model"].items()}
     run_root.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(paths.package_weights(run_root, k)))
-    meta = {"classes": list(ck.get("classes", [])), "data_config": ck.get("data_config"),
-            "config": ck.get("config"), "epoch": ck.get("epoch"), "score": ck.get("score"),
-            "source": str(best_pt)}
+    meta = {
+        "classes": list(ck.get("classes", [])),
+        "data_config": ck.get("data_config"),
+        "config": ck.get("config"),
+        "epoch": ck.get("epoch"),
+        "score": ck.get("score"),
+        "source": str(best_pt),
+    }
     write_json(paths.package_fold_json(run_root, k), checkpoint.to_plain(meta))
 
 
@@ -99,8 +129,11 @@ def read_fold_classes(run_root: Path, k: int) -> list[str]:
 
 def manifest(root: Path, skip: tuple[str, ...] = ("manifest.json",)) -> dict[str, Any]:
     """Every file under root with its size and sha256, and a sha256 of the whole (the list's own hash)."""
-    files = [{"path": p.relative_to(root).as_posix(), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
-             for p in sorted(root.rglob("*")) if p.is_file() and p.relative_to(root).as_posix() not in skip]
+    files = [
+        {"path": p.relative_to(root).as_posix(), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.relative_to(root).as_posix() not in skip
+    ]
     whole = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
     return {"files": files, "bytes": sum(f["bytes"] for f in files), "sha256": whole}
 
@@ -110,7 +143,11 @@ def size_breakdown(files: list[dict[str, Any]]) -> list[tuple[str, int]]:
     parts: dict[str, int] = {}
     for f in files:
         bits = f["path"].split("/")
-        key = "/".join(bits[:2]) if bits[0] == "runs" and len(bits) > 2 else (bits[0] if len(bits) > 1 else "(top)")
+        key = (
+            "/".join(bits[:2])
+            if bits[0] == "runs" and len(bits) > 2
+            else (bits[0] if len(bits) > 1 else "(top)")
+        )
         parts[key] = parts.get(key, 0) + int(f["bytes"])
     return sorted(parts.items(), key=lambda kv: -kv[1])
 
@@ -119,8 +156,10 @@ def kaggle_slug_of(name: str, key: str) -> str:
     """Kaggle's slug rule for datasets and notebooks (5-50 of a-z, 0-9, '-') applied to a name; `key` sets it."""
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     if not 5 <= len(slug) <= 50:
-        raise KpipeError(f"{key} {name!r} gives the Kaggle slug {slug!r}; Kaggle wants 5 to 50 letters, digits "
-                         f"or '-'. Set {key}=<a longer or shorter name>.")
+        raise KpipeError(
+            f"{key} {name!r} gives the Kaggle slug {slug!r}; Kaggle wants 5 to 50 letters, digits "
+            f"or '-'. Set {key}=<a longer or shorter name>."
+        )
     return slug
 
 
@@ -135,9 +174,11 @@ def source_root() -> Path:
     """The kpipe checkout this process runs from (pyproject.toml + src/kpipe), which the wheel is built from."""
     root = Path(kpipe.__file__).resolve().parents[2]
     if not (root / "pyproject.toml").is_file() or not (root / "src" / "kpipe").is_dir():
-        raise KpipeError(f"kpipe runs from {Path(kpipe.__file__).parent}, not from a checkout with pyproject.toml: "
-                         "`kpipe package` builds its wheel from the source. Run it from the repository "
-                         "(pip install -e .).")
+        raise KpipeError(
+            f"kpipe runs from {Path(kpipe.__file__).parent}, not from a checkout with pyproject.toml: "
+            "`kpipe package` builds its wheel from the source. Run it from the repository "
+            "(pip install -e .)."
+        )
     return root
 
 
@@ -145,7 +186,9 @@ def dependency_specs(names: list[str]) -> list[str]:
     """'name<range>' for each named distribution, with kpipe's own range from pyproject.toml (none if not listed)."""
     import tomllib
 
-    deps = tomllib.loads((source_root() / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+    deps = tomllib.loads((source_root() / "pyproject.toml").read_text(encoding="utf-8"))["project"][
+        "dependencies"
+    ]
     ranges = {}
     for dep in deps:
         m = re.match(r"\s*([A-Za-z0-9_.-]+)\s*([^;#]*)", dep)
@@ -157,15 +200,29 @@ def dependency_specs(names: list[str]) -> list[str]:
 def download_wheels(specs: list[str], out_dir: Path, python: str, platforms: list[str]) -> list[Path]:
     """Binary wheels of `specs` (no dependencies of theirs) for the Kaggle image's Python and platform."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", python,
-           "-d", str(out_dir), "-q", "--disable-pip-version-check"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        python,
+        "-d",
+        str(out_dir),
+        "-q",
+        "--disable-pip-version-check",
+    ]
     for p in platforms:
         cmd += ["--platform", p]
     done = subprocess.run(cmd + specs, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise KpipeError(f"downloading wheels for package.bundle_deps {specs} failed (pip download exit "
-                         f"{done.returncode}):\n{(done.stderr or done.stdout).strip()[-1500:]}\nCheck the names, "
-                         "package.python / package.platform, and the network to the package index.")
+        raise KpipeError(
+            f"downloading wheels for package.bundle_deps {specs} failed (pip download exit "
+            f"{done.returncode}):\n{(done.stderr or done.stdout).strip()[-1500:]}\nCheck the names, "
+            "package.python / package.platform, and the network to the package index."
+        )
     return sorted(out_dir.glob("*.whl"))
 
 
@@ -179,18 +236,39 @@ def build_wheel(out_dir: Path) -> Path:
             if (root / name).is_file():
                 (src / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(root / name, src / name)
-        shutil.copytree(root / "src" / "kpipe", src / "src" / "kpipe",
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(
+            root / "src" / "kpipe",
+            src / "src" / "kpipe",
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
         dist = Path(tmp) / "dist"
         env = {**os.environ, "PIP_NO_INPUT": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-        done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                               "--no-index", "-q", "-w", str(dist), str(src)],
-                              capture_output=True, text=True, env=env, check=False)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "--no-deps",
+                "--no-build-isolation",
+                "--no-index",
+                "-q",
+                "-w",
+                str(dist),
+                str(src),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+        )
         wheels = sorted(dist.glob("kpipe-*.whl"))
         if done.returncode != 0 or not wheels:
-            raise KpipeError(f"building the kpipe wheel failed (pip wheel exit {done.returncode}):\n"
-                             f"{(done.stderr or done.stdout).strip()[-2000:]}\nIs setuptools installed in this "
-                             "environment? (`pip wheel --no-build-isolation` uses the installed one.)")
+            raise KpipeError(
+                f"building the kpipe wheel failed (pip wheel exit {done.returncode}):\n"
+                f"{(done.stderr or done.stdout).strip()[-2000:]}\nIs setuptools installed in this "
+                "environment? (`pip wheel --no-build-isolation` uses the installed one.)"
+            )
         target = out_dir / wheels[0].name
         shutil.copy2(wheels[0], target)
     return target

@@ -51,8 +51,13 @@ def rng_state() -> dict[str, Any]:
     version, internal, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "numpy": {"bit_generator": str(name), "keys": torch.from_numpy(np.asarray(keys, np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "bit_generator": str(name),
+            "keys": torch.from_numpy(np.asarray(keys, np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "python": [int(version), [int(v) for v in internal], gauss_next],
     }
 
@@ -61,8 +66,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what `rng_state` saved."""
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state((n["bit_generator"], n["keys"].numpy().astype(np.uint32), int(n["pos"]), int(n["has_gauss"]),
-                         float(n["cached_gaussian"])))
+    np.random.set_state(
+        (
+            n["bit_generator"],
+            n["keys"].numpy().astype(np.uint32),
+            int(n["pos"]),
+            int(n["has_gauss"]),
+            float(n["cached_gaussian"]),
+        )
+    )
     version, internal, gauss_next = state["python"]
     random.setstate((int(version), tuple(int(v) for v in internal), gauss_next))
 
@@ -75,12 +87,17 @@ def load(path: Path) -> dict[str, Any]:
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))  # the callable or class the pickle names
         if found is None:  # not a pickle object we refuse, just bytes torch cannot parse
-            raise KpipeError(f"{path}: not a readable checkpoint (damaged or not a PyTorch file). "
-                             "Train the run again (kpipe train).") from None
-        older = (" It looks like a checkpoint from a kpipe before this check (numpy values pickled): train the run "
-                 "again (kpipe train) to write it in the safe format." if found[1].startswith("numpy.") else
-                 " If you trained it yourself with an older kpipe, train the run again (kpipe train); if it came "
-                 "from someone else, ask for a file of tensors and plain values (or .safetensors for weights).")
+            raise KpipeError(
+                f"{path}: not a readable checkpoint (damaged or not a PyTorch file). "
+                "Train the run again (kpipe train)."
+            ) from None
+        older = (
+            " It looks like a checkpoint from a kpipe before this check (numpy values pickled): train the run "
+            "again (kpipe train) to write it in the safe format."
+            if found[1].startswith("numpy.")
+            else " If you trained it yourself with an older kpipe, train the run again (kpipe train); if it came "
+            "from someone else, ask for a file of tensors and plain values (or .safetensors for weights)."
+        )
         raise KpipeError(
             f"{path}: refused: it holds a Python object ({found[1]}), not only tensors and plain values, and "
             f"loading it could run code, so kpipe does not load it.{older}"
@@ -90,10 +107,13 @@ def load(path: Path) -> dict[str, Any]:
     # A damaged file fails in torch.load with many exception types (RuntimeError, EOFError, KeyError, ...);
     # all mean the same to the user, and the cause is chained.
     except Exception as e:
-        raise KpipeError(f"{path}: not a readable checkpoint (damaged or not a PyTorch file: "
-                         f"{type(e).__name__}: {e}). Train the run again (kpipe train).") from e
+        raise KpipeError(
+            f"{path}: not a readable checkpoint (damaged or not a PyTorch file: "
+            f"{type(e).__name__}: {e}). Train the run again (kpipe train)."
+        ) from e
     if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
-        raise KpipeError(f"{path}: not a kpipe checkpoint (expected a dict with the model's state under 'model'). "
-                         "Train the run again (kpipe train).")
+        raise KpipeError(
+            f"{path}: not a kpipe checkpoint (expected a dict with the model's state under 'model'). "
+            "Train the run again (kpipe train)."
+        )
     return obj
-

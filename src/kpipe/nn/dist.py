@@ -53,7 +53,9 @@ def setup(device_kind: str) -> torch.device:
     """Join the process group when launched by torchrun; return this process's device."""
     device = pick_device(device_kind)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch_dist.is_initialized():
-        torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=collective_timeout())
+        torch_dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo", timeout=collective_timeout()
+        )
     return device
 
 

@@ -171,7 +171,10 @@ class FoldState:
         for k in ("epoch", "step_in_epoch", "best_score", "bad_epochs", "finished", "history"):
             setattr(self, k, ck[k])
         # absent from a last.pt written before resume carried the epoch's partial loss
-        self.epoch_loss_sum, self.epoch_seen = float(ck.get("epoch_loss_sum", 0.0)), int(ck.get("epoch_seen", 0))
+        self.epoch_loss_sum, self.epoch_seen = (
+            float(ck.get("epoch_loss_sum", 0.0)),
+            int(ck.get("epoch_seen", 0)),
+        )
         checkpoint.set_rng_state(ck["rng"])
 
 
@@ -192,8 +195,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint.load(path)
 
 
-def train_epoch(st: FoldState, loader: Iterable[Any], step: Step, on_step: Callable[[int, torch.Tensor], None]
-                ) -> tuple[float, int]:
+def train_epoch(
+    st: FoldState, loader: Iterable[Any], step: Step, on_step: Callable[[int, torch.Tensor], None]
+) -> tuple[float, int]:
     """One pass over `loader` (which already skips what a resumed epoch did). Returns (mean loss, images).
 
     on_step(images, loss) gets the step's loss as a 0-d tensor on the device: reading it (float())
@@ -269,8 +273,12 @@ def _optimizer_step(st: FoldState, clip_grad: float | None) -> None:
     st.step_in_epoch += 1
 
 
-def model_input(x: torch.Tensor, device: torch.device, prepare: Callable[[torch.Tensor], torch.Tensor] | None,
-                channels_last: bool) -> torch.Tensor:
+def model_input(
+    x: torch.Tensor,
+    device: torch.device,
+    prepare: Callable[[torch.Tensor], torch.Tensor] | None,
+    channels_last: bool,
+) -> torch.Tensor:
     """A loader's batch as the model's input: copied to the device as it comes (uint8: a quarter of the
     bytes of float32), then `prepare`d there (transforms.Normalize or BatchAugment)."""
     x = x.to(device, non_blocking=True)
@@ -285,7 +293,11 @@ def model_input(x: torch.Tensor, device: torch.device, prepare: Callable[[torch.
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool,
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
     prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(dataset indices, softmax probabilities) for every sample the loader yields."""

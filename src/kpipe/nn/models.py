@@ -114,8 +114,10 @@ def create(
     if init not in INITS:
         raise KpipeError(f"model.init='{init}' is not one of {', '.join(INITS)}.")
     if init != "default" and (pretrained or weights is not None):
-        raise KpipeError(f"model.init={init} re-initialises every weight, which would throw the pretrained "
-                         "weights away: set model.pretrained=false and no model.weights, or model.init=default.")
+        raise KpipeError(
+            f"model.init={init} re-initialises every weight, which would throw the pretrained "
+            "weights away: set model.pretrained=false and no model.weights, or model.init=default."
+        )
     kwargs = _check_kwargs(kwargs or {}, drop_rate, act)
     download = pretrained and weights is None
     if name in TORCHVISION:
@@ -188,17 +190,23 @@ def _check_kwargs(kwargs: dict[str, Any], drop_rate: float, act: str) -> dict[st
     """model.kwargs, refused where kpipe sets the argument itself or another key already does."""
     reserved = [k for k in kwargs if k in _RESERVED_KWARGS]
     if reserved:
-        raise KpipeError(f"model.kwargs.{reserved[0]}: kpipe sets '{reserved[0]}' itself; remove it from "
-                         "model.kwargs (model.pretrained, model.weights and the data's classes decide it).")
-    for key, setting, is_set in (("drop_rate", "model.drop_rate", bool(drop_rate)),
-                                 ("dropout", "model.drop_rate", bool(drop_rate)),  # torchvision's name for it
-                                 ("act_layer", "model.act", act != "default")):
+        raise KpipeError(
+            f"model.kwargs.{reserved[0]}: kpipe sets '{reserved[0]}' itself; remove it from "
+            "model.kwargs (model.pretrained, model.weights and the data's classes decide it)."
+        )
+    for key, setting, is_set in (
+        ("drop_rate", "model.drop_rate", bool(drop_rate)),
+        ("dropout", "model.drop_rate", bool(drop_rate)),  # torchvision's name for it
+        ("act_layer", "model.act", act != "default"),
+    ):
         if key in kwargs and is_set:
             raise KpipeError(f"model.kwargs.{key} and {setting} both set the same thing; keep one.")
     return dict(kwargs)
 
 
-def _build(name: str, build: Callable[[], nn.Module], options: dict[str, str], extra: dict[str, Any]) -> nn.Module:
+def _build(
+    name: str, build: Callable[[], nn.Module], options: dict[str, str], extra: dict[str, Any]
+) -> nn.Module:
     """build(), with a constructor's complaint about one of `options` (key -> the setting that passed it)
     or about a model.kwargs value turned into a KpipeError naming the setting."""
     try:
@@ -206,14 +214,18 @@ def _build(name: str, build: Callable[[], nn.Module], options: dict[str, str], e
     except TypeError as e:
         for key, setting in {**options, **{k: f"model.kwargs.{k}={v!r}" for k, v in extra.items()}}.items():
             if re.search(rf"\b{re.escape(key)}\b", str(e)):
-                raise KpipeError(f"model '{name}' does not take {setting}: its constructor has no '{key}' "
-                                 f"argument ({e}). Remove it, or pick a model that has it.") from None
+                raise KpipeError(
+                    f"model '{name}' does not take {setting}: its constructor has no '{key}' "
+                    f"argument ({e}). Remove it, or pick a model that has it."
+                ) from None
         raise
     except (KeyError, ValueError) as e:  # a model.kwargs value the backbone cannot use (norm_layer='foo')
         if not extra:
             raise
-        raise KpipeError(f"model '{name}' could not be built with model.kwargs {extra} ({type(e).__name__}: {e}). "
-                         "Check the values: timm's norm_layer names are batchnorm, groupnorm, layernorm2d, ...") from e
+        raise KpipeError(
+            f"model '{name}' could not be built with model.kwargs {extra} ({type(e).__name__}: {e}). "
+            "Check the values: timm's norm_layer names are batchnorm, groupnorm, layernorm2d, ..."
+        ) from e
 
 
 def _timm_model(
@@ -268,9 +280,7 @@ def _torchvision_model(
     name: str, num_classes: int, download: bool, act: str, drop_rate: float, extra: dict[str, Any]
 ) -> nn.Module:
     if act != "default":
-        raise KpipeError(
-            f"{name} has its ReLU built in and takes no model.act={act}; use model.act=default."
-        )
+        raise KpipeError(f"{name} has its ReLU built in and takes no model.act={act}; use model.act=default.")
     tv = torchvision.models
     kwargs: dict[str, Any] = {}
     if name == GOOGLENET:
@@ -313,14 +323,25 @@ class SimpleCNN(nn.Module):
     The adaptive pool makes it take any input size. Stages: block1..block3, fc1..fc3.
     """
 
-    def __init__(self, num_classes: int, width: int = 32, hidden: int = 256, drop_rate: float = 0.0,
-                 batch_norm: bool = True, act_layer: type[nn.Module] = nn.ReLU) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        width: int = 32,
+        hidden: int = 256,
+        drop_rate: float = 0.0,
+        batch_norm: bool = True,
+        act_layer: type[nn.Module] = nn.ReLU,
+    ) -> None:
         super().__init__()
         chans = (3, width, 2 * width, 4 * width)
         for i in range(3):
             norm: nn.Module = nn.BatchNorm2d(chans[i + 1]) if batch_norm else nn.Identity()
-            block = nn.Sequential(nn.Conv2d(chans[i], chans[i + 1], 3, padding=1, bias=not batch_norm), norm,
-                                  act_layer(), nn.MaxPool2d(2))
+            block = nn.Sequential(
+                nn.Conv2d(chans[i], chans[i + 1], 3, padding=1, bias=not batch_norm),
+                norm,
+                act_layer(),
+                nn.MaxPool2d(2),
+            )
             self.add_module(f"block{i + 1}", block)
         self.pool = nn.AdaptiveAvgPool2d(4)
         self.fc1 = nn.Sequential(nn.Linear(chans[-1] * 16, hidden), act_layer(), nn.Dropout(drop_rate))
@@ -333,10 +354,14 @@ class SimpleCNN(nn.Module):
         return self.fc3(self.fc2(self.fc1(torch.flatten(x, 1))))
 
 
-def _simple_cnn(num_classes: int, download: bool, act: str, drop_rate: float, extra: dict[str, Any]) -> nn.Module:
+def _simple_cnn(
+    num_classes: int, download: bool, act: str, drop_rate: float, extra: dict[str, Any]
+) -> nn.Module:
     if download:
-        raise KpipeError(f"{SIMPLE_CNN} has no pretrained weights: set model.pretrained=false "
-                         "(or model.weights=<file> saved from an earlier simple_cnn run).")
+        raise KpipeError(
+            f"{SIMPLE_CNN} has no pretrained weights: set model.pretrained=false "
+            "(or model.weights=<file> saved from an earlier simple_cnn run)."
+        )
     kwargs: dict[str, Any] = {"drop_rate": drop_rate}
     if act != "default":
         kwargs["act_layer"] = get_act_layer(act)
@@ -521,8 +546,10 @@ def _sequential_stages(model: nn.Module) -> dict[str, list[str]]:
             groups[-1].append(f"{seq_name}.{child_name}")
             if isinstance(child, cut):
                 groups.append([])
-        if groups[-1] and len(groups) > 1 and not any(
-            next(model.get_submodule(p).parameters(), None) is not None for p in groups[-1]
+        if (
+            groups[-1]
+            and len(groups) > 1
+            and not any(next(model.get_submodule(p).parameters(), None) is not None for p in groups[-1])
         ):
             groups[-2].extend(groups.pop())
         for i, group in enumerate(g for g in groups if g):
@@ -609,8 +636,10 @@ def resolve_data_config(model: nn.Module, dcfg: DataConfig) -> dict[str, Any]:
     if img_size < 8:
         raise KpipeError(f"data.img_size={img_size} is too small (at least 8 px).")
     if isinstance(unwrap(model), torchvision.models.AlexNet) and img_size < ALEXNET_MIN_SIZE:
-        raise KpipeError(f"data.img_size={img_size} is too small for alexnet (at least {ALEXNET_MIN_SIZE} px): "
-                         "raise data.img_size, or use simple_cnn or a ResNet with model.small_stem=true.")
+        raise KpipeError(
+            f"data.img_size={img_size} is too small for alexnet (at least {ALEXNET_MIN_SIZE} px): "
+            "raise data.img_size, or use simple_cnn or a ResNet with model.small_stem=true."
+        )
     return {
         "img_size": img_size,
         "mean": mean,

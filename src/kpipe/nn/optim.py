@@ -87,7 +87,9 @@ def step(opt: Any, t: TrainConfig, steps_per_epoch: int) -> Any:
 def plateau(opt: Any, t: TrainConfig, steps_per_epoch: int) -> Any:
     import torch
 
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=t.gamma, patience=t.plateau_patience)
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="min", factor=t.gamma, patience=t.plateau_patience
+    )
 
 
 @SCHEDULERS.register("none", per_step=False)

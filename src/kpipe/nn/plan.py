@@ -33,7 +33,9 @@ class Plan:
 
 def class_prior(labels: list[str], classes: list[str]) -> np.ndarray:
     """Class frequencies of the training labels, in `classes` order: the guess for an unreadable image."""
-    counts = pd.Series(labels, dtype=object).value_counts().reindex(classes, fill_value=0).to_numpy(np.float64)
+    counts = (
+        pd.Series(labels, dtype=object).value_counts().reindex(classes, fill_value=0).to_numpy(np.float64)
+    )
     if counts.sum() == 0:
         return np.full(len(classes), 1.0 / len(classes))
     return counts / counts.sum()
@@ -54,17 +56,23 @@ def make_plan(cfg: Config, runs: list[str] | None, classes: list[str]) -> Plan:
         raise KpipeError(f"infer.ensemble_weights: {path} not found. Write it with `kpipe ensemble` first.")
     rep = json.loads(path.read_text(encoding="utf-8"))
     if set(rep.get("classes", classes)) != set(classes):
-        raise KpipeError(f"{path}: fitted on classes {preview(rep['classes'])}, not this competition's "
-                         f"{preview(classes)}. Re-run `kpipe ensemble`.")
+        raise KpipeError(
+            f"{path}: fitted on classes {preview(rep['classes'])}, not this competition's "
+            f"{preview(classes)}. Re-run `kpipe ensemble`."
+        )
     given = runs or cfg.infer.runs
     in_json = {Path(m["run"]).resolve() for m in rep["members"]}
     if given and {Path(r).resolve() for r in given} != in_json:
-        raise KpipeError(f"{path} blends runs {preview(sorted(str(p) for p in in_json))}, but infer was given "
-                         f"{preview(list(given))}. Drop --runs / infer.runs, or re-run `kpipe ensemble` on these runs.")
+        raise KpipeError(
+            f"{path} blends runs {preview(sorted(str(p) for p in in_json))}, but infer was given "
+            f"{preview(list(given))}. Drop --runs / infer.runs, or re-run `kpipe ensemble` on these runs."
+        )
     for m in rep["members"]:  # NaN > 0 is False: a NaN weight would silently drop its member
         if not math.isfinite(float(m["weight"])) or float(m["weight"]) < 0:
-            raise KpipeError(f"{path}: member {m['run']} [{m['view']}] has weight {m['weight']}; weights must be "
-                             "finite and >= 0. Re-run `kpipe ensemble` to fit them again.")
+            raise KpipeError(
+                f"{path}: member {m['run']} [{m['view']}] has weight {m['weight']}; weights must be "
+                "finite and >= 0. Re-run `kpipe ensemble` to fit them again."
+            )
     weights = {(m["run"], m["view"]): float(m["weight"]) for m in rep["members"] if float(m["weight"]) > 0}
     if not weights:
         raise KpipeError(f"{path}: every member has weight 0.")

@@ -38,7 +38,12 @@ class PrecisionChoice:
         return DTYPES[self.name]
 
     def to_json(self) -> dict[str, Any]:
-        return {"precision": self.name, "channels_last": self.channels_last, "reason": self.reason, "check": self.check}
+        return {
+            "precision": self.name,
+            "channels_last": self.channels_last,
+            "reason": self.reason,
+            "check": self.check,
+        }
 
 
 def cpu_bf16() -> bool:
@@ -56,7 +61,10 @@ def native_fast(device: torch.device) -> tuple[str | None, str]:
     if device.type == "cpu":
         if cpu_bf16():
             return "bf16", "CPU with native bf16 (AVX512-BF16 / AMX)"
-        return None, "this CPU has no native bf16 (AVX512-BF16 or AMX): autocast would emulate it, slower than fp32"
+        return (
+            None,
+            "this CPU has no native bf16 (AVX512-BF16 or AMX): autocast would emulate it, slower than fp32",
+        )
     return None, f"no reduced precision is tried on {device.type}"
 
 
@@ -66,18 +74,25 @@ def agreement(ref: np.ndarray, fast: np.ndarray) -> dict[str, Any]:
         raise ValueError(f"agreement: shapes {ref.shape} and {fast.shape} must match and be non-empty")
     ref64, fast64 = ref.astype(np.float64), fast.astype(np.float64)
     finite = bool(np.isfinite(fast64).all())
-    return {"images": len(ref),
-            "argmax_agreement": float((ref64.argmax(1) == fast64.argmax(1)).mean()),
-            "max_prob_diff": float(np.abs(ref64 - fast64).max()) if finite else float("inf"),
-            "min_agreement": AGREEMENT_MIN, "max_diff_allowed": MAX_PROB_DIFF}
+    return {
+        "images": len(ref),
+        "argmax_agreement": float((ref64.argmax(1) == fast64.argmax(1)).mean()),
+        "max_prob_diff": float(np.abs(ref64 - fast64).max()) if finite else float("inf"),
+        "min_agreement": AGREEMENT_MIN,
+        "max_diff_allowed": MAX_PROB_DIFF,
+    }
 
 
 def passes(stats: dict[str, Any]) -> bool:
     return stats["argmax_agreement"] >= AGREEMENT_MIN and stats["max_prob_diff"] <= MAX_PROB_DIFF
 
 
-def choose(requested: str, device: torch.device, channels_last: bool,
-           check: Callable[[torch.dtype | None], np.ndarray] | None) -> PrecisionChoice:
+def choose(
+    requested: str,
+    device: torch.device,
+    channels_last: bool,
+    check: Callable[[torch.dtype | None], np.ndarray] | None,
+) -> PrecisionChoice:
     """The form to run in. `check(dtype)` returns the sample's (N, K) probabilities under that autocast
     dtype (None: fp32); None when there is no validation sample to check on."""
     if requested != "auto":
@@ -86,14 +101,21 @@ def choose(requested: str, device: torch.device, channels_last: bool,
     if name is None:
         return PrecisionChoice("fp32", channels_last, f"fp32: {why}")
     if check is None:
-        return PrecisionChoice("fp32", channels_last, f"fp32: no validation images to check {name} against fp32 on")
+        return PrecisionChoice(
+            "fp32", channels_last, f"fp32: no validation images to check {name} against fp32 on"
+        )
     ref = check(None)
     if ref.size == 0:
-        return PrecisionChoice("fp32", channels_last, f"fp32: none of the validation images sampled to check {name} "
-                               "against fp32 could be read")
+        return PrecisionChoice(
+            "fp32",
+            channels_last,
+            f"fp32: none of the validation images sampled to check {name} against fp32 could be read",
+        )
     stats = agreement(ref, check(DTYPES[name]))
-    figures = (f"argmax agreement {stats['argmax_agreement']:.2%} (min {AGREEMENT_MIN:.1%}), max probability "
-               f"difference {stats['max_prob_diff']:.4f} (max {MAX_PROB_DIFF}) on {stats['images']} validation images")
+    figures = (
+        f"argmax agreement {stats['argmax_agreement']:.2%} (min {AGREEMENT_MIN:.1%}), max probability "
+        f"difference {stats['max_prob_diff']:.4f} (max {MAX_PROB_DIFF}) on {stats['images']} validation images"
+    )
     if passes(stats):
         return PrecisionChoice(name, channels_last, f"{name}: {why}; agrees with fp32: {figures}", stats)
     return PrecisionChoice("fp32", channels_last, f"fp32: {name} disagrees with fp32: {figures}", stats)

@@ -62,19 +62,24 @@ def load_run(run: str, classes: list[str], device: torch.device, channels_last: 
     if package_folds(run):
         return load_package_run(run, classes, device, channels_last)
     rcfg = load_run_config(run)
-    ckpts = sorted((p for p in Path(run).glob("fold*/best.pt") if re.fullmatch(r"fold\d+", p.parent.name)),
-                   key=fold_of)  # fold10 after fold9
+    ckpts = sorted(
+        (p for p in Path(run).glob("fold*/best.pt") if re.fullmatch(r"fold\d+", p.parent.name)), key=fold_of
+    )  # fold10 after fold9
     full = paths.RunDir(Path(run)).full.best
     ckpts += [full] if full.is_file() else []  # a full-data run (`kpipe train --full`), alone or beside folds
     if not ckpts:
-        raise KpipeError(f"{run}: no fold<k>/best.pt or full/best.pt. Train the run first (kpipe train), "
-                         "or leave it out of infer.runs.")
+        raise KpipeError(
+            f"{run}: no fold<k>/best.pt or full/best.pt. Train the run first (kpipe train), "
+            "or leave it out of infer.runs."
+        )
     out = RunModels(run, rcfg, [], [], {})
     for path in ckpts:
         model, dc = load_model(path, rcfg, classes)
         if out.data_cfg and dc != out.data_cfg:
-            raise KpipeError(f"{path}: preprocessing {dc} differs from fold {out.folds[0]}'s {out.data_cfg}; "
-                             "the folds of one run must share it. Re-train the odd fold.")
+            raise KpipeError(
+                f"{path}: preprocessing {dc} differs from fold {out.folds[0]}'s {out.data_cfg}; "
+                "the folds of one run must share it. Re-train the odd fold."
+            )
         model = model.eval().to(device)
         out.models.append(model.to(memory_format=torch.channels_last) if channels_last else model)
         out.folds.append(fold_of(path))
@@ -89,14 +94,18 @@ def load_model(path: Path, rcfg: Config, classes: list[str]) -> tuple[nn.Module,
     if list(ck.get("classes", [])) != classes:
         raise KpipeError(
             f"{path}: trained on classes {preview(list(ck.get('classes', [])))}, but {paths.classes_json(rcfg)} "
-            f"now lists {preview(classes)}. The folds were rebuilt after training (relabel?): re-train this run.")
-    model = models.create_from_config(rcfg.model.model_copy(update={"pretrained": False, "weights": None}),
-                                      len(classes))
+            f"now lists {preview(classes)}. The folds were rebuilt after training (relabel?): re-train this run."
+        )
+    model = models.create_from_config(
+        rcfg.model.model_copy(update={"pretrained": False, "weights": None}), len(classes)
+    )
     model.load_state_dict(ck["model"])
     return model, data_config(ck, model, rcfg)
 
 
-def load_package_run(run: str, classes: list[str], device: torch.device, channels_last: bool = False) -> RunModels:
+def load_package_run(
+    run: str, classes: list[str], device: torch.device, channels_last: bool = False
+) -> RunModels:
     """A packaged run: each fold<k>.safetensors into a model built from the run's config.yaml (pretrained=False),
     with its classes and preprocessing from fold<k>.json."""
     from safetensors.torch import load_file  # only packaged runs need it
@@ -107,17 +116,23 @@ def load_package_run(run: str, classes: list[str], device: torch.device, channel
     for k in package_folds(run):
         meta_path = paths.package_fold_json(Path(run), k)
         if not meta_path.is_file():
-            raise KpipeError(f"{meta_path}: missing beside {paths.package_weights(Path(run), k).name}. "
-                             "The package is incomplete: write it again with `kpipe package`.")
+            raise KpipeError(
+                f"{meta_path}: missing beside {paths.package_weights(Path(run), k).name}. "
+                "The package is incomplete: write it again with `kpipe package`."
+            )
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         if list(meta.get("classes", [])) != classes:
-            raise KpipeError(f"{meta_path}: trained on classes {preview(list(meta.get('classes', [])))}, but the "
-                             f"package lists {preview(classes)}. Write the package again with `kpipe package`.")
+            raise KpipeError(
+                f"{meta_path}: trained on classes {preview(list(meta.get('classes', [])))}, but the "
+                f"package lists {preview(classes)}. Write the package again with `kpipe package`."
+            )
         model = models.create_from_config(mcfg, len(classes))
         model.load_state_dict(load_file(str(paths.package_weights(Path(run), k))))
         dc = data_config(meta, model, rcfg)
         if out.data_cfg and dc != out.data_cfg:
-            raise KpipeError(f"{meta_path}: preprocessing {dc} differs from fold {out.folds[0]}'s {out.data_cfg}.")
+            raise KpipeError(
+                f"{meta_path}: preprocessing {dc} differs from fold {out.folds[0]}'s {out.data_cfg}."
+            )
         model = model.eval().to(device)
         out.models.append(model.to(memory_format=torch.channels_last) if channels_last else model)
         out.folds.append(k)
@@ -128,22 +143,43 @@ def load_package_run(run: str, classes: list[str], device: torch.device, channel
 def data_config(ck: dict[str, Any], model: nn.Module, rcfg: Config) -> dict[str, Any]:
     # Older checkpoints without data_config: resolve it the way train did.
     dc = ck.get("data_config") or models.resolve_data_config(model, rcfg.data)
-    return {"img_size": int(dc["img_size"]), "mean": [float(v) for v in dc["mean"]],
-            "std": [float(v) for v in dc["std"]]}
+    return {
+        "img_size": int(dc["img_size"]),
+        "mean": [float(v) for v in dc["mean"]],
+        "std": [float(v) for v in dc["std"]],
+    }
 
 
-def make_eval_loader(files: list[str], data_cfg: dict[str, Any], batch_size: int, num_workers: int,
-                     device: torch.device, tolerant: bool) -> DataLoader:
-    ds = ImageDataset(files, None, transforms.build_eval(data_cfg["img_size"]), tolerant=tolerant,
-                      blank_size=data_cfg["img_size"])
+def make_eval_loader(
+    files: list[str],
+    data_cfg: dict[str, Any],
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    tolerant: bool,
+) -> DataLoader:
+    ds = ImageDataset(
+        files,
+        None,
+        transforms.build_eval(data_cfg["img_size"]),
+        tolerant=tolerant,
+        blank_size=data_cfg["img_size"],
+    )
     sampler = EpochSampler(np.arange(len(files)), 0, shuffle=False, pad=False)
     return make_loader(ds, sampler, batch_size, num_workers, pin_memory=device.type == "cuda")
 
 
-def predict_models(fold_models: list[nn.Module], loader: DataLoader, views: list[str], n_classes: int,
-                   device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool,
-                   prepare: Callable[[torch.Tensor], torch.Tensor],
-                   on_batch: Callable[[int], None] = lambda n: None) -> tuple[np.ndarray, np.ndarray]:
+def predict_models(
+    fold_models: list[nn.Module],
+    loader: DataLoader,
+    views: list[str],
+    n_classes: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+    prepare: Callable[[torch.Tensor], torch.Tensor],
+    on_batch: Callable[[int], None] = lambda n: None,
+) -> tuple[np.ndarray, np.ndarray]:
     """(probs (F, V, N, K) float32, ok (N,)): each batch is decoded once and seen by every model, all views at once.
 
     `prepare` turns the loader's uint8 batch into the models' input (transforms.Normalize with the run's mean/std).
@@ -159,16 +195,23 @@ def predict_models(fold_models: list[nn.Module], loader: DataLoader, views: list
                 with autocast(device, amp_dtype):
                     probs = tta.predict_batched(model, x, views)
             except torch.cuda.OutOfMemoryError:
-                raise KpipeError(f"out of GPU memory: each forward is {len(views)} views x {len(x)} images. "
-                                 "Lower infer.batch_size or use fewer infer.tta views.") from None
+                raise KpipeError(
+                    f"out of GPU memory: each forward is {len(views)} views x {len(x)} images. "
+                    "Lower infer.batch_size or use fewer infer.tta views."
+                ) from None
             out[f][:, rows] = probs.cpu().numpy()
         ok[rows] = good.numpy()
         on_batch(len(x))
     return out, ok
 
 
-def sample_predictor(rm: RunModels, files_by_fold: dict[int, list[str]], batch_size: int, device: torch.device,
-                     channels_last: bool) -> Callable[[torch.dtype | None], np.ndarray]:
+def sample_predictor(
+    rm: RunModels,
+    files_by_fold: dict[int, list[str]],
+    batch_size: int,
+    device: torch.device,
+    channels_last: bool,
+) -> Callable[[torch.dtype | None], np.ndarray]:
     """A function dtype -> (N, K) probabilities of each fold model on its own fold's `files_by_fold[k]`, no TTA,
     under that autocast dtype (None: fp32). The images are decoded once, here; unreadable ones are left out."""
     prepare = transforms.Normalize(rm.data_cfg["mean"], rm.data_cfg["std"])
@@ -183,7 +226,11 @@ def sample_predictor(rm: RunModels, files_by_fold: dict[int, list[str]], batch_s
         out = []
         for model, x in batches:
             with autocast(device, dtype):
-                out.append(tta.predict_batched(model, model_input(x, device, prepare, channels_last), ["identity"])[0])
+                out.append(
+                    tta.predict_batched(model, model_input(x, device, prepare, channels_last), ["identity"])[
+                        0
+                    ]
+                )
         return torch.cat(out).float().cpu().numpy() if out else np.zeros((0, 0), np.float32)
 
     return run

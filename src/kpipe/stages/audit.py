@@ -48,8 +48,19 @@ THUMB = 32  # side of the gray thumbnail both checks look at
 TINY_SIDE = 32  # an image with a side below this many pixels is "tiny"
 MAX_ASPECT = 4.0  # long side / short side above this is "extreme aspect"
 SPLIT_ORDER = {"train": 0, "test": 1}
-INFO_COLS = ["bytes", "sha256", "format", "mode", "bit_depth", "width", "height", "phash", "thumb", "reason", "detail"]
-
+INFO_COLS = [
+    "bytes",
+    "sha256",
+    "format",
+    "mode",
+    "bit_depth",
+    "width",
+    "height",
+    "phash",
+    "thumb",
+    "reason",
+    "detail",
+]
 
 
 # ------------------------------------------------------------------ one file, one decode
@@ -101,8 +112,11 @@ def _decode(data: bytes) -> tuple[dict[str, Any], np.ndarray]:
     fmt, mode = img.format or "unknown", img.mode
     width, height = img.size
     if width * height > max_pixels():  # from the header, before any pixel is decoded (read_rgb's limit)
-        raise _Unreadable("too_large", f"{width} x {height} = {width * height:,} pixels, over the limit of "
-                          f"{max_pixels():,} (KPIPE_MAX_PIXELS)")
+        raise _Unreadable(
+            "too_large",
+            f"{width} x {height} = {width * height:,} pixels, over the limit of "
+            f"{max_pixels():,} (KPIPE_MAX_PIXELS)",
+        )
     if not is_complete(data, fmt):
         raise _Unreadable("truncated", f"{fmt} data ends before its end marker ({len(data)} bytes)")
     try:
@@ -116,7 +130,13 @@ def _decode(data: bytes) -> tuple[dict[str, Any], np.ndarray]:
     except Exception as e:  # as above: recorded per file, with the decoder's message
         reason = "truncated" if "truncated" in str(e).lower() else "decode_error"
         raise _Unreadable(reason, f"{type(e).__name__}: {e}") from None
-    info = {"format": fmt, "mode": mode, "bit_depth": bit_depth(data, fmt, mode), "width": width, "height": height}
+    info = {
+        "format": fmt,
+        "mode": mode,
+        "bit_depth": bit_depth(data, fmt, mode),
+        "width": width,
+        "height": height,
+    }
     return info, gray
 
 
@@ -208,7 +228,9 @@ def _sort_items(items: pd.DataFrame) -> pd.DataFrame:
     # Train before test, then by id: a pair (a < b) then reads train->test, and outputs are stable.
     rank = items["split"].map(SPLIT_ORDER).fillna(len(SPLIT_ORDER))
     out = items.assign(_rank=rank).sort_values(["_rank", "id"], kind="stable").drop(columns="_rank")
-    out["phash"] = [int(h) if pd.notna(h) else None for h in out["phash"]]  # exact 64-bit ints, whatever the dtype
+    out["phash"] = [
+        int(h) if pd.notna(h) else None for h in out["phash"]
+    ]  # exact 64-bit ints, whatever the dtype
     return out.reset_index(drop=True).astype({c: "Int64" for c in ("bytes", "bit_depth", "width", "height")})
 
 
@@ -230,24 +252,37 @@ def audit_tables(
     g = dup_graph(good["phash"].to_numpy(np.uint64), thumbs, threshold, min_similarity)
     a, b, d, s, truncated = expand_pairs(g, max_pairs)
     col = {c: good[c].to_numpy() for c in ("id", "split", "label", "sha256")}
-    pairs = pd.DataFrame({
-        "id_a": col["id"][a], "split_a": col["split"][a], "id_b": col["id"][b], "split_b": col["split"][b],
-        "distance": d, "similarity": s.round(4), "label_a": col["label"][a], "label_b": col["label"][b],
-        "exact": col["sha256"][a] == col["sha256"][b],
-    }).iloc[np.lexsort((b, a))]
+    pairs = pd.DataFrame(
+        {
+            "id_a": col["id"][a],
+            "split_a": col["split"][a],
+            "id_b": col["id"][b],
+            "split_b": col["split"][b],
+            "distance": d,
+            "similarity": s.round(4),
+            "label_a": col["label"][a],
+            "label_b": col["label"][b],
+            "exact": col["sha256"][a] == col["sha256"][b],
+        }
+    ).iloc[np.lexsort((b, a))]
     leakage = pairs[(pairs["split_a"] == "train") & (pairs["split_b"] == "test")].rename(
-        columns={"id_a": "train_id", "id_b": "test_id", "label_a": "train_label"})
+        columns={"id_a": "train_id", "id_b": "test_id", "label_a": "train_label"}
+    )
     groups = _train_groups(items, good, g)
     tables = {
         "images": items.drop(columns="thumb").assign(
-            phash=[f"{int(h):016x}" if isinstance(h, int) else "" for h in items["phash"]]),
+            phash=[f"{int(h):016x}" if isinstance(h, int) else "" for h in items["phash"]]
+        ),
         "unreadable": items.loc[items["reason"] != "", ["id", "split", "path", "reason", "detail"]],
         "modes": _modes(good),
         "odd_sizes": _odd_sizes(good, tiny_side, max_aspect),
-        "exact_duplicates": good.loc[good["sha256"].duplicated(keep=False), ["sha256", "id", "split", "label", "path"]]
-        .sort_values("sha256", kind="stable"),
-        "near_duplicates": pairs.loc[~pairs["exact"], ["id_a", "split_a", "id_b", "split_b", "distance", "similarity",
-                                                       "label_a", "label_b"]],
+        "exact_duplicates": good.loc[
+            good["sha256"].duplicated(keep=False), ["sha256", "id", "split", "label", "path"]
+        ].sort_values("sha256", kind="stable"),
+        "near_duplicates": pairs.loc[
+            ~pairs["exact"],
+            ["id_a", "split_a", "id_b", "split_b", "distance", "similarity", "label_a", "label_b"],
+        ],
         "leakage": leakage[["train_id", "test_id", "train_label", "distance", "similarity", "exact"]],
         "identical_classes": _identical_classes(good, g),
         "label_conflicts": _label_conflicts(groups),
@@ -259,11 +294,17 @@ def audit_tables(
 def _identical_classes(good: pd.DataFrame, g: DupGraph) -> pd.DataFrame:
     """One row per class of identical thumbnails (2+ images), largest first: its first id, its size, how many
     are train / test and how many labels its train images carry. A class of 20,000 blank images is one row."""
-    df = good[["id", "split", "label"]].assign(cls=g.inverse, train=good["split"] == "train",
-                                               test=good["split"] == "test")
+    df = good[["id", "split", "label"]].assign(
+        cls=g.inverse, train=good["split"] == "train", test=good["split"] == "test"
+    )
     df["train_label"] = df["label"].where(df["train"])
-    out = df.groupby("cls", sort=False).agg(first_id=("id", "first"), size=("id", "size"), train=("train", "sum"),
-                                            test=("test", "sum"), labels=("train_label", "nunique"))
+    out = df.groupby("cls", sort=False).agg(
+        first_id=("id", "first"),
+        size=("id", "size"),
+        train=("train", "sum"),
+        test=("test", "sum"),
+        labels=("train_label", "nunique"),
+    )
     out = out[out["size"] > 1].sort_values(["size", "first_id"], ascending=[False, True], kind="stable")
     return out.astype({"size": int, "train": int, "test": int, "labels": int})
 
@@ -279,7 +320,9 @@ def _train_groups(items: pd.DataFrame, good: pd.DataFrame, g: DupGraph) -> pd.Da
 
 def _label_conflicts(groups: pd.DataFrame) -> pd.DataFrame:
     n_labels = groups.groupby("group")["label"].transform("nunique")
-    return groups.loc[n_labels > 1, ["group", "id", "label", "path"]].sort_values(["group", "id"], kind="stable")
+    return groups.loc[n_labels > 1, ["group", "id", "label", "path"]].sort_values(
+        ["group", "id"], kind="stable"
+    )
 
 
 def _modes(good: pd.DataFrame) -> pd.DataFrame:
@@ -299,12 +342,20 @@ def _odd_sizes(good: pd.DataFrame, tiny_side: int, max_aspect: float) -> pd.Data
 
 def summarize(tables: dict[str, pd.DataFrame], truncated: bool, **params: Any) -> dict[str, Any]:
     """Counts for summary.json and the printed table; `params` (threshold, ...) are recorded as given."""
-    unreadable, modes, near, sizes = tables["unreadable"], tables["modes"], tables["near_duplicates"], tables["odd_sizes"]
+    unreadable, modes, near, sizes = (
+        tables["unreadable"],
+        tables["modes"],
+        tables["near_duplicates"],
+        tables["odd_sizes"],
+    )
     group_sizes = tables["groups"]["group"].value_counts()
     near_kind = near["split_a"] + "-" + near["split_b"]
 
     def by_split(df: pd.DataFrame, weight: str | None = None) -> dict[str, int]:
-        return {s: int(df.loc[df["split"] == s, weight].sum() if weight else (df["split"] == s).sum()) for s in SPLIT_ORDER}
+        return {
+            s: int(df.loc[df["split"] == s, weight].sum() if weight else (df["split"] == s).sum())
+            for s in SPLIT_ORDER
+        }
 
     return {
         **params,
@@ -312,15 +363,22 @@ def summarize(tables: dict[str, pd.DataFrame], truncated: bool, **params: Any) -
         "unreadable": by_split(unreadable),
         "unreadable_by_reason": {k: int(v) for k, v in unreadable["reason"].value_counts().items()},
         "odd_mode": by_split(modes[modes["odd"]], weight="count"),
-        "modes": {f"{f} {m} {b}-bit": int(c) for (f, m, b), c in modes.groupby(["format", "mode", "bit_depth"])["count"].sum().items()},
+        "modes": {
+            f"{f} {m} {b}-bit": int(c)
+            for (f, m, b), c in modes.groupby(["format", "mode", "bit_depth"])["count"].sum().items()
+        },
         "tiny": by_split(sizes[sizes["reason"].str.contains("tiny")]),
         "extreme_aspect": by_split(sizes[sizes["reason"].str.contains("extreme")]),
         "exact_duplicate_files": by_split(tables["exact_duplicates"]),
         "exact_duplicate_sets": int(tables["exact_duplicates"]["sha256"].nunique()),
-        "near_duplicate_pairs": {k: int((near_kind == k).sum()) for k in ("train-train", "test-test", "train-test")},
+        "near_duplicate_pairs": {
+            k: int((near_kind == k).sum()) for k in ("train-train", "test-test", "train-test")
+        },
         "leakage_pairs": len(tables["leakage"]),
         "leaked_test_ids": int(tables["leakage"]["test_id"].nunique()),
-        "largest_identical_class": int(tables["identical_classes"]["size"].max()) if len(tables["identical_classes"]) else 0,
+        "largest_identical_class": int(tables["identical_classes"]["size"].max())
+        if len(tables["identical_classes"])
+        else 0,
         "label_conflict_groups": int(tables["label_conflicts"]["group"].nunique()),
         "label_conflict_ids": len(tables["label_conflicts"]),
         "duplicate_groups": int((group_sizes > 1).sum()),
@@ -346,9 +404,13 @@ def collect_items(cfg: Config) -> pd.DataFrame:
     frames = [
         ing.df[["id", "label", "path"]].assign(split="train", reason="", detail=""),
         ex.loc[has_file, ["id", "label", "path"]].assign(split="train", reason="", detail=""),
-        ex.loc[lost, ["id", "label", "path"]].assign(split="train", reason="missing", detail="ingest: " + ex.loc[lost, "reason"]),
+        ex.loc[lost, ["id", "label", "path"]].assign(
+            split="train", reason="missing", detail="ingest: " + ex.loc[lost, "reason"]
+        ),
         test.loc[~refused, ["id", "path"]].assign(split="test", label="", reason="", detail=""),
-        test.loc[refused, ["id", "path"]].assign(split="test", label="", reason="missing", detail="ingest: " + OUTSIDE),
+        test.loc[refused, ["id", "path"]].assign(
+            split="test", label="", reason="missing", detail="ingest: " + OUTSIDE
+        ),
     ]
     return pd.concat(frames, ignore_index=True)[["id", "split", "label", "path", "reason", "detail"]]
 
@@ -364,18 +426,29 @@ def run(
     source = fingerprint(cfg)  # before reading: a change during the audit then shows as a mismatch
     items = collect_items(cfg)
     todo = items["reason"] == ""
-    info = pd.DataFrame(inspect_files(items.loc[todo, "path"].astype(str).tolist(), workers),
-                        columns=INFO_COLS, index=items.index[todo]).reindex(items.index)
+    info = pd.DataFrame(
+        inspect_files(items.loc[todo, "path"].astype(str).tolist(), workers),
+        columns=INFO_COLS,
+        index=items.index[todo],
+    ).reindex(items.index)
     info.loc[~todo, ["reason", "detail"]] = items.loc[~todo, ["reason", "detail"]]
     items = pd.concat([items.drop(columns=["reason", "detail"]), info], axis=1)
     tables, truncated = audit_tables(items, threshold, min_similarity, max_pairs)
     out = paths.audit_dir(cfg)
     for name, table in tables.items():
         write_csv(paths.audit_table(cfg, name), table)
-    params = {"threshold": threshold, "min_similarity": min_similarity, "tiny_side": TINY_SIDE, "max_aspect": MAX_ASPECT,
-              "max_pairs": max_pairs}
-    summary = {"competition": cfg.competition.name, "train_fingerprint": source,
-               **summarize(tables, truncated, **params)}
+    params = {
+        "threshold": threshold,
+        "min_similarity": min_similarity,
+        "tiny_side": TINY_SIDE,
+        "max_aspect": MAX_ASPECT,
+        "max_pairs": max_pairs,
+    }
+    summary = {
+        "competition": cfg.competition.name,
+        "train_fingerprint": source,
+        **summarize(tables, truncated, **params),
+    }
     write_json(paths.audit_summary(cfg), summary)
     print_summary(summary, out)
     return summary
@@ -385,21 +458,37 @@ def print_summary(s: dict[str, Any], out: Path) -> None:
     table = Table(title=f"kpipe audit: {s['competition']}")
     for col in ("check", "train", "test", "train↔test"):
         table.add_column(col, justify="left" if col == "check" else "right")
-    for name, key in [("images", "images"), ("unreadable", "unreadable"), ("odd mode (not 8-bit RGB)", "odd_mode"),
-                      (f"tiny (<{s['tiny_side']} px)", "tiny"), (f"aspect > {s['max_aspect']:g}:1", "extreme_aspect"),
-                      ("exact-duplicate files", "exact_duplicate_files")]:
+    for name, key in [
+        ("images", "images"),
+        ("unreadable", "unreadable"),
+        ("odd mode (not 8-bit RGB)", "odd_mode"),
+        (f"tiny (<{s['tiny_side']} px)", "tiny"),
+        (f"aspect > {s['max_aspect']:g}:1", "extreme_aspect"),
+        ("exact-duplicate files", "exact_duplicate_files"),
+    ]:
         table.add_row(name, str(s[key]["train"]), str(s[key]["test"]), "")
     near = s["near_duplicate_pairs"]
-    table.add_row(f"near-duplicate pairs (pHash ≤{s['threshold']}, r ≥{s['min_similarity']:g})",
-                  str(near["train-train"]), str(near["test-test"]), str(near["train-test"]))
+    table.add_row(
+        f"near-duplicate pairs (pHash ≤{s['threshold']}, r ≥{s['min_similarity']:g})",
+        str(near["train-train"]),
+        str(near["test-test"]),
+        str(near["train-test"]),
+    )
     table.add_row("leakage pairs / test ids", "", "", f"{s['leakage_pairs']} / {s['leaked_test_ids']}")
     table.add_row("label-conflict groups", str(s["label_conflict_groups"]), "", "")
-    table.add_row("duplicate groups (ids; largest)", f"{s['duplicate_groups']} ({s['grouped_train_ids']}; {s['largest_group']})", "", "")
+    table.add_row(
+        "duplicate groups (ids; largest)",
+        f"{s['duplicate_groups']} ({s['grouped_train_ids']}; {s['largest_group']})",
+        "",
+        "",
+    )
     console.print(table)
     if s["pairs_truncated"]:
         console.print(f"[yellow]pair listings cut at {s['max_pairs']:,} rows[/] (groups are complete).")
     if s["largest_group"] > max(20, 0.01 * s["images"]["train"]):
-        console.print(f"[yellow]one duplicate group holds {s['largest_group']} train images[/]: look at "
-                      "identical_classes.csv and near_duplicates.csv; if they are look-alikes, not copies, raise "
-                      "--min-similarity or lower --threshold.")
+        console.print(
+            f"[yellow]one duplicate group holds {s['largest_group']} train images[/]: look at "
+            "identical_classes.csv and near_duplicates.csv; if they are look-alikes, not copies, raise "
+            "--min-similarity or lower --threshold."
+        )
     console.print(f"written to {out}/ (unreadable.csv and groups.csv are read by `kpipe folds`)")

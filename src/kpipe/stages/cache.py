@@ -22,7 +22,9 @@ from kpipe.nn import models
 def run(cfg: Config) -> Path:
     """Build (or reuse) data.cache_dir/<comp>/<size>/train.npy for every image of the folds file; return its path."""
     df, _ = load_fold_table(cfg)
-    size = cfg.data.img_size or models.default_input_size(cfg.model)  # as train sizes it, without building a model
+    size = cfg.data.img_size or models.default_input_size(
+        cfg.model
+    )  # as train sizes it, without building a model
     path = paths.cache_file(cfg, size, "train")
     arr = cache.build_cache(df["path"].tolist(), size, path)
     console.print(f"cache: {safe(path)} holds {len(arr)} images at {size} px ({human_bytes(arr.nbytes)})")

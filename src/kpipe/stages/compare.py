@@ -26,8 +26,10 @@ def resolve(runs_dir: str | Path, run: str) -> paths.RunDir:
     for candidate in (Path(runs_dir) / run, Path(run)):
         if (candidate / "config.yaml").is_file():
             return paths.RunDir(candidate)
-    raise KpipeError(f"{run}: not a run folder (no config.yaml in {Path(runs_dir) / run} or {run}). "
-                     "`kpipe runs` lists the runs.")
+    raise KpipeError(
+        f"{run}: not a run folder (no config.yaml in {Path(runs_dir) / run} or {run}). "
+        "`kpipe runs` lists the runs."
+    )
 
 
 def per_class_f1(run: paths.RunDir) -> pd.DataFrame:
@@ -50,7 +52,9 @@ def run(runs_dir: str | Path, runs: list[str], baseline: str | None = None, name
     f1 = {d.name: per_class_f1(d) for d in dirs if d.oof.is_file()}
     missing = [d.name for d in dirs if not d.oof.is_file()]
     if missing:
-        console.print(f"[yellow]no oof.csv yet in {safe(', '.join(missing))}: left out of the per-class F1 chart.")
+        console.print(
+            f"[yellow]no oof.csv yet in {safe(', '.join(missing))}: left out of the per-class F1 chart."
+        )
     out = paths.compare_dir(runs_dir, name or "__".join(names)[:120])
     index = compare.write_report(out, records, f1, base)
     console.print(f"wrote {safe(index)}")

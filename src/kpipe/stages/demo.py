@@ -120,8 +120,10 @@ def report(cfg: Config, raw_run: str = "demo_raw", clean_run: str = "demo") -> d
         pr = relabel_precision_recall(read_csv_ids(relabels), truth)
         out.update({f"relabel_{k}": v for k, v in pr.items()})
         table.add_row("accepted relabels", str(pr["n_accepted"]))
-        table.add_row(f"relabel precision / recall (of {pr['n_misfiled']} misfiled)",
-                      f"{pr['precision']:.3f} / {pr['recall']:.3f}")
+        table.add_row(
+            f"relabel precision / recall (of {pr['n_misfiled']} misfiled)",
+            f"{pr['precision']:.3f} / {pr['recall']:.3f}",
+        )
     sub = paths.submission_csv(cfg, clean_run)
     if sub.is_file():
         s = read_csv_ids(sub)

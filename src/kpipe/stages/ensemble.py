@@ -33,7 +33,10 @@ from kpipe.io import write_json
 
 
 def run(
-    cfg: Config, run_dirs: list[str] | None = None, out: Path | None = None, include_tta: bool = False,
+    cfg: Config,
+    run_dirs: list[str] | None = None,
+    out: Path | None = None,
+    include_tta: bool = False,
     method: str = "weights",
 ) -> dict[str, Any]:
     """Fit a blend over run folders (default: infer.runs, else this experiment's run), score it nested and
@@ -46,8 +49,10 @@ def run(
     how = RANK_MEAN if method == "rank_mean" else cfg.infer.agg
     ref, members = load_members(run_dirs, include_tta)
     if ref.folds is None:
-        raise KpipeError(f"{run_dirs[0]}: its oof.csv has no fold column, so the blend cannot be scored nested. "
-                         "Re-train the run with this kpipe (`kpipe train`).")
+        raise KpipeError(
+            f"{run_dirs[0]}: its oof.csv has no fold column, so the blend cannot be scored nested. "
+            "Re-train the run with this kpipe (`kpipe train`)."
+        )
     labels = ref.y
     probs = [mb.probs for mb in members]
     fit_fn = fitter(method, metric, how)
@@ -90,8 +95,17 @@ def _print_table(report: dict[str, Any]) -> None:
         table.add_row(safe(mb["run"]), safe(mb["view"]), f"{mb['weight']:.3f}", f"{mb['cv']:.5f}")
     table.add_section()
     table.add_row("equal weights", "", "", f"{report['cv_equal']:.5f}")
-    table.add_row("in-sample (fitted and scored on the same OOF)", report["chosen"], "1.000",
-                  f"{report['cv_in_sample']:.5f}")
-    table.add_row("nested CV (fitted on K-1 folds, scored on the held-out one)", report["method"], "",
-                  f"{report['cv_blend']:.5f}", style="bold")
+    table.add_row(
+        "in-sample (fitted and scored on the same OOF)",
+        report["chosen"],
+        "1.000",
+        f"{report['cv_in_sample']:.5f}",
+    )
+    table.add_row(
+        "nested CV (fitted on K-1 folds, scored on the held-out one)",
+        report["method"],
+        "",
+        f"{report['cv_blend']:.5f}",
+        style="bold",
+    )
     console.print(table)

@@ -38,12 +38,15 @@ def _model(run: RunDir, fold: int | None, classes: list[str]) -> tuple[torch.nn.
         raise KpipeError(f"{run.root}: no fold<k>/best.pt. Train the run first (kpipe train).")
     pick = done[0] if fold is None else next((f for f in done if fold_of(f.best) == fold), None)
     if pick is None:
-        raise KpipeError(f"{run.root}: fold {fold} has no best.pt; trained folds: "
-                         f"{', '.join(str(fold_of(f.best)) for f in done)}.")
+        raise KpipeError(
+            f"{run.root}: fold {fold} has no best.pt; trained folds: "
+            f"{', '.join(str(fold_of(f.best)) for f in done)}."
+        )
     rcfg = load_run_config(run.root)
     ck = load_checkpoint(pick.best)
-    model = models.create_from_config(rcfg.model.model_copy(update={"pretrained": False, "weights": None}),
-                                      len(classes))
+    model = models.create_from_config(
+        rcfg.model.model_copy(update={"pretrained": False, "weights": None}), len(classes)
+    )
     model.load_state_dict(ck["model"])
     return model.eval(), fold_of(pick.best), data_config(ck, model, rcfg)
 
@@ -57,8 +60,10 @@ def _batch(files: list[str], dc: dict) -> tuple[torch.Tensor, np.ndarray]:
 
 
 def _figure(name: str, caption: str) -> str:
-    return f'<figure><img src="{html.escape(name)}" alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}' \
-           "</figcaption></figure>"
+    return (
+        f'<figure><img src="{html.escape(name)}" alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}'
+        "</figcaption></figure>"
+    )
 
 
 def run(cfg: Config, fold: int | None = None, images: int = 8) -> RunDir:
@@ -73,10 +78,14 @@ def run(cfg: Config, fold: int | None = None, images: int = 8) -> RunDir:
         old.unlink()
     files = dict(zip(*(load_train(cfg).df[c] for c in ("id", "path")), strict=True))
     losses = ex.top_losses(oof, len(oof.ids))
-    mine = losses[(losses["fold"] == k) & losses["id"].isin(files)] if oof.folds is not None else losses.iloc[:0]
+    mine = (
+        losses[(losses["fold"] == k) & losses["id"].isin(files)] if oof.folds is not None else losses.iloc[:0]
+    )
     if mine.empty:
-        raise KpipeError(f"{run_dir.oof}: no OOF rows of fold {k} with an image file; the fold's validation "
-                         "images are needed to look inside its model.")
+        raise KpipeError(
+            f"{run_dir.oof}: no OOF rows of fold {k} with an image file; the fold's validation "
+            "images are needed to look inside its model."
+        )
     sections = []
 
     name, conv = ex.first_conv(model)
@@ -105,8 +114,12 @@ def run(cfg: Config, fold: int | None = None, images: int = 8) -> RunDir:
         fname = f"gradcam_{what}.png"
         write_bytes(out / fname, ex.png(ex.tile(pics, cols=min(8, len(pics)), cell=128)))
         figs.append(_figure(fname, f"Grad-CAM ({layer}) toward the {what} class, in table order"))
-    sections.append((f"Grad-CAM on fold {k}'s top-loss validation images", "".join(figs)
-                     + ex.table_html(top[["id", "label", "predicted", "p_label", "p_pred", "loss"]])))
+    sections.append(
+        (
+            f"Grad-CAM on fold {k}'s top-loss validation images",
+            "".join(figs) + ex.table_html(top[["id", "label", "predicted", "p_label", "p_pred", "loss"]]),
+        )
+    )
     sections.append(("Top losses over the whole OOF", ex.table_html(losses.head(max(images, 16)))))
     pairs = ex.most_confused(oof, N_PAIRS)
     sections.append(("Most confused pairs (OOF)", ex.table_html(pairs) if len(pairs) else "<p>none</p>"))

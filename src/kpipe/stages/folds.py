@@ -40,8 +40,15 @@ def _apply_audit(ing: Ingest, cfg: Config) -> list[str]:
                 [ing.excluded, ing.df.loc[hit, ["id", "label", "path"]].assign(reason="audit: " + reasons)],
                 ignore_index=True,
             )
-            ing.problems.append(Problem("unreadable images", f"{int(hit.sum())} images the audit could not decode; left out",
-                                        f"See {unreadable}.", "error", tuple(ing.df.loc[hit, "id"])))
+            ing.problems.append(
+                Problem(
+                    "unreadable images",
+                    f"{int(hit.sum())} images the audit could not decode; left out",
+                    f"See {unreadable}.",
+                    "error",
+                    tuple(ing.df.loc[hit, "id"]),
+                )
+            )
             ing.df = ing.df[~hit].reset_index(drop=True)
     groups = paths.audit_table(cfg, "groups")
     if groups.is_file():
@@ -56,15 +63,29 @@ def _check_sources(cfg: Config) -> None:
     current = None
     comp = cfg.competition.name
     summary, clean = paths.audit_summary(cfg), paths.clean_labels_csv(cfg)
-    found = [(summary, paths.audit_dir(cfg), f"kpipe audit --comp {comp}", "")] if paths.audit_dir(cfg).is_dir() else []
+    found = (
+        [(summary, paths.audit_dir(cfg), f"kpipe audit --comp {comp}", "")]
+        if paths.audit_dir(cfg).is_dir()
+        else []
+    )
     if cfg.folds.clean_labels and clean.is_file():
-        found.append((paths.clean_labels_source(cfg), clean, f"kpipe relabel -c <exp.yaml> --comp {comp} --apply",
-                      ", or set folds.clean_labels=false to use the original labels"))
+        found.append(
+            (
+                paths.clean_labels_source(cfg),
+                clean,
+                f"kpipe relabel -c <exp.yaml> --comp {comp} --apply",
+                ", or set folds.clean_labels=false to use the original labels",
+            )
+        )
     for record, what, rerun, alternative in found:
         saved = json.loads(record.read_text()) if record.is_file() else {}
         if "train_fingerprint" not in saved:
-            warn(safe(f"{what} does not say which training data it was computed from (made by an older kpipe, or "
-                      f"{record.name} is missing): re-run `{rerun}` if the data changed since."))
+            warn(
+                safe(
+                    f"{what} does not say which training data it was computed from (made by an older kpipe, or "
+                    f"{record.name} is missing): re-run `{rerun}` if the data changed since."
+                )
+            )
             continue
         current = current or fingerprint(cfg)
         check_fingerprint(saved["train_fingerprint"], current, what, rerun, alternative)
@@ -78,8 +99,10 @@ def build_folds(cfg: Config) -> tuple[pd.DataFrame, Ingest]:
     clean = paths.clean_labels_csv(cfg)
     if cfg.folds.clean_labels and clean.is_file():
         ing.df, summary = apply_label_changes(ing.df, read_csv_ids(clean))
-        console.print(f"[bold]cleaned labels[/] from {clean}: {int(summary['relabelled_to'].sum())} relabelled, "
-                      f"{int(summary['dropped'].sum())} dropped")
+        console.print(
+            f"[bold]cleaned labels[/] from {clean}: {int(summary['relabelled_to'].sum())} relabelled, "
+            f"{int(summary['dropped'].sum())} dropped"
+        )
     df = ing.df[["id", "label"]].copy()
     if group_cols:
         df["group"] = merge_groups(ing.df, group_cols).to_numpy()
@@ -88,7 +111,9 @@ def build_folds(cfg: Config) -> tuple[pd.DataFrame, Ingest]:
 
 
 def fold_table(folds: pd.DataFrame, classes: list[str], n_folds: int) -> Table:
-    counts = pd.crosstab(folds["label"], folds["fold"]).reindex(index=classes, columns=range(n_folds), fill_value=0)
+    counts = pd.crosstab(folds["label"], folds["fold"]).reindex(
+        index=classes, columns=range(n_folds), fill_value=0
+    )
     table = Table(title="images per class and fold")
     table.add_column("class")
     for k in range(n_folds):
@@ -96,7 +121,9 @@ def fold_table(folds: pd.DataFrame, classes: list[str], n_folds: int) -> Table:
     table.add_column("total", justify="right")
     for cls, row in counts.iterrows():
         table.add_row(safe(cls), *[str(v) for v in row.tolist()], str(int(row.sum())))
-    table.add_row("[bold]all", *[f"[bold]{v}" for v in counts.sum().tolist()], f"[bold]{int(counts.values.sum())}")
+    table.add_row(
+        "[bold]all", *[f"[bold]{v}" for v in counts.sum().tolist()], f"[bold]{int(counts.values.sum())}"
+    )
     return table
 
 
@@ -107,7 +134,9 @@ def run(cfg: Config) -> pd.DataFrame:
     save_classes(cfg, ing.classes)
     write_csv(paths.excluded_csv(cfg), ing.excluded)
     console.print(fold_table(folds, ing.classes, cfg.folds.n_folds))
-    console.print(f"wrote {paths.folds_csv(cfg)} ({len(folds)} rows, {cfg.folds.n_folds} folds"
-                  f"{', grouped' if 'group' in folds.columns else ''}); "
-                  f"{len(ing.excluded)} rows left out, listed in {paths.excluded_csv(cfg)}")
+    console.print(
+        f"wrote {paths.folds_csv(cfg)} ({len(folds)} rows, {cfg.folds.n_folds} folds"
+        f"{', grouped' if 'group' in folds.columns else ''}); "
+        f"{len(ing.excluded)} rows left out, listed in {paths.excluded_csv(cfg)}"
+    )
     return folds

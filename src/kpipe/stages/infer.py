@@ -63,18 +63,24 @@ class MemberPred:
 # ------------------------------------------------------------------ pure helpers
 
 
-def blend_members(members: list[MemberPred], how: str, weights: dict[tuple[str, str], float] | None) -> np.ndarray:
+def blend_members(
+    members: list[MemberPred], how: str, weights: dict[tuple[str, str], float] | None
+) -> np.ndarray:
     """Final (N, K) probabilities: mean over views and folds within each run, then over runs;
     or, with weights, each (run, view) averaged over folds and blended with its weight."""
     if weights is None:
         runs = list(dict.fromkeys(m.run for m in members))
-        per_run = [tta.aggregate(np.stack([m.probs for m in members if m.run == r]).astype(np.float64), how)
-                   for r in runs]
+        per_run = [
+            tta.aggregate(np.stack([m.probs for m in members if m.run == r]).astype(np.float64), how)
+            for r in runs
+        ]
         return per_run[0] if len(per_run) == 1 else tta.aggregate(np.stack(per_run), how)
     keys = list(weights)
     within = "mean" if how == RANK_MEAN else how  # a rank blend ranks each member's fold-mean probabilities
-    per_key = [tta.aggregate(np.stack([m.probs for m in members if (m.run, m.view) == k]).astype(np.float64), within)
-               for k in keys]
+    per_key = [
+        tta.aggregate(np.stack([m.probs for m in members if (m.run, m.view) == k]).astype(np.float64), within)
+        for k in keys
+    ]
     return blend(per_key, np.array([weights[k] for k in keys]), how)
 
 
@@ -91,15 +97,18 @@ def check_sample(table: pd.DataFrame, folds: list[int], n: int, seed: int = 0) -
     return out
 
 
-def choose_precision(cfg: Config, rm: predict.RunModels, device: torch.device,
-                     table: pd.DataFrame | KpipeError) -> precision.PrecisionChoice:
+def choose_precision(
+    cfg: Config, rm: predict.RunModels, device: torch.device, table: pd.DataFrame | KpipeError
+) -> precision.PrecisionChoice:
     """infer.precision for this run; with `auto`, the proposal is checked on the run's own validation images
     (each fold model on a sample of its fold: `table` is the folds table, or why it could not be read)."""
     inf = cfg.infer
     check = None
     if inf.precision == "auto" and precision.native_fast(device)[0] is not None:
         if isinstance(table, KpipeError):
-            console.print(f"[yellow]{safe(rm.run)}: no precision check, so fp32: {safe(str(table))}", soft_wrap=True)
+            console.print(
+                f"[yellow]{safe(rm.run)}: no precision check, so fp32: {safe(str(table))}", soft_wrap=True
+            )
         else:
             sample = check_sample(table, rm.folds, inf.precision_check_images)
             if any(sample.values()):
@@ -110,21 +119,46 @@ def choose_precision(cfg: Config, rm: predict.RunModels, device: torch.device,
 
 
 def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=console, transient=True)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
 
 
-def _predict_run(cfg: Config, rm: predict.RunModels, files: list[str], views: list[str], n_classes: int,
-                 device: torch.device, tolerant: bool, label: str,
-                 choice: precision.PrecisionChoice) -> tuple[np.ndarray, np.ndarray, float]:
+def _predict_run(
+    cfg: Config,
+    rm: predict.RunModels,
+    files: list[str],
+    views: list[str],
+    n_classes: int,
+    device: torch.device,
+    tolerant: bool,
+    label: str,
+    choice: precision.PrecisionChoice,
+) -> tuple[np.ndarray, np.ndarray, float]:
     """All fold models of a run on `files`; returns (probs (F, V, N, K), ok (N,), images/s)."""
-    loader = predict.make_eval_loader(files, rm.data_cfg, cfg.infer.batch_size, cfg.data.num_workers, device, tolerant)
+    loader = predict.make_eval_loader(
+        files, rm.data_cfg, cfg.infer.batch_size, cfg.data.num_workers, device, tolerant
+    )
     start = time.perf_counter()
     with _progress() as progress:
         task = progress.add_task(label, total=len(files))
         prepare = transforms.Normalize(rm.data_cfg["mean"], rm.data_cfg["std"])
-        probs, ok = predict.predict_models(rm.models, loader, views, n_classes, device, choice.amp_dtype,
-                                           choice.channels_last, prepare, lambda n: progress.advance(task, n))
+        probs, ok = predict.predict_models(
+            rm.models,
+            loader,
+            views,
+            n_classes,
+            device,
+            choice.amp_dtype,
+            choice.channels_last,
+            prepare,
+            lambda n: progress.advance(task, n),
+        )
     return probs, ok, len(files) / max(time.perf_counter() - start, 1e-9)
 
 
@@ -146,7 +180,11 @@ def package_plan(root: Path, spec: PackageSpec, runs: list[str] | None) -> Plan:
     if runs:
         raise KpipeError(f"infer.package={root} brings its own runs; leave out --runs / infer.runs.")
     where = {r.tag: str(paths.PackageDir(root).run(r.tag)) for r in spec.runs}
-    weights = None if spec.weights is None else {(where[w["run"]], w["view"]): float(w["weight"]) for w in spec.weights}
+    weights = (
+        None
+        if spec.weights is None
+        else {(where[w["run"]], w["view"]): float(w["weight"]) for w in spec.weights}
+    )
     return Plan(list(where.values()), {where[r.tag]: r.views for r in spec.runs}, weights, spec.how, spec.cv)
 
 
@@ -159,7 +197,9 @@ def run(cfg: Config, runs: list[str] | None = None) -> dict[str, Any]:
     device = dist.pick_device(cfg.train.device)
     spec = read_spec(Path(cfg.infer.package)) if cfg.infer.package else None
     classes = spec.classes if spec else ingest.load_classes(cfg)
-    plan = make_plan(cfg, runs, classes) if spec is None else package_plan(Path(cfg.infer.package), spec, runs)
+    plan = (
+        make_plan(cfg, runs, classes) if spec is None else package_plan(Path(cfg.infer.package), spec, runs)
+    )
     test = ingest.load_test(cfg)
     files, ids = test["path"].tolist(), test["id"].tolist()
     ok = test["found"].to_numpy(bool).copy()
@@ -172,24 +212,33 @@ def run(cfg: Config, runs: list[str] | None = None) -> dict[str, Any]:
         views = plan.views[r]
         choice = choose_precision(cfg, rm, device, table)
         forms[r] = choice.to_json()
-        probs, good, rate = _predict_run(cfg, rm, files, views, len(classes), device, True, f"infer {r}", choice)
+        probs, good, rate = _predict_run(
+            cfg, rm, files, views, len(classes), device, True, f"infer {r}", choice
+        )
         for f, k in enumerate(rm.folds):
             for j, v in enumerate(views):
                 check_finite(probs[f, j], f"{r}/fold{k}/best.pt, TTA view {v}, on the test images")
-        console.print(f"{r}: {len(files)} test images x {len(rm.folds)} folds x {len(views)} views "
-                      f"at {rm.data_cfg['img_size']} px, {rate:.1f} images/s on {device} ({choice.name}"
-                      f"{', channels_last' if choice.channels_last else ''})")
+        console.print(
+            f"{r}: {len(files)} test images x {len(rm.folds)} folds x {len(views)} views "
+            f"at {rm.data_cfg['img_size']} px, {rate:.1f} images/s on {device} ({choice.name}"
+            f"{', channels_last' if choice.channels_last else ''})"
+        )
         ok &= good
         folds[r] = rm.folds
-        members += [MemberPred(r, k, v, probs[f, j]) for f, k in enumerate(rm.folds) for j, v in enumerate(views)]
+        members += [
+            MemberPred(r, k, v, probs[f, j]) for f, k in enumerate(rm.folds) for j, v in enumerate(views)
+        ]
         del rm, probs
         if device.type == "cuda":
             torch.cuda.empty_cache()
     bad = ~ok
     prior = None
     if bad.any():
-        prior = (np.array(spec.prior) if spec else
-                 class_prior(read_csv_ids(paths.folds_csv(cfg))["label"].tolist(), classes))
+        prior = (
+            np.array(spec.prior)
+            if spec
+            else class_prior(read_csv_ids(paths.folds_csv(cfg))["label"].tolist(), classes)
+        )
     if prior is not None:
         for m in members:
             m.probs[bad] = prior
@@ -197,20 +246,31 @@ def run(cfg: Config, runs: list[str] | None = None) -> dict[str, Any]:
     _warn_unreadable(test, ok)
     name = cfg.infer.name or cfg.name
     out_dir = paths.predictions_dir(cfg, name)
-    write_predictions(out_dir, ids, classes, final, members, test.loc[bad, ["id", "found", "reason"]],
-                      cfg.infer.save_views)
+    write_predictions(
+        out_dir, ids, classes, final, members, test.loc[bad, ["id", "found", "reason"]], cfg.infer.save_views
+    )
     sub_path = paths.submission_csv(cfg, name)
     write_submission(cfg, final, ids, classes, sub_path)
     cv_value, cv_source = (spec.cv, "the package's CV") if spec else _cv(cfg, plan)
-    sidecar = {"runs": plan.runs, "cv": cv_value, "cv_source": cv_source, "metric": cfg.competition.metric,
-               "folds": folds, "precision": forms,
-               "tta": list(dict.fromkeys(v for r in plan.runs for v in plan.views[r])), "agg": plan.how,
-               "weights": None if plan.weights is None else
-               [{"run": r, "view": v, "weight": w} for (r, v), w in plan.weights.items()],
-               "ensemble_weights": cfg.infer.ensemble_weights, "n_test": len(ids), "n_unreadable": int(bad.sum()),
-               "predictions": str(out_dir),
-               # `kpipe submit` refuses a sidecar whose sha256 is not its CSV's (a kill between the two writes)
-               "sha256": ledger.sha256_file(sub_path)}
+    sidecar = {
+        "runs": plan.runs,
+        "cv": cv_value,
+        "cv_source": cv_source,
+        "metric": cfg.competition.metric,
+        "folds": folds,
+        "precision": forms,
+        "tta": list(dict.fromkeys(v for r in plan.runs for v in plan.views[r])),
+        "agg": plan.how,
+        "weights": None
+        if plan.weights is None
+        else [{"run": r, "view": v, "weight": w} for (r, v), w in plan.weights.items()],
+        "ensemble_weights": cfg.infer.ensemble_weights,
+        "n_test": len(ids),
+        "n_unreadable": int(bad.sum()),
+        "predictions": str(out_dir),
+        # `kpipe submit` refuses a sidecar whose sha256 is not its CSV's (a kill between the two writes)
+        "sha256": ledger.sha256_file(sub_path),
+    }
     write_json(paths.sidecar(sub_path), sidecar)
     cv = f"CV {sidecar['metric']} {cv_value:.4f}, {cv_source}" if cv_value is not None else "no CV"
     console.print(f"[bold green]wrote {sub_path}[/] ({len(ids)} rows, {cv}); probabilities in {out_dir}")
@@ -224,9 +284,12 @@ def _warn_unreadable(test: pd.DataFrame, ok: np.ndarray) -> None:
     outside = bad.loc[bad["reason"] == ingest.OUTSIDE, "id"].tolist()
     missing = int((~bad["found"]).sum()) - len(outside)
     refused = f", {len(outside)} refused: id outside the test folder" if outside else ""
-    console.print(f"[yellow]warning: {len(bad)} test images could not be read ({missing} missing, "
-                  f"{len(bad) - missing - len(outside)} not decodable{refused}):[/] {safe(preview(bad['id'].tolist()))}. "
-                  "They get the class prior of the training labels; see unreadable.csv beside probs.csv.", soft_wrap=True)
+    console.print(
+        f"[yellow]warning: {len(bad)} test images could not be read ({missing} missing, "
+        f"{len(bad) - missing - len(outside)} not decodable{refused}):[/] {safe(preview(bad['id'].tolist()))}. "
+        "They get the class prior of the training labels; see unreadable.csv beside probs.csv.",
+        soft_wrap=True,
+    )
 
 
 VIEW_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -239,13 +302,23 @@ def predictions_bytes(n: int, k: int, n_members: int, save_views: str | bool) ->
     return n * k * (CSV_BYTES_PER_VALUE + n_members * per_value) + n * 64
 
 
-def write_predictions(out_dir: Path, ids: list[str], classes: list[str], final: np.ndarray,
-                      members: list[MemberPred], unreadable: pd.DataFrame, save_views: str | bool = "float32") -> None:
+def write_predictions(
+    out_dir: Path,
+    ids: list[str],
+    classes: list[str],
+    final: np.ndarray,
+    members: list[MemberPred],
+    unreadable: pd.DataFrame,
+    save_views: str | bool = "float32",
+) -> None:
     """probs.csv (the blend), ids.csv, classes.json, and one (N, K) .npy per (run, fold, view) in the
     save_views dtype (none when False; members.json then lists them with file null)."""
-    check_free_space(out_dir, predictions_bytes(len(ids), len(classes), len(members), save_views),
-                     f"the test predictions ({len(members)} members x {len(ids)} images x {len(classes)} classes)",
-                     "paths.predictions_dir, or infer.save_views=float16 / false")
+    check_free_space(
+        out_dir,
+        predictions_bytes(len(ids), len(classes), len(members), save_views),
+        f"the test predictions ({len(members)} members x {len(ids)} images x {len(classes)} classes)",
+        "paths.predictions_dir, or infer.save_views=float16 / false",
+    )
     probs = pd.DataFrame(final, columns=[f"p_{c}" for c in classes])
     write_csv(out_dir / "probs.csv", pd.concat([pd.DataFrame({"id": ids}), probs], axis=1))
     write_csv(out_dir / "ids.csv", pd.DataFrame({"id": ids}))
@@ -253,22 +326,36 @@ def write_predictions(out_dir: Path, ids: list[str], classes: list[str], final: 
     runs = list(dict.fromkeys(m.run for m in members))
     short = [Path(r).name for r in runs]
     # Two runs with one folder name (runs/a/x, other/x) would overwrite each other's files.
-    tag = dict(zip(runs, short if len(set(short)) == len(short) else [f"{i}-{s}" for i, s in enumerate(short)],
-                   strict=True))
+    tag = dict(
+        zip(
+            runs,
+            short if len(set(short)) == len(short) else [f"{i}-{s}" for i, s in enumerate(short)],
+            strict=True,
+        )
+    )
     index = []
     for m in members:
         rel = f"members/{tag[m.run]}_fold{m.fold}_{m.view}.npy" if save_views else None
         if rel is not None:
             with atomic_path(out_dir / rel) as tmp, open(tmp, "wb") as fh:
                 np.save(fh, m.probs.astype(VIEW_DTYPES[save_views]))
-        index.append({"run": m.run, "fold": m.fold, "view": m.view, "file": rel,
-                      "dtype": save_views if save_views else None})
+        index.append(
+            {
+                "run": m.run,
+                "fold": m.fold,
+                "view": m.view,
+                "file": rel,
+                "dtype": save_views if save_views else None,
+            }
+        )
     write_json(out_dir / "members.json", index)
     reasons = np.where(unreadable["found"].to_numpy(bool), "not decodable", unreadable["reason"].astype(str))
     write_csv(out_dir / "unreadable.csv", pd.DataFrame({"id": unreadable["id"].tolist(), "reason": reasons}))
 
 
-def write_submission(cfg: Config, probs: np.ndarray, ids: list[str], classes: list[str], path: Path) -> pd.DataFrame:
+def write_submission(
+    cfg: Config, probs: np.ndarray, ids: list[str], classes: list[str], path: Path
+) -> pd.DataFrame:
     """The submission in sample_submission's shape; refused (KpipeError) when validation finds an error."""
     c = cfg.competition
     sample = ingest.read_sample_submission(cfg)
@@ -277,7 +364,9 @@ def write_submission(cfg: Config, probs: np.ndarray, ids: list[str], classes: li
     print_problems([p for p in problems if p.severity != "error"])
     errors = [p.render() for p in problems if p.severity == "error"]
     if errors:
-        raise KpipeError(f"refusing to write {path}: it would not match sample_submission:\n  " + "\n  ".join(errors))
+        raise KpipeError(
+            f"refusing to write {path}: it would not match sample_submission:\n  " + "\n  ".join(errors)
+        )
     write_csv(path, sub)
     return sub
 
@@ -290,7 +379,10 @@ def _cv(cfg: Config, plan: Plan) -> tuple[float | None, str]:
     """
     metric = cfg.competition.metric
     if plan.weights is not None:
-        return plan.cv, "nested OOF CV of the blend (weights fitted on the other folds, scored on each held-out fold)"
+        return (
+            plan.cv,
+            "nested OOF CV of the blend (weights fitted on the other folds, scored on each held-out fold)",
+        )
     try:
         ref, members = load_members(plan.runs, include_tta=True)
     except KpipeError as e:
@@ -301,7 +393,11 @@ def _cv(cfg: Config, plan: Plan) -> tuple[float | None, str]:
     wanted = [[(r, v) for v in plan.views[r]] for r in plan.runs]
     if all(k in have for keys in wanted for k in keys):
         per_run = [tta.aggregate(np.stack([have[k] for k in keys]), plan.how) for keys in wanted]
-        source = "OOF with the same TTA views" if any(len(k) > 1 or k[0][1] != "identity" for k in wanted) else "OOF"
+        source = (
+            "OOF with the same TTA views"
+            if any(len(k) > 1 or k[0][1] != "identity" for k in wanted)
+            else "OOF"
+        )
     else:
         source = "OOF without TTA (run `kpipe oof-tta` to score the views)"
         cv_json = Path(plan.runs[0]) / "cv.json"
@@ -334,8 +430,17 @@ def run_oof_tta(cfg: Config, runs: list[str] | None = None) -> dict[str, dict[st
                 console.print(f"[yellow]{r}: fold {k} has no rows in {paths.folds_csv(cfg)}; skipped")
                 continue
             solo = predict.RunModels(r, rm.cfg, [k], [model], rm.data_cfg)
-            probs, _, rate = _predict_run(cfg, solo, rows["path"].tolist(), views, len(classes), device, False,
-                                          f"oof-tta {r} fold {k}", choice)
+            probs, _, rate = _predict_run(
+                cfg,
+                solo,
+                rows["path"].tolist(),
+                views,
+                len(classes),
+                device,
+                False,
+                f"oof-tta {r} fold {k}",
+                choice,
+            )
             console.print(f"{r} fold {k}: {len(rows)} images x {len(views)} views, {rate:.1f} images/s")
             parts.append((rows, probs[0]))
         if not parts:
@@ -346,8 +451,13 @@ def run_oof_tta(cfg: Config, runs: list[str] | None = None) -> dict[str, dict[st
         order = rows.sort_values(["fold", "id"], kind="stable").index.to_numpy()  # oof.csv's order
         rows, per_view = rows.loc[order].reset_index(drop=True), per_view[:, order]
         for v, view in enumerate(views):
-            oof = pd.concat([rows[["id", "fold", "label"]],
-                             pd.DataFrame(per_view[v], columns=[f"p_{c}" for c in classes])], axis=1)
+            oof = pd.concat(
+                [
+                    rows[["id", "fold", "label"]],
+                    pd.DataFrame(per_view[v], columns=[f"p_{c}" for c in classes]),
+                ],
+                axis=1,
+            )
             write_csv(Path(r) / "oof_tta" / f"{view}.csv", oof)
         results[r] = _view_scores(cfg, rows["y"].to_numpy(), per_view, views)
         _print_views(r, cfg, results[r], len(rows))
@@ -357,9 +467,11 @@ def run_oof_tta(cfg: Config, runs: list[str] | None = None) -> dict[str, dict[st
 def _check_against_oof(run_dir: Path, rows: pd.DataFrame) -> None:
     oof = run_dir / "oof.csv"
     if oof.is_file() and set(read_csv_ids(oof, usecols=["id"])["id"]) != set(rows["id"]):
-        console.print(f"[yellow]warning: {run_dir}/oof.csv covers other ids than the folds file now does: the folds "
-                      "changed since training, so `kpipe ensemble` will refuse to mix them. Re-train the run.",
-                      soft_wrap=True)
+        console.print(
+            f"[yellow]warning: {run_dir}/oof.csv covers other ids than the folds file now does: the folds "
+            "changed since training, so `kpipe ensemble` will refuse to mix them. Re-train the run.",
+            soft_wrap=True,
+        )
 
 
 def _view_scores(cfg: Config, labels: np.ndarray, per_view: np.ndarray, views: list[str]) -> dict[str, float]:
@@ -380,4 +492,6 @@ def _print_views(run: str, cfg: Config, scores: dict[str, float], n: int) -> Non
     table.add_section()
     table.add_row(f"{cfg.infer.agg} of {len(scores) - 1} views", f"{scores['mean']:.5f}", style="bold")
     console.print(table)
-    console.print(f"wrote {Path(run) / 'oof_tta'}/<view>.csv; blend them with `kpipe ensemble` (TTA views included)")
+    console.print(
+        f"wrote {Path(run) / 'oof_tta'}/<view>.csv; blend them with `kpipe ensemble` (TTA views included)"
+    )

@@ -36,8 +36,10 @@ MB = 1024 * 1024
 def owner(cfg: Config) -> str:
     found = cfg.package.owner or os.environ.get("KAGGLE_USERNAME")
     if not found:
-        raise KpipeError("no Kaggle owner for the dataset id (<owner>/<slug>): set package.owner=<your Kaggle user "
-                         "name> (or $KAGGLE_USERNAME).")
+        raise KpipeError(
+            "no Kaggle owner for the dataset id (<owner>/<slug>): set package.owner=<your Kaggle user "
+            "name> (or $KAGGLE_USERNAME)."
+        )
     return found
 
 
@@ -49,30 +51,48 @@ def run_tags(runs: list[str]) -> dict[str, str]:
 
 
 def fold_checkpoints(run: str) -> dict[int, Path]:
-    found = {int(p.parent.name[4:]): p for p in Path(run).glob("fold*/best.pt") if re.fullmatch(r"fold\d+", p.parent.name)}
+    found = {
+        int(p.parent.name[4:]): p
+        for p in Path(run).glob("fold*/best.pt")
+        if re.fullmatch(r"fold\d+", p.parent.name)
+    }
     if not found:
         raise KpipeError(f"{run}: no fold<k>/best.pt to package. Train the run first (kpipe train).")
     return dict(sorted(found.items()))
 
 
-def make_spec(cfg: Config, plan: Plan, classes: list[str], tags: dict[str, str],
-              folds: dict[str, list[int]]) -> pkg.PackageSpec:
+def make_spec(
+    cfg: Config, plan: Plan, classes: list[str], tags: dict[str, str], folds: dict[str, list[int]]
+) -> pkg.PackageSpec:
     prior = class_prior(read_csv_ids(paths.folds_csv(cfg))["label"].tolist(), classes)
-    weights = None if plan.weights is None else [{"run": tags[r], "view": v, "weight": w}
-                                                 for (r, v), w in plan.weights.items()]
+    weights = (
+        None
+        if plan.weights is None
+        else [{"run": tags[r], "view": v, "weight": w} for (r, v), w in plan.weights.items()]
+    )
     cv = plan.cv
     if cv is None and len(plan.runs) == 1 and (Path(plan.runs[0]) / "cv.json").is_file():
         saved = json.loads((Path(plan.runs[0]) / "cv.json").read_text(encoding="utf-8"))
         cv = float(saved["cv"]) if saved.get("metric") == cfg.competition.metric else None
     runs = [pkg.PackagedRun(tags[r], str(r), folds[r], plan.views[r]) for r in plan.runs]
-    return pkg.PackageSpec(paths.package_name(cfg), classes, [float(p) for p in prior], runs, weights, plan.how, cv,
-                           cfg.competition.metric)
+    return pkg.PackageSpec(
+        paths.package_name(cfg),
+        classes,
+        [float(p) for p in prior],
+        runs,
+        weights,
+        plan.how,
+        cv,
+        cfg.competition.metric,
+    )
 
 
 def write_package(cfg: Config, out: Path, runs: list[str] | None) -> dict[str, Any]:
     """Every file of the package under `out` (a fresh folder); returns its manifest."""
     slug = pkg.kaggle_slug_of(paths.package_name(cfg), "package.name")  # the cheap checks first
-    metadata = pkg.dataset_metadata(owner(cfg), slug, cfg.package.title or f"kpipe {slug}"[:50], cfg.package.license)
+    metadata = pkg.dataset_metadata(
+        owner(cfg), slug, cfg.package.title or f"kpipe {slug}"[:50], cfg.package.license
+    )
     classes = ingest.load_classes(cfg)
     plan = make_plan(cfg, runs, classes)
     tags = run_tags(plan.runs)
@@ -87,8 +107,10 @@ def write_package(cfg: Config, out: Path, runs: list[str] | None) -> dict[str, A
             pkg.export_fold(best, dest, k)
             got = pkg.read_fold_classes(dest, k)
             if got != classes:
-                raise KpipeError(f"{best}: trained on classes {preview(got)}, but {paths.classes_json(cfg)} lists "
-                                 f"{preview(classes)}. Re-train the run, or leave it out of infer.runs.")
+                raise KpipeError(
+                    f"{best}: trained on classes {preview(got)}, but {paths.classes_json(cfg)} lists "
+                    f"{preview(classes)}. Re-train the run, or leave it out of infer.runs."
+                )
         folds[r] = list(ckpts)
     spec = make_spec(cfg, plan, classes, tags, folds)
     write_json(where.spec, spec.to_dict())
@@ -96,8 +118,12 @@ def write_package(cfg: Config, out: Path, runs: list[str] | None) -> dict[str, A
     write_json(where.classes, {"classes": classes})
     pkg.build_wheel(where.wheels)
     if cfg.package.bundle_deps:
-        got = pkg.download_wheels(pkg.dependency_specs(cfg.package.bundle_deps), where.wheels / "deps",
-                                  cfg.package.python, cfg.package.platform)
+        got = pkg.download_wheels(
+            pkg.dependency_specs(cfg.package.bundle_deps),
+            where.wheels / "deps",
+            cfg.package.python,
+            cfg.package.platform,
+        )
         console.print(f"bundled {len(got)} wheels for the notebook: {safe(', '.join(p.name for p in got))}")
     write_json(where.metadata, metadata)
     return pkg.manifest(out)
@@ -108,9 +134,11 @@ def check_size(cfg: Config, man: dict[str, Any], where: Path) -> None:
     if man["bytes"] <= limit:
         return
     parts = "\n".join(f"  {name}: {size / MB:,.1f} MB" for name, size in pkg.size_breakdown(man["files"]))
-    raise KpipeError(f"{where}: the package would be {man['bytes'] / MB:,.1f} MB, over package.max_mb="
-                     f"{cfg.package.max_mb:g} MB:\n{parts}\nPackage fewer runs or folds (infer.runs=..., "
-                     "infer.ensemble_weights=...), or raise package.max_mb.")
+    raise KpipeError(
+        f"{where}: the package would be {man['bytes'] / MB:,.1f} MB, over package.max_mb="
+        f"{cfg.package.max_mb:g} MB:\n{parts}\nPackage fewer runs or folds (infer.runs=..., "
+        "infer.ensemble_weights=...), or raise package.max_mb."
+    )
 
 
 def run(cfg: Config, runs: list[str] | None = None, upload: bool = False) -> dict[str, Any]:
@@ -148,5 +176,7 @@ def _print(root: Path, man: dict[str, Any]) -> None:
     for name, size in pkg.size_breakdown(man["files"]):
         table.add_row(safe(name), f"{size / MB:,.2f}")
     console.print(table)
-    console.print(f"[bold green]wrote {safe(root)}[/] (sha256 {man['sha256'][:12]}); render the notebook with "
-                  "`kpipe kernel`")
+    console.print(
+        f"[bold green]wrote {safe(root)}[/] (sha256 {man['sha256'][:12]}); render the notebook with "
+        "`kpipe kernel`"
+    )

@@ -66,9 +66,21 @@ def quick_config(cfg: Config) -> Config:
     d["name"] = f"{cfg.name}_quick"
     d["model"] = {"name": "resnet10t", "pretrained": False, "small_stem": small}
     d["data"]["img_size"] = size if small else min(size or 128, 128)
-    d["train"].update(epochs=min(cfg.train.epochs, QUICK_MAX_EPOCHS), folds=None, optimizer="adamw", lr=QUICK_LR,
-                      scheduler="cosine", warmup_epochs=0, label_smoothing=0.0, mixup_alpha=0.0, cutmix_alpha=0.0,
-                      ema=False, accum_steps=1, early_stop_patience=None, compile=False)
+    d["train"].update(
+        epochs=min(cfg.train.epochs, QUICK_MAX_EPOCHS),
+        folds=None,
+        optimizer="adamw",
+        lr=QUICK_LR,
+        scheduler="cosine",
+        warmup_epochs=0,
+        label_smoothing=0.0,
+        mixup_alpha=0.0,
+        cutmix_alpha=0.0,
+        ema=False,
+        accum_steps=1,
+        early_stop_patience=None,
+        compile=False,
+    )
     return validate(d)
 
 
@@ -84,13 +96,20 @@ def check_quick_run(cfg: Config, qcfg: Config) -> None:
     now = read_csv_ids(folds_csv)[["id", "label"]].sort_values("id").reset_index(drop=True)
     if not then.equals(now):
         where = paths.run_dir(qcfg).root
-        raise KpipeError(f"{where} was trained on other labels than {folds_csv} (folds re-made since?). "
-                         f"Delete {where} and re-run, pass name=<new> for a new quick run, or leave out "
-                         "--quick to review/apply relabels.csv as it is.")
+        raise KpipeError(
+            f"{where} was trained on other labels than {folds_csv} (folds re-made since?). "
+            f"Delete {where} and re-run, pass name=<new> for a new quick run, or leave out "
+            "--quick to review/apply relabels.csv as it is."
+        )
 
 
-def run(cfg: Config, run_dir: str | Path | None = None, accept_above: float | None = None,
-        apply: bool = False, sources: list[str] | None = None) -> pd.DataFrame:
+def run(
+    cfg: Config,
+    run_dir: str | Path | None = None,
+    accept_above: float | None = None,
+    apply: bool = False,
+    sources: list[str] | None = None,
+) -> pd.DataFrame:
     """Suggest (from OOF, when there is a run), merge with the decisions made, write the page, maybe apply.
     `sources` (--from): several runs, or an ensemble JSON, whose blended OOF ranks the suspects instead."""
     csv_path = paths.relabels_csv(cfg)
@@ -103,20 +122,29 @@ def run(cfg: Config, run_dir: str | Path | None = None, accept_above: float | No
             if sources:
                 oof, where = blended_oof(sources, cfg.infer.agg), "the blend of " + ", ".join(sources)
             else:
-                oof = read_oof(source.oof, "Train first (`kpipe train`), point --run at a run folder, "
-                                           "or use --quick to train a small model for this.")
+                oof = read_oof(
+                    source.oof,
+                    "Train first (`kpipe train`), point --run at a run folder, "
+                    "or use --quick to train a small model for this.",
+                )
                 where = str(source.root)
             fresh = find_suspects(oof.ids, oof.labels, oof.probs, oof.classes)
             table = merge_relabels(existing, fresh)
-            console.print(f"{len(fresh)} suspects among {len(oof.ids)} out-of-fold predictions of {safe(where)}")
+            console.print(
+                f"{len(fresh)} suspects among {len(oof.ids)} out-of-fold predictions of {safe(where)}"
+            )
         else:  # a person's own table (e.g. manual rows only) still reviews and applies
             table = existing
-            console.print(f"[yellow]no {safe(source.oof)}: using {safe(csv_path)} as it is, no new suggestions")
+            console.print(
+                f"[yellow]no {safe(source.oof)}: using {safe(csv_path)} as it is, no new suggestions"
+            )
         if accept_above is not None:
             before = int((table["decision"] == "accept").sum())
             table = accept_above_threshold(table, accept_above)
-            console.print(f"--accept-above {accept_above}: {int((table['decision'] == 'accept').sum()) - before} "
-                          "more rows accepted")
+            console.print(
+                f"--accept-above {accept_above}: {int((table['decision'] == 'accept').sum()) - before} "
+                "more rows accepted"
+            )
         write_relabels(csv_path, table)
     write_review(paths.review_html(cfg), table, ing.df, oof, csv_path.name)
     _print_top(table, csv_path, paths.review_html(cfg))
@@ -132,12 +160,16 @@ def _print_top(table: pd.DataFrame, csv_path: Path, page: Path, n: int = 10) -> 
     for _, r in table.head(n).iterrows():
         t.add_row(*[fmt_score(r[c]) if c == "score" else safe(r[c]) for c in COLUMNS])
     console.print(t)
-    console.print(f"decisions: {decision_counts(table)}. Review page: {page}\nDecide in the decision column of {csv_path} "
-                  "(accept / drop / keep) or with --accept-above SCORE; then run again with --apply.")
+    console.print(
+        f"decisions: {decision_counts(table)}. Review page: {page}\nDecide in the decision column of {csv_path} "
+        "(accept / drop / keep) or with --accept-above SCORE; then run again with --apply."
+    )
 
 
 def _apply(cfg: Config, table: pd.DataFrame, ing: Ingest, csv_path: Path) -> None:
-    clean = build_clean_labels(table, dict(zip(ing.df["id"], ing.df["label"], strict=True)), ing.classes, str(csv_path))
+    clean = build_clean_labels(
+        table, dict(zip(ing.df["id"], ing.df["label"], strict=True)), ing.classes, str(csv_path)
+    )
     out = paths.clean_labels_csv(cfg)
     write_csv(out, clean)
     write_json(paths.clean_labels_source(cfg), {"train_fingerprint": fingerprint(cfg)})
@@ -150,6 +182,8 @@ def _apply(cfg: Config, table: pd.DataFrame, ing: Ingest, csv_path: Path) -> Non
         t.add_row(safe(cls), str(r["relabelled_from"]), str(r["relabelled_to"]), str(r["dropped"]))
     console.print(t)
     comp = cfg.competition.name
-    console.print(f"wrote {out}: {int((clean['action'] == 'relabel').sum())} relabelled, "
-                  f"{int((clean['action'] == 'drop').sum())} dropped; nothing under {paths.data_dir(cfg)} changed.\n"
-                  f"next: kpipe folds --comp {comp}   then   kpipe train -c <exp.yaml> --comp {comp} name={cfg.name}_clean")
+    console.print(
+        f"wrote {out}: {int((clean['action'] == 'relabel').sum())} relabelled, "
+        f"{int((clean['action'] == 'drop').sum())} dropped; nothing under {paths.data_dir(cfg)} changed.\n"
+        f"next: kpipe folds --comp {comp}   then   kpipe train -c <exp.yaml> --comp {comp} name={cfg.name}_clean"
+    )

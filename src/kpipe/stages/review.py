@@ -57,9 +57,17 @@ class ReviewState:
 
 def rows_payload(table: pd.DataFrame, state: ReviewState) -> dict[str, Any]:
     """The JSON the page draws from: rows in file order, scores as numbers or null."""
-    rows = [{"id": r["id"], "given": r["given"], "suggested": r["suggested"],
-             "score": None if pd.isna(r["score"]) else round(float(r["score"]), 4),
-             "decision": r["decision"], "source": r["source"]} for _, r in table.iterrows()]
+    rows = [
+        {
+            "id": r["id"],
+            "given": r["given"],
+            "suggested": r["suggested"],
+            "score": None if pd.isna(r["score"]) else round(float(r["score"]), 4),
+            "decision": r["decision"],
+            "source": r["source"],
+        }
+        for _, r in table.iterrows()
+    ]
     return {"classes": state.classes, "examples": state.examples, "rows": rows}
 
 
@@ -69,7 +77,11 @@ def parse_decision(body: bytes, classes: list[str]) -> tuple[str, str, str | Non
         obj = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"the body is not JSON ({e})") from e
-    if not isinstance(obj, dict) or not isinstance(obj.get("id"), str) or not isinstance(obj.get("decision"), str):
+    if (
+        not isinstance(obj, dict)
+        or not isinstance(obj.get("id"), str)
+        or not isinstance(obj.get("decision"), str)
+    ):
         raise ValueError('expected {"id": "...", "decision": "accept|drop|keep|", "suggested": "<class>"}')
     if obj["decision"] not in DECISIONS:
         raise ValueError(f"decision '{obj['decision']}' is not one of accept, drop, keep or empty")
@@ -101,7 +113,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", mime)
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store" if mime.startswith(("application/json", "text/")) else "max-age=300")
+        self.send_header(
+            "Cache-Control", "no-store" if mime.startswith(("application/json", "text/")) else "max-age=300"
+        )
         self.end_headers()
         self.wfile.write(body)
 
@@ -150,8 +164,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         length = int(self.headers.get("Content-Length") or 0)
         if not 0 < length <= MAX_BODY:
-            self._text(HTTPStatus.REQUEST_ENTITY_TOO_LARGE if length else HTTPStatus.LENGTH_REQUIRED,
-                       f"a decision is a small JSON object (at most {MAX_BODY} bytes)")
+            self._text(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE if length else HTTPStatus.LENGTH_REQUIRED,
+                f"a decision is a small JSON object (at most {MAX_BODY} bytes)",
+            )
             return
         state = self.server.state
         try:
@@ -167,7 +183,9 @@ class _Handler(BaseHTTPRequestHandler):
         except KpipeError as e:
             self._text(HTTPStatus.CONFLICT, str(e))
             return
-        log.info("review: %s -> %s%s", image_id, decision or "undecided", f" as {suggested}" if suggested else "")
+        log.info(
+            "review: %s -> %s%s", image_id, decision or "undecided", f" as {suggested}" if suggested else ""
+        )
         self._json(rows_payload(table, state))
 
 
@@ -189,14 +207,21 @@ def load_state(cfg: Config) -> ReviewState:
     csv = paths.relabels_csv(cfg)
     table = read_relabels(csv)
     if table is None:
-        raise KpipeError(f"{csv} does not exist: run `kpipe relabel -c <exp.yaml> --comp {cfg.competition.name}` "
-                         "first to find the suspects.")
+        raise KpipeError(
+            f"{csv} does not exist: run `kpipe relabel -c <exp.yaml> --comp {cfg.competition.name}` "
+            "first to find the suspects."
+        )
     ing = load_train(cfg)
     run_oof = paths.run_dir(cfg).oof
     oof = read_oof(run_oof) if run_oof.is_file() else None
-    return ReviewState(csv=csv, title=cfg.competition.name, classes=list(ing.classes),
-                       files=dict(zip(ing.df["id"], ing.df["path"], strict=True)),
-                       image_root=paths.data_dir(cfg).resolve(), examples=pick_examples(table, ing.df, oof))
+    return ReviewState(
+        csv=csv,
+        title=cfg.competition.name,
+        classes=list(ing.classes),
+        files=dict(zip(ing.df["id"], ing.df["path"], strict=True)),
+        image_root=paths.data_dir(cfg).resolve(),
+        examples=pick_examples(table, ing.df, oof),
+    )
 
 
 def make_server(cfg: Config, port: int = 0, host: str = "127.0.0.1") -> ReviewServer:
@@ -205,16 +230,20 @@ def make_server(cfg: Config, port: int = 0, host: str = "127.0.0.1") -> ReviewSe
     try:
         return ReviewServer((host, port), state)
     except OSError as e:
-        raise KpipeError(f"cannot listen on {host}:{port} ({e.strerror}). Pick another --port, "
-                         "or leave it out for a free one.") from e
+        raise KpipeError(
+            f"cannot listen on {host}:{port} ({e.strerror}). Pick another --port, "
+            "or leave it out for a free one."
+        ) from e
 
 
 def run(cfg: Config, port: int | None = None) -> None:
     """Serve until Ctrl-C; every decision is already in relabels.csv when it is clicked."""
     server = make_server(cfg, port or 0)
-    console.print(f"review page: [bold]{server.url}[/] (Ctrl-C stops it)\n"
-                  f"decisions are written to {safe(server.state.csv)} at once; then "
-                  f"kpipe relabel ... --apply")
+    console.print(
+        f"review page: [bold]{server.url}[/] (Ctrl-C stops it)\n"
+        f"decisions are written to {safe(server.state.csv)} at once; then "
+        f"kpipe relabel ... --apply"
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -26,15 +26,23 @@ def table(runs_dir: str | Path, ledger_csv: str | Path, names: list[str] | None 
         by_name = {r.name: r for r in folders}
         unknown = [n for n in names if n not in by_name]
         if unknown:
-            raise KpipeError(f"{runs_dir}: no run folder named {', '.join(unknown)} "
-                             f"(runs there: {', '.join(by_name) or 'none'}).")
+            raise KpipeError(
+                f"{runs_dir}: no run folder named {', '.join(unknown)} "
+                f"(runs there: {', '.join(by_name) or 'none'})."
+            )
         folders = [by_name[n] for n in names]
     records = [runs_table.load_run(r) for r in folders]
     return runs_table.build_table(records, ledger.read(ledger_csv))
 
 
-def run(runs_dir: str | Path, ledger_csv: str | Path, sort: str | None = None, csv: str | Path | None = None,
-        names: list[str] | None = None, reverse: bool = False) -> pd.DataFrame:
+def run(
+    runs_dir: str | Path,
+    ledger_csv: str | Path,
+    sort: str | None = None,
+    csv: str | Path | None = None,
+    names: list[str] | None = None,
+    reverse: bool = False,
+) -> pd.DataFrame:
     df = runs_table.sort_table(table(runs_dir, ledger_csv, names), sort, reverse)
     if df.empty:
         console.print(f"no runs under {safe(runs_dir)} yet: `kpipe train` writes one per experiment.")

@@ -43,8 +43,9 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str
         if sep and AXIS_SEP in value:
             values = [v.strip() for v in value.split(AXIS_SEP)]
             if any(not v for v in values) or key.strip() in axes:
-                raise KpipeError(f"sweep: bad grid axis '{text}': expected key=a|b|c with no empty value, "
-                                 "each key once.")
+                raise KpipeError(
+                    f"sweep: bad grid axis '{text}': expected key=a|b|c with no empty value, each key once."
+                )
             axes[key.strip()] = values
         else:
             fixed.append(text)
@@ -63,8 +64,10 @@ def read_grid(path: Path) -> dict[str, list[str]]:
     except (OSError, yaml.YAMLError) as e:
         raise KpipeError(f"{path}: cannot read the grid ({e}).") from None
     if not isinstance(raw, dict) or not all(isinstance(v, list) and v for v in raw.values()):
-        raise KpipeError(f"{path}: a grid is a mapping of key -> non-empty list of values, "
-                         "e.g. {model.name: [resnet18, resnet34]}.")
+        raise KpipeError(
+            f"{path}: a grid is a mapping of key -> non-empty list of values, "
+            "e.g. {model.name: [resnet18, resnet34]}."
+        )
     return {str(k): [_value_text(v) for v in values] for k, values in raw.items()}
 
 
@@ -76,10 +79,13 @@ def combinations(axes: dict[str, list[str]]) -> list[dict[str, str]]:
 
 def run_name(exp: str, combo: dict[str, str]) -> str:
     """`<exp>__key=value__...`, every character a folder name could trip on replaced by `_`."""
+
     def safe_part(text: str) -> str:
         return _UNSAFE.sub("_", text).strip("._")
 
-    return "__".join([safe_part(exp) or "sweep", *(f"{safe_part(k)}={safe_part(v)}" for k, v in combo.items())])
+    return "__".join(
+        [safe_part(exp) or "sweep", *(f"{safe_part(k)}={safe_part(v)}" for k, v in combo.items())]
+    )
 
 
 def is_finished(run: paths.RunDir) -> bool:
@@ -91,8 +97,15 @@ def is_finished(run: paths.RunDir) -> bool:
         return False  # a cv.json cut short: train again (resume) rewrites it
 
 
-def run(exp: str | None, comp: str | None, overrides: list[str], grid_file: Path | None = None,
-        yes: bool = False, max_runs: int = DEFAULT_MAX_RUNS, gpus: int | None = None) -> list[str]:
+def run(
+    exp: str | None,
+    comp: str | None,
+    overrides: list[str],
+    grid_file: Path | None = None,
+    yes: bool = False,
+    max_runs: int = DEFAULT_MAX_RUNS,
+    gpus: int | None = None,
+) -> list[str]:
     """Train the grid; return the run names. gpus: how many to spread runs over (default: every visible one)."""
     fixed, axes = split_overrides(overrides)
     if grid_file is not None:
@@ -104,12 +117,16 @@ def run(exp: str | None, comp: str | None, overrides: list[str], grid_file: Path
         raise KpipeError("sweep: no grid axis. Give one as key=a|b (quoted), or --grid FILE.")
     combos = combinations(axes)
     if len(combos) > max_runs and not yes:
-        raise KpipeError(f"sweep: the grid has {len(combos)} runs, more than --max-runs {max_runs}. "
-                         "Add --yes to train them all, or shrink the grid.")
+        raise KpipeError(
+            f"sweep: the grid has {len(combos)} runs, more than --max-runs {max_runs}. "
+            "Add --yes to train them all, or shrink the grid."
+        )
     base = load_config(exp, comp, fixed)
     names = [run_name(base.name, c) for c in combos]
     if len(set(names)) != len(names):
-        raise KpipeError("sweep: two grid values give the same run name once made folder-safe; rename a value.")
+        raise KpipeError(
+            "sweep: two grid values give the same run name once made folder-safe; rename a value."
+        )
     from kpipe import launch  # torch: only loaded when something is trained
     from kpipe.stages import runs, train
 
@@ -126,8 +143,10 @@ def run(exp: str | None, comp: str | None, overrides: list[str], grid_file: Path
         jobs = [(cfg.name, train_args(exp, comp, ov), paths.run_dir(cfg).log) for cfg, ov in todo]
         failed = launch.run_per_gpu(jobs, gpus)
         if failed:
-            raise KpipeError(f"sweep: {len(failed)} run(s) failed: {', '.join(failed)}. See runs/<name>/train.log; "
-                             "the same sweep command resumes them (finished runs are skipped).")
+            raise KpipeError(
+                f"sweep: {len(failed)} run(s) failed: {', '.join(failed)}. See runs/<name>/train.log; "
+                "the same sweep command resumes them (finished runs are skipped)."
+            )
     else:
         for i, (cfg, _) in enumerate(todo, 1):
             console.print(f"[bold]sweep {i}/{len(todo)}[/]: {safe(cfg.name)}")
@@ -138,4 +157,10 @@ def run(exp: str | None, comp: str | None, overrides: list[str], grid_file: Path
 
 def train_args(exp: str | None, comp: str | None, overrides: list[str]) -> list[str]:
     """`kpipe train` arguments that train one sweep run (resuming it) in a process of its own."""
-    return ["train", *(["-c", exp] if exp else []), *(["--comp", comp] if comp else []), *overrides, "--resume"]
+    return [
+        "train",
+        *(["-c", exp] if exp else []),
+        *(["--comp", comp] if comp else []),
+        *overrides,
+        "--resume",
+    ]

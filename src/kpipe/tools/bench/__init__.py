@@ -16,5 +16,20 @@ from kpipe.tools.bench.report import TARGETS, check_targets
 from kpipe.tools.bench.scale import SCALE_TARGETS, check_scale, growth, run_scale
 from kpipe.tools.bench.suite import gpu_section, run
 
-__all__ = ["N_CLASSES", "SCALE_TARGETS", "TARGETS", "Plan", "check_scale", "check_targets", "consumer_batch_aug",
-           "gpu_section", "growth", "image_set", "make_plan", "photo", "run", "run_scale", "tutorial_transform"]
+__all__ = [
+    "N_CLASSES",
+    "SCALE_TARGETS",
+    "TARGETS",
+    "Plan",
+    "check_scale",
+    "check_targets",
+    "consumer_batch_aug",
+    "gpu_section",
+    "growth",
+    "image_set",
+    "make_plan",
+    "photo",
+    "run",
+    "run_scale",
+    "tutorial_transform",
+]

@@ -41,16 +41,18 @@ def tutorial_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...
     (rotation and colour jitter each half the time) so both loaders do the same work."""
     from torchvision import transforms as tv
 
-    return tv.Compose([
-        tv.Resize(int(size * 256 / 224)),
-        tv.RandomResizedCrop(size, scale=(0.5, 1.0)),
-        tv.RandomHorizontalFlip(),
-        tv.RandomApply([tv.RandomRotation(15)], p=0.5),
-        tv.RandomApply([tv.ColorJitter(0.2, 0.2, 0.2, 0.02)], p=0.5),
-        tv.RandomGrayscale(0.05),
-        tv.ToTensor(),
-        tv.Normalize(mean, std),
-    ])
+    return tv.Compose(
+        [
+            tv.Resize(int(size * 256 / 224)),
+            tv.RandomResizedCrop(size, scale=(0.5, 1.0)),
+            tv.RandomHorizontalFlip(),
+            tv.RandomApply([tv.RandomRotation(15)], p=0.5),
+            tv.RandomApply([tv.ColorJitter(0.2, 0.2, 0.2, 0.02)], p=0.5),
+            tv.RandomGrayscale(0.05),
+            tv.ToTensor(),
+            tv.Normalize(mean, std),
+        ]
+    )
 
 
 Prep = Callable[[torch.Tensor], torch.Tensor]
@@ -74,8 +76,13 @@ def on_device(consume: Prep, device: torch.device) -> Prep:
     return lambda x: consume(x.to(device, non_blocking=True))
 
 
-def _epoch_case(loader: DataLoader | CachedBatches, consume: Prep | None, min_seconds: float,
-                threads: int | None = None, device: torch.device | None = None) -> Case:
+def _epoch_case(
+    loader: DataLoader | CachedBatches,
+    consume: Prep | None,
+    min_seconds: float,
+    threads: int | None = None,
+    device: torch.device | None = None,
+) -> Case:
     """Whole epochs, as many as fill min_seconds (a fast loader's single epoch is too short to time);
     `consume` runs with `threads` torch threads (default: as set); the clock stops once `device` is done."""
     epoch = [0]
@@ -103,22 +110,44 @@ def _epoch_case(loader: DataLoader | CachedBatches, consume: Prep | None, min_se
     return run
 
 
-def data_cases(plan: Plan, root: Path, paths: list[str], labels: np.ndarray, arr: np.ndarray,
-               mean: tuple[float, ...], std: tuple[float, ...],
-               device: torch.device) -> tuple[dict[str, Case], list[DataLoader]]:
+def data_cases(
+    plan: Plan,
+    root: Path,
+    paths: list[str],
+    labels: np.ndarray,
+    arr: np.ndarray,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    device: torch.device,
+) -> tuple[dict[str, Case], list[DataLoader]]:
     """Ready batches on `device`: on CUDA each loader's batch is copied to the GPU, kpipe's from pinned memory
     and normalised (or batch-augmented) there, as kpipe train does; the tutorial's float batch as it comes."""
     from torchvision.datasets import ImageFolder
 
     b, nw, size, pin = plan.batch, plan.workers, plan.img_size, device.type == "cuda"
     # Persistent workers for the tutorial too: every case is measured in steady state.
-    tut = DataLoader(ImageFolder(str(root), transform=tutorial_transform(size, mean, std)), batch_size=b,
-                     shuffle=True, num_workers=nw, persistent_workers=True)
+    tut = DataLoader(
+        ImageFolder(str(root), transform=tutorial_transform(size, mean, std)),
+        batch_size=b,
+        shuffle=True,
+        num_workers=nw,
+        persistent_workers=True,
+    )
     rows = np.arange(len(paths))
-    files = make_loader(ImageDataset(paths, labels, transforms.build_train("medium", size)), EpochSampler(rows, 0), b,
-                        nw, pin_memory=pin)
-    cached = make_loader(ImageDataset(paths, labels, transforms.build_train("medium", size), arr),
-                         EpochSampler(rows, 1), b, nw, pin_memory=pin)
+    files = make_loader(
+        ImageDataset(paths, labels, transforms.build_train("medium", size)),
+        EpochSampler(rows, 0),
+        b,
+        nw,
+        pin_memory=pin,
+    )
+    cached = make_loader(
+        ImageDataset(paths, labels, transforms.build_train("medium", size), arr),
+        EpochSampler(rows, 1),
+        b,
+        nw,
+        pin_memory=pin,
+    )
     loaders = [tut, files, cached]
     for dl in loaders:  # start every worker before the main process runs any parallel torch op
         next(iter(dl))
@@ -132,10 +161,12 @@ def data_cases(plan: Plan, root: Path, paths: list[str], labels: np.ndarray, arr
         "kpipe_files": _epoch_case(files, prep, t, ct, d),
         "kpipe_cache": _epoch_case(cached, prep, t, ct, d),
         # data.batch_aug as train.py builds it: whole uint8 batches from the cache, BatchAugment on the consumer.
-        "kpipe_cache_batch_aug": _epoch_case(CachedBatches(arr, labels, EpochSampler(rows, 2), b, pin_memory=pin),
-                                             aug, t, None, d),
-        "ceiling_cache_to_float": _epoch_case(CachedBatches(arr, labels, EpochSampler(rows, 3), b, pin_memory=pin),
-                                              prep, t, None, d),
+        "kpipe_cache_batch_aug": _epoch_case(
+            CachedBatches(arr, labels, EpochSampler(rows, 2), b, pin_memory=pin), aug, t, None, d
+        ),
+        "ceiling_cache_to_float": _epoch_case(
+            CachedBatches(arr, labels, EpochSampler(rows, 3), b, pin_memory=pin), prep, t, None, d
+        ),
         "ceiling_decode": _decode_case(paths, nw, t),
     }
     return cases, loaders
@@ -152,7 +183,9 @@ def _decode_case(paths: list[str], threads: int, min_seconds: float) -> Case:
     return run
 
 
-def breakdown(plan: Plan, paths: list[str], mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, float]:
+def breakdown(
+    plan: Plan, paths: list[str], mean: tuple[float, ...], std: tuple[float, ...]
+) -> dict[str, float]:
     """Milliseconds per image of each step, one core, main process: where the loader's time goes."""
     from PIL import Image
 
@@ -178,8 +211,10 @@ def breakdown(plan: Plan, paths: list[str], mean: tuple[float, ...], std: tuple[
         to_t = ToTensorV2()
         augd = timed("kpipe: albumentations 'medium' augment", lambda: [aug(image=im)["image"] for im in rgb])
         u8 = timed("kpipe: ToTensorV2 (uint8 CHW)", lambda: [to_t(image=im)["image"] for im in augd])
-        batches = timed("collate uint8 batch (in-process)", lambda: [default_collate(u8[i:i + plan.batch])
-                                                                     for i in range(0, n, plan.batch)])
+        batches = timed(
+            "collate uint8 batch (in-process)",
+            lambda: [default_collate(u8[i : i + plan.batch]) for i in range(0, n, plan.batch)],
+        )
         norm = transforms.Normalize(mean, std)
         timed("consumer: transforms.Normalize", lambda: [norm(x) for x in batches])
         g = consumer_batch_aug(size, mean, std)
@@ -192,8 +227,15 @@ def breakdown(plan: Plan, paths: list[str], mean: tuple[float, ...], std: tuple[
 # ---------------------------------------------------------------- inference and training
 
 
-def infer_cases(model_name: str, size: int, batch: int, n_batches: int, device: torch.device,
-                bf16: bool, compile_: bool = False) -> dict[str, Case]:
+def infer_cases(
+    model_name: str,
+    size: int,
+    batch: int,
+    n_batches: int,
+    device: torch.device,
+    bf16: bool,
+    compile_: bool = False,
+) -> dict[str, Case]:
     """tta.predict_batched images/s: no TTA vs hflip (fp32), and bf16 autocast / channels_last variants."""
     model = models.create(model_name, N_CLASSES).eval().to(device)
     x = torch.randn(batch, 3, size, size, device=device)
@@ -213,8 +255,11 @@ def infer_cases(model_name: str, size: int, batch: int, n_batches: int, device: 
         return run
 
     cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    cases = {"fp32": case(model, ["identity"], None, False), "fp32_hflip": case(model, ["identity", "hflip"], None, False),
-             "fp32_channels_last": case(cl, ["identity"], None, True)}
+    cases = {
+        "fp32": case(model, ["identity"], None, False),
+        "fp32_hflip": case(model, ["identity", "hflip"], None, False),
+        "fp32_channels_last": case(cl, ["identity"], None, True),
+    }
     if bf16:
         cases["bf16"] = case(model, ["identity"], torch.bfloat16, False)
         cases["bf16_channels_last"] = case(cl, ["identity"], torch.bfloat16, True)
@@ -226,8 +271,9 @@ def infer_cases(model_name: str, size: int, batch: int, n_batches: int, device: 
     return cases
 
 
-def infer_pipeline_cases(plan: Plan, paths: list[str],
-                         device: torch.device) -> tuple[dict[str, Case], DataLoader, dict[str, Any]]:
+def infer_pipeline_cases(
+    plan: Plan, paths: list[str], device: torch.device
+) -> tuple[dict[str, Case], DataLoader, dict[str, Any]]:
     """kpipe infer's own loop (predict.predict_models) over real JPEGs: the eval loader's workers decode and
     resize, the batch is normalised, and every TTA view goes through the model in one forward.
     The ideal hflip cost is just under 2.0: decoding is shared by the views. `kpipe_infer_auto` is the loop in
@@ -244,7 +290,9 @@ def infer_pipeline_cases(plan: Plan, paths: list[str],
     def forward(m: nn.Module, views: list[str], dtype: torch.dtype | None, channels_last: bool) -> np.ndarray:
         return predict.predict_models([m], loader, views, N_CLASSES, device, dtype, channels_last, prepare)[0]
 
-    def case(m: nn.Module, views: list[str], dtype: torch.dtype | None = None, channels_last: bool = False) -> Case:
+    def case(
+        m: nn.Module, views: list[str], dtype: torch.dtype | None = None, channels_last: bool = False
+    ) -> Case:
         def run() -> float:
             t0 = time.perf_counter()
             forward(m, views, dtype, channels_last)
@@ -253,13 +301,18 @@ def infer_pipeline_cases(plan: Plan, paths: list[str],
 
         return run
 
-    cases = {"kpipe_infer": case(model, ["identity"]), "kpipe_infer_hflip": case(model, ["identity", "hflip"]),
-             "kpipe_infer_auto": case(fast, ["identity"], precision.DTYPES[form], True)}
+    cases = {
+        "kpipe_infer": case(model, ["identity"]),
+        "kpipe_infer_hflip": case(model, ["identity", "hflip"]),
+        "kpipe_infer_auto": case(fast, ["identity"], precision.DTYPES[form], True),
+    }
     for run in cases.values():  # warm-up: workers, oneDNN primitives
         run()
     # Random weights: near-uniform outputs, so argmax agreement here is a harsh lower bound (docs/bench.md).
-    check = precision.agreement(forward(model, ["identity"], None, False)[0, 0],
-                                forward(fast, ["identity"], precision.DTYPES[form], True)[0, 0])
+    check = precision.agreement(
+        forward(model, ["identity"], None, False)[0, 0],
+        forward(fast, ["identity"], precision.DTYPES[form], True)[0, 0],
+    )
     return cases, loader, {"form": f"{form} + channels_last", **check}
 
 
@@ -273,11 +326,15 @@ def _batches(size: int, batch: int, steps: int, device: torch.device, channels_l
     return [(x, y, idx, ok)] * steps  # an in-memory "loader": the step alone is measured
 
 
-def kpipe_train_step(model: nn.Module, device: torch.device, t: TrainConfig) -> Callable[[list[tuple]], float]:
+def kpipe_train_step(
+    model: nn.Module, device: torch.device, t: TrainConfig
+) -> Callable[[list[tuple]], float]:
     """engine.train_epoch as train.py drives it: kpipe's optimiser groups, schedule, scaler, AMP policy."""
     opt = build_optimizer(model, t)
     precision = engine.Precision.of(device, t)
-    st = engine.FoldState(model, opt, Schedule(opt, t, 10), torch.amp.GradScaler(device.type, enabled=precision.scaler))
+    st = engine.FoldState(
+        model, opt, Schedule(opt, t, 10), torch.amp.GradScaler(device.type, enabled=precision.scaler)
+    )
     # The batches are already float on the device (the step alone is measured): nothing to prepare.
     step = engine.Step(precision, nn.CrossEntropyLoss(), None, N_CLASSES)
 
@@ -291,8 +348,9 @@ def kpipe_train_step(model: nn.Module, device: torch.device, t: TrainConfig) -> 
     return run
 
 
-def bare_train_step(model: nn.Module, device: torch.device, t: TrainConfig,
-                    dtype: torch.dtype | None) -> Callable[[list[tuple]], float]:
+def bare_train_step(
+    model: nn.Module, device: torch.device, t: TrainConfig, dtype: torch.dtype | None
+) -> Callable[[list[tuple]], float]:
     """The hand-written loop: AdamW, forward, backward, step; the loss read once at the end."""
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     criterion = nn.CrossEntropyLoss()
@@ -315,8 +373,9 @@ def bare_train_step(model: nn.Module, device: torch.device, t: TrainConfig,
     return run
 
 
-def train_cases(model_name: str, size: int, batch: int, steps: int, device: torch.device,
-                fp32_too: bool) -> dict[str, Case]:
+def train_cases(
+    model_name: str, size: int, batch: int, steps: int, device: torch.device, fp32_too: bool
+) -> dict[str, Case]:
     """kpipe loop vs bare loop at kpipe's precision for `device` (AMP bf16 + channels_last on CUDA);
     with fp32_too, also kpipe in fp32 without channels_last."""
     t = TrainConfig()
@@ -325,12 +384,17 @@ def train_cases(model_name: str, size: int, batch: int, steps: int, device: torc
     base = models.create(model_name, N_CLASSES).to(device)
     base = base.to(memory_format=torch.channels_last) if fast else base
     batches = _batches(size, batch, steps, device, fast)
-    steps_by_name = {"kpipe": (kpipe_train_step(copy.deepcopy(base), device, t), batches),
-                     "bare": (bare_train_step(copy.deepcopy(base), device, t, amp_dtype), batches)}
+    steps_by_name = {
+        "kpipe": (kpipe_train_step(copy.deepcopy(base), device, t), batches),
+        "bare": (bare_train_step(copy.deepcopy(base), device, t, amp_dtype), batches),
+    }
     if fp32_too:
         plain = models.create(model_name, N_CLASSES).to(device)
         t32 = t.model_copy(update={"amp": False, "channels_last": False})
-        steps_by_name["kpipe_fp32"] = (kpipe_train_step(plain, device, t32), _batches(size, batch, steps, device, False))
+        steps_by_name["kpipe_fp32"] = (
+            kpipe_train_step(plain, device, t32),
+            _batches(size, batch, steps, device, False),
+        )
     for step, b in steps_by_name.values():  # warm-up: the first steps allocate and pick kernels
         step(b[:2])
     return {name: (lambda step=step, b=b: step(b)) for name, (step, b) in steps_by_name.items()}

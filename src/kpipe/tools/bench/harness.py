@@ -50,9 +50,23 @@ def make_plan(n_images: int, repeats: int, quick: bool) -> Plan:
     if repeats < 1:
         raise KpipeError(f"--repeats must be at least 1, got {repeats}.")
     if quick:
-        plan = Plan(min(n_images, 64), repeats, True, photo_hw=(120, 160), img_size=64, batch=16, min_seconds=0.0,
-                    infer_batches=1, train_size=64, train_steps=2, gpu_model="resnet18", gpu_size=64,
-                    gpu_batch=32, gpu_steps=3, gpu_compile=False)
+        plan = Plan(
+            min(n_images, 64),
+            repeats,
+            True,
+            photo_hw=(120, 160),
+            img_size=64,
+            batch=16,
+            min_seconds=0.0,
+            infer_batches=1,
+            train_size=64,
+            train_steps=2,
+            gpu_model="resnet18",
+            gpu_size=64,
+            gpu_batch=32,
+            gpu_steps=3,
+            gpu_compile=False,
+        )
     else:
         plan = Plan(n_images, repeats, False)
     if plan.n_images < 2 * plan.batch:
@@ -73,8 +87,12 @@ def interleave(cases: dict[str, Case], repeats: int, title: str) -> dict[str, li
 
 
 def summary(values: list[float]) -> dict[str, Any]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "runs": [round(v, 2) for v in values]}
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "runs": [round(v, 2) for v in values],
+    }
 
 
 def summarise(runs: dict[str, list[float]], base: str | None = None) -> dict[str, Any]:

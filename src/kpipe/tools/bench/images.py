@@ -65,7 +65,9 @@ def image_set(out_dir: Path, plan: Plan, seed: int = 0) -> tuple[Path, list[str]
     spec = {"version": IMAGES_VERSION, "n": plan.n_images, "hw": [h, w], "quality": 90, "seed": seed}
     rel = [f"c{i % N_CLASSES}/img_{i:05d}.jpg" for i in range(plan.n_images)]
     manifest = root / "manifest.json"
-    if not (manifest.is_file() and _read_manifest(manifest) == spec and all((root / r).is_file() for r in rel)):
+    if not (
+        manifest.is_file() and _read_manifest(manifest) == spec and all((root / r).is_file() for r in rel)
+    ):
         partial = root.with_name(root.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         for c in range(N_CLASSES):

@@ -22,7 +22,11 @@ TARGETS: dict[str, tuple[str, float, str]] = {
     "data.ratios.kpipe_cache": (">=", 2.8, "kpipe loader (cache) vs tutorial"),
     "data.ratios.kpipe_cache_batch_aug": (">=", 4.5, "cache + batch augmentation vs tutorial"),
     "inference.ratios.hflip_cost": ("<=", 2.05, "kpipe infer: hflip TTA cost vs no TTA (ideal 2.0)"),
-    "inference.ratios.kpipe_infer_auto": (">=", 3.0, "kpipe infer, infer.precision=auto's form vs the fp32 loop"),
+    "inference.ratios.kpipe_infer_auto": (
+        ">=",
+        3.0,
+        "kpipe infer, infer.precision=auto's form vs the fp32 loop",
+    ),
     "training.ratios.kpipe": (">=", 0.95, "kpipe training step vs bare loop"),
 }
 
@@ -37,8 +41,15 @@ def check_targets(res: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for key, (op, goal, what) in TARGETS.items():
         value = float(_get(res, key))
-        out.append({"target": what, "key": key, "value": round(value, 4), "goal": f"{op} {goal}",
-                    "met": value >= goal if op == ">=" else value <= goal})
+        out.append(
+            {
+                "target": what,
+                "key": key,
+                "value": round(value, 4),
+                "goal": f"{op} {goal}",
+                "met": value >= goal if op == ">=" else value <= goal,
+            }
+        )
     return out
 
 
@@ -76,25 +87,40 @@ def section_rows(sec: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         if not (isinstance(val, dict) and "median" in val):
             continue
         ratio = f"{ratios[key]:.2f}x" if key in ratios else ("1.00x" if ratios and key in BASES else "")
-        rows.append((LABELS.get(key, key), f"{val['median']:,.1f}", f"{val['min']:,.1f}–{val['max']:,.1f}", ratio))
+        rows.append(
+            (LABELS.get(key, key), f"{val['median']:,.1f}", f"{val['min']:,.1f}–{val['max']:,.1f}", ratio)
+        )
     return rows
 
 
 def _sections(res: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     p = res["plan"]
     ct, cd = res["data"].get("consumer_threads"), res["data"].get("consumer_device", "cpu")
-    out = [(f"Data: ready training batches/s on {cd} (batch {p['batch']}, {p['img_size']} px, {p['workers']} workers"
+    out = [
+        (
+            f"Data: ready training batches/s on {cd} (batch {p['batch']}, {p['img_size']} px, {p['workers']} workers"
             + (f" and a {ct}-thread consumer" if ct else "")
-            + f", {p['n_images']} JPEGs {p['photo_hw'][1]}x{p['photo_hw'][0]}), img/s, ratio to (a)", res["data"]),
-           (f"Inference: {p['model']} at {p['img_size']} px, batch {p['batch']}, CPU, img/s, ratio to kpipe infer",
-            res["inference"]),
-           (f"Training: {p['model']} at {p['train_size']} px, batch {p['batch']}, fp32, CPU, in-memory batches, img/s",
-            res["training"])]
+            + f", {p['n_images']} JPEGs {p['photo_hw'][1]}x{p['photo_hw'][0]}), img/s, ratio to (a)",
+            res["data"],
+        ),
+        (
+            f"Inference: {p['model']} at {p['img_size']} px, batch {p['batch']}, CPU, img/s, ratio to kpipe infer",
+            res["inference"],
+        ),
+        (
+            f"Training: {p['model']} at {p['train_size']} px, batch {p['batch']}, fp32, CPU, in-memory batches, img/s",
+            res["training"],
+        ),
+    ]
     g = res["gpu"]
     if "skipped" not in g:
-        out += [(f"GPU training: {g['model']} at {g['img_size']} px, batch {g['batch']} ({g['device']}), img/s",
-                 g["training"]),
-                (f"GPU inference: {g['model']} at {g['img_size']} px, batch {g['batch']}, img/s", g["inference"])]
+        out += [
+            (
+                f"GPU training: {g['model']} at {g['img_size']} px, batch {g['batch']} ({g['device']}), img/s",
+                g["training"],
+            ),
+            (f"GPU inference: {g['model']} at {g['img_size']} px, batch {g['batch']}, img/s", g["inference"]),
+        ]
     return out
 
 
@@ -124,9 +150,11 @@ def print_table(res: dict[str, Any]) -> None:
 
 
 def auto_line(auto: dict[str, Any]) -> str:
-    return (f"infer.precision=auto's form here: {auto['form']}; against the fp32 loop on the same {auto['images']} "
-            f"images (random weights): argmax agreement {auto['argmax_agreement']:.2%}, max probability difference "
-            f"{auto['max_prob_diff']:.4f}.")
+    return (
+        f"infer.precision=auto's form here: {auto['form']}; against the fp32 loop on the same {auto['images']} "
+        f"images (random weights): argmax agreement {auto['argmax_agreement']:.2%}, max probability difference "
+        f"{auto['max_prob_diff']:.4f}."
+    )
 
 
 def _md_table(header: list[str], rows: list[tuple[str, ...]]) -> str:
@@ -143,11 +171,17 @@ def render_md(res: dict[str, Any]) -> str:
         f"{'yes' if m['cpu_bf16'] else 'no'}), GPU: {m['cuda'] or 'none'}. Python {m['python']}, torch {m['torch']}, "
         f"torchvision {m['torchvision']}, timm {m['timm']}, albumentations {m['albumentations']}, OpenCV {m['cv2']}, "
         f"numpy {m['numpy']}, Pillow {m['pillow']}. Load average (1 min) before the run: {la['start']}"
-        + (" — other work was running, so these figures are lower bounds." if la["start"] > 0.5 else ".") + "\n",
+        + (" — other work was running, so these figures are lower bounds." if la["start"] > 0.5 else ".")
+        + "\n",
         "Figures are medians over the repetitions (run interleaved), with their min–max; ratios are ratios of medians.\n",
         "## Targets\n",
-        _md_table(["target", "measured", "goal", "met"],
-                  [(t["target"], f"{t['value']:.2f}", t["goal"], "yes" if t["met"] else "**no**") for t in res["targets"]]),
+        _md_table(
+            ["target", "measured", "goal", "met"],
+            [
+                (t["target"], f"{t['value']:.2f}", t["goal"], "yes" if t["met"] else "**no**")
+                for t in res["targets"]
+            ],
+        ),
     ]
     for title, sec in _sections(res):
         parts += [f"\n## {title}\n", _md_table(["case", "img/s", "min–max", "ratio"], section_rows(sec))]
@@ -156,12 +190,16 @@ def render_md(res: dict[str, Any]) -> str:
             parts.append("\n" + _md_table(["ratio", "value"], extra))
         if "breakdown_ms_per_image" in sec:
             rows = [(k, f"{v:.3f}") for k, v in sec["breakdown_ms_per_image"].items()]
-            parts += ["\nWhere the time goes (one core, main process, ms per image):\n",
-                      _md_table(["step", "ms/image"], rows)]
+            parts += [
+                "\nWhere the time goes (one core, main process, ms per image):\n",
+                _md_table(["step", "ms/image"], rows),
+            ]
     auto = res["inference"].get("auto_precision")
     if auto:
         parts.append(f"\n{auto_line(auto)}")
     if "skipped" in res["gpu"]:
         parts.append(f"\n## GPU\n\n{res['gpu']['skipped']}.")
-    parts.append(f"\nWhat each row measures, how, and why its target is set there: {DOC} in kpipe's repository.")
+    parts.append(
+        f"\nWhat each row measures, how, and why its target is set there: {DOC} in kpipe's repository."
+    )
     return "\n".join(parts) + "\n"

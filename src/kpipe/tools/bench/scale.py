@@ -46,7 +46,10 @@ from kpipe.tools.bench.images import N_CLASSES, photo
 SCALE_HW = (256, 256)
 STAGES = ("audit", "folds", "cache", "infer")
 RSS_AT = 50_000  # the issue's audit memory target is stated at this many images
-SCALE_TARGETS = {"growth": 1.125, "audit_rss_gb": 2.0}  # time ratio <= 1.125 x F (4.5 at F=4); audit RSS < 2 GB
+SCALE_TARGETS = {
+    "growth": 1.125,
+    "audit_rss_gb": 2.0,
+}  # time ratio <= 1.125 x F (4.5 at F=4); audit RSS < 2 GB
 
 
 def write_pool(out_dir: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
@@ -93,16 +96,27 @@ def make_competition(out_dir: Path, pool: Path, n: int, size: int, model: str) -
     comp = root / "comp.yaml"
     comp.write_text(yaml.safe_dump({"name": f"scale{n}", "data_dir": str(data), "layout": "folders"}))
     exp = root / "exp.yaml"
-    exp.write_text(yaml.safe_dump({
-        "name": "scale",
-        "model": {"name": model, "pretrained": False},
-        "data": {"img_size": size, "batch_size": 32, "num_workers": 2, "cache_dir": str(work / "cache")},
-        "train": {"device": "cpu"},
-        "folds": {"n_folds": 5},
-        "infer": {"tta": ["identity"], "batch_size": 32, "precision_check_images": 64},
-        "paths": {k: str(work / k) for k in ("data_root", "folds_dir", "runs_dir", "predictions_dir",
-                                             "submissions_dir")},
-    }))
+    exp.write_text(
+        yaml.safe_dump(
+            {
+                "name": "scale",
+                "model": {"name": model, "pretrained": False},
+                "data": {
+                    "img_size": size,
+                    "batch_size": 32,
+                    "num_workers": 2,
+                    "cache_dir": str(work / "cache"),
+                },
+                "train": {"device": "cpu"},
+                "folds": {"n_folds": 5},
+                "infer": {"tta": ["identity"], "batch_size": 32, "precision_check_images": 64},
+                "paths": {
+                    k: str(work / k)
+                    for k in ("data_root", "folds_dir", "runs_dir", "predictions_dir", "submissions_dir")
+                },
+            }
+        )
+    )
     return comp, exp, work
 
 
@@ -114,14 +128,22 @@ def fake_run(exp: Path, comp: Path) -> None:
     run = paths.run_dir(cfg)
     run.fold(0).best.parent.mkdir(parents=True, exist_ok=True)
     write_text(run.config, yaml.safe_dump(cfg.to_dict()))
-    payload = {"model": model.state_dict(), "classes": classes, "config": cfg.to_dict(), "epoch": 0, "score": 0.0,
-               "data_config": models.resolve_data_config(model, cfg.data)}
+    payload = {
+        "model": model.state_dict(),
+        "classes": classes,
+        "config": cfg.to_dict(),
+        "epoch": 0,
+        "score": 0.0,
+        "data_config": models.resolve_data_config(model, cfg.data),
+    }
     torch.save(to_plain(payload), run.fold(0).best)
 
 
 # Run argv[2:], write [exit code, ru_maxrss in KB] of it to argv[1]: a bare interpreter forks it, not this process.
-MEASURE = ("import json, os, subprocess, sys; p = subprocess.Popen(sys.argv[2:]); _, st, ru = os.wait4(p.pid, 0); "
-           "open(sys.argv[1], 'w').write(json.dumps([os.waitstatus_to_exitcode(st), ru.ru_maxrss]))")
+MEASURE = (
+    "import json, os, subprocess, sys; p = subprocess.Popen(sys.argv[2:]); _, st, ru = os.wait4(p.pid, 0); "
+    "open(sys.argv[1], 'w').write(json.dumps([os.waitstatus_to_exitcode(st), ru.ru_maxrss]))"
+)
 
 
 def timed(cmd: list[str], log: Path) -> tuple[float, int]:
@@ -130,8 +152,9 @@ def timed(cmd: list[str], log: Path) -> tuple[float, int]:
     usage = log.with_suffix(".rusage.json")
     with open(log, "wb") as fh:
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", MEASURE, str(usage), *cmd], stdout=fh, stderr=subprocess.STDOUT,
-                       check=True)
+        subprocess.run(
+            [sys.executable, "-c", MEASURE, str(usage), *cmd], stdout=fh, stderr=subprocess.STDOUT, check=True
+        )
         seconds = time.perf_counter() - t0
     code, max_rss_kb = json.loads(usage.read_text(encoding="utf-8"))
     if code != 0:
@@ -149,10 +172,15 @@ def run_size(out_dir: Path, pool: Path, n: int, size: int, model: str) -> dict[s
             fake_run(exp, comp)
         cmd = [sys.executable, "-m", "kpipe", stage, "-c", str(exp), "--comp", str(comp)]
         seconds, rss = timed(cmd, work / "logs" / f"{stage}.log")
-        out[stage] = {"images": counts[stage], "seconds": round(seconds, 2),
-                      "img_per_s": round(counts[stage] / seconds, 1), "peak_rss_mb": round(rss / 2**20, 1)}
-        console.print(f"bench --scale: {n} images, {stage}: {seconds:.1f} s, peak RSS {rss / 2**20:.0f} MB",
-                      style="dim")
+        out[stage] = {
+            "images": counts[stage],
+            "seconds": round(seconds, 2),
+            "img_per_s": round(counts[stage] / seconds, 1),
+            "peak_rss_mb": round(rss / 2**20, 1),
+        }
+        console.print(
+            f"bench --scale: {n} images, {stage}: {seconds:.1f} s, peak RSS {rss / 2**20:.0f} MB", style="dim"
+        )
     return out
 
 
@@ -161,18 +189,33 @@ def growth(small: dict[str, Any], large: dict[str, Any], n: int, factor: int) ->
     ratios = {s: large[s]["seconds"] / small[s]["seconds"] for s in STAGES}
     a, b = small["audit"]["peak_rss_mb"], large["audit"]["peak_rss_mb"]
     per_image = max(b - a, 0.0) / ((factor - 1) * n)
-    return {"time_ratio": {s: round(r, 2) for s, r in ratios.items()},
-            "audit_rss_mb_at_50k": round(b + per_image * (RSS_AT - factor * n), 1)}
+    return {
+        "time_ratio": {s: round(r, 2) for s, r in ratios.items()},
+        "audit_rss_mb_at_50k": round(b + per_image * (RSS_AT - factor * n), 1),
+    }
 
 
 def check_scale(res: dict[str, Any]) -> list[dict[str, Any]]:
     factor, g = res["factor"], res["growth"]
     limit = SCALE_TARGETS["growth"] * factor
-    out = [{"target": f"{s}: time at {factor}N / time at N", "value": g["time_ratio"][s], "goal": f"<= {limit:.2f}",
-            "met": g["time_ratio"][s] <= limit} for s in STAGES]
+    out = [
+        {
+            "target": f"{s}: time at {factor}N / time at N",
+            "value": g["time_ratio"][s],
+            "goal": f"<= {limit:.2f}",
+            "met": g["time_ratio"][s] <= limit,
+        }
+        for s in STAGES
+    ]
     rss = g["audit_rss_mb_at_50k"] / 1024
-    out.append({"target": f"audit peak RSS at {RSS_AT:,} images (linear extrapolation)", "value": round(rss, 3),
-                "goal": f"< {SCALE_TARGETS['audit_rss_gb']} GB", "met": rss < SCALE_TARGETS["audit_rss_gb"]})
+    out.append(
+        {
+            "target": f"audit peak RSS at {RSS_AT:,} images (linear extrapolation)",
+            "value": round(rss, 3),
+            "goal": f"< {SCALE_TARGETS['audit_rss_gb']} GB",
+            "met": rss < SCALE_TARGETS["audit_rss_gb"],
+        }
+    )
     return out
 
 
@@ -182,11 +225,18 @@ def run_scale(out_dir: Path, n: int, factor: int, size: int, model: str) -> dict
         raise KpipeError(f"--scale needs N >= 100 and --scale-factor >= 2, got N={n}, F={factor}.")
     pool = write_pool(out_dir, factor * n, factor * n // 4)
     start = time.perf_counter()
-    res: dict[str, Any] = {"command": f"kpipe bench --out {out_dir} --scale {n} --scale-factor {factor} "
-                                      f"--scale-size {size} --scale-model {model}",
-                           "date": time.strftime("%Y-%m-%d %H:%M"), "n": n, "factor": factor, "img_size": size,
-                           "model": model, "cores": cpus(), "load_average_start": round(os.getloadavg()[0], 2),
-                           "sizes": {}}
+    res: dict[str, Any] = {
+        "command": f"kpipe bench --out {out_dir} --scale {n} --scale-factor {factor} "
+        f"--scale-size {size} --scale-model {model}",
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "n": n,
+        "factor": factor,
+        "img_size": size,
+        "model": model,
+        "cores": cpus(),
+        "load_average_start": round(os.getloadavg()[0], 2),
+        "sizes": {},
+    }
     for m in (n, factor * n):
         res["sizes"][str(m)] = run_size(out_dir, pool, m, size, model)
     res["growth"] = growth(res["sizes"][str(n)], res["sizes"][str(factor * n)], n, factor)
@@ -201,37 +251,71 @@ def run_scale(out_dir: Path, n: int, factor: int, size: int, model: str) -> dict
 
 def _rows(res: dict[str, Any]) -> list[tuple[str, ...]]:
     small, large = (res["sizes"][k] for k in res["sizes"])
-    return [(s, f"{small[s]['images']:,}", f"{small[s]['seconds']:.1f}", f"{small[s]['img_per_s']:,.0f}",
-             f"{small[s]['peak_rss_mb']:,.0f}", f"{large[s]['images']:,}", f"{large[s]['seconds']:.1f}",
-             f"{large[s]['img_per_s']:,.0f}", f"{large[s]['peak_rss_mb']:,.0f}",
-             f"{res['growth']['time_ratio'][s]:.2f}x") for s in STAGES]
+    return [
+        (
+            s,
+            f"{small[s]['images']:,}",
+            f"{small[s]['seconds']:.1f}",
+            f"{small[s]['img_per_s']:,.0f}",
+            f"{small[s]['peak_rss_mb']:,.0f}",
+            f"{large[s]['images']:,}",
+            f"{large[s]['seconds']:.1f}",
+            f"{large[s]['img_per_s']:,.0f}",
+            f"{large[s]['peak_rss_mb']:,.0f}",
+            f"{res['growth']['time_ratio'][s]:.2f}x",
+        )
+        for s in STAGES
+    ]
 
 
-HEADER = ["stage", "images (N)", "s", "img/s", "peak RSS MB", "images (FN)", "s", "img/s", "peak RSS MB", "time ratio"]
+HEADER = [
+    "stage",
+    "images (N)",
+    "s",
+    "img/s",
+    "peak RSS MB",
+    "images (FN)",
+    "s",
+    "img/s",
+    "peak RSS MB",
+    "time ratio",
+]
 
 
 def _print(res: dict[str, Any]) -> None:
-    table = Table(title=f"kpipe bench --scale {res['n']} (x{res['factor']}), {res['model']} at {res['img_size']} px")
+    table = Table(
+        title=f"kpipe bench --scale {res['n']} (x{res['factor']}), {res['model']} at {res['img_size']} px"
+    )
     for col in HEADER:
         table.add_column(col, justify="left" if col == "stage" else "right")
     for row in _rows(res):
         table.add_row(*row)
     console.print(table)
     for t in res["targets"]:
-        console.print(f"{t['target']}: {t['value']} (goal {t['goal']}) " + ("[green]met" if t["met"] else "[red]not met"))
+        console.print(
+            f"{t['target']}: {t['value']} (goal {t['goal']}) "
+            + ("[green]met" if t["met"] else "[red]not met")
+        )
 
 
 def render_scale_md(res: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in _rows(res)]
     targets = ["| target | measured | goal | met |", "|---|---|---|---|"]
-    targets += [f"| {t['target']} | {t['value']} | {t['goal']} | {'yes' if t['met'] else '**no**'} |"
-                for t in res["targets"]]
-    return "\n".join([
-        "# kpipe bench --scale\n",
-        f"`{res['command']}` on {res['date']}, {res['seconds']:.0f} s, {res['cores']} cores, load average "
-        f"{res['load_average_start']} at the start, {res['load_average_end']} at the end.\n",
-        f"{SCALE_HW[1]}x{SCALE_HW[0]} photo-like JPEGs; each stage a `python -m kpipe` subprocess from empty outputs; "
-        "infer: one random-weight fold, no TTA, on N/4 test images; peak RSS is the process's (and its workers').\n",
-        *lines, "", *targets, "",
-    ])
+    targets += [
+        f"| {t['target']} | {t['value']} | {t['goal']} | {'yes' if t['met'] else '**no**'} |"
+        for t in res["targets"]
+    ]
+    return "\n".join(
+        [
+            "# kpipe bench --scale\n",
+            f"`{res['command']}` on {res['date']}, {res['seconds']:.0f} s, {res['cores']} cores, load average "
+            f"{res['load_average_start']} at the start, {res['load_average_end']} at the end.\n",
+            f"{SCALE_HW[1]}x{SCALE_HW[0]} photo-like JPEGs; each stage a `python -m kpipe` subprocess from empty outputs; "
+            "infer: one random-weight fold, no TTA, on N/4 test images; peak RSS is the process's (and its workers').\n",
+            *lines,
+            "",
+            *targets,
+            "",
+        ]
+    )

@@ -46,14 +46,28 @@ def machine() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
+        names = [
+            ln.split(":", 1)[1].strip()
+            for ln in cpuinfo.read_text().splitlines()
+            if ln.startswith("model name")
+        ]
         cpu = names[0] if names else cpu
-    return {"cpu": cpu, "cores": cpus(), "torch_threads": torch.get_num_threads(), "cpu_bf16": cpu_bf16(),
-            "os": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "timm": timm.__version__,
-            "albumentations": albumentations.__version__, "cv2": cv2.__version__, "numpy": np.__version__,
-            "pillow": PIL.__version__,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return {
+        "cpu": cpu,
+        "cores": cpus(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_bf16": cpu_bf16(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "albumentations": albumentations.__version__,
+        "cv2": cv2.__version__,
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
 
 
 def data_section(plan: Plan, out_dir: Path) -> dict[str, Any]:
@@ -79,7 +93,10 @@ def data_section(plan: Plan, out_dir: Path) -> dict[str, Any]:
 def inference_section(plan: Plan, out_dir: Path) -> dict[str, Any]:
     cpu = torch.device("cpu")
     pipeline, loader, auto = infer_pipeline_cases(plan, image_set(out_dir, plan)[1], cpu)
-    cases = {**pipeline, **infer_cases(plan.model, plan.img_size, plan.batch, plan.infer_batches, cpu, cpu_bf16())}
+    cases = {
+        **pipeline,
+        **infer_cases(plan.model, plan.img_size, plan.batch, plan.infer_batches, cpu, cpu_bf16()),
+    }
     out = summarise(interleave(cases, plan.repeats, "inference"), base="kpipe_infer")
     del cases, pipeline, loader  # its workers end with the loader
     med = {k: v["median"] for k, v in out.items() if isinstance(v, dict) and "median" in v}
@@ -101,25 +118,41 @@ def gpu_section(plan: Plan, device: torch.device) -> dict[str, Any]:
     tr = train_cases(plan.gpu_model, plan.gpu_size, plan.gpu_batch, plan.gpu_steps, device, fp32_too=True)
     training = summarise(interleave(tr, plan.repeats, "gpu training"))
     med = {k: v["median"] for k, v in training.items()}
-    training["ratios"] = {"amp_bf16_channels_last_vs_fp32": med["kpipe"] / med["kpipe_fp32"],
-                          "kpipe_vs_bare": med["kpipe"] / med["bare"]}
+    training["ratios"] = {
+        "amp_bf16_channels_last_vs_fp32": med["kpipe"] / med["kpipe_fp32"],
+        "kpipe_vs_bare": med["kpipe"] / med["bare"],
+    }
     del tr
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.empty_cache()
     bf16 = torch.cuda.is_bf16_supported() if cuda else cpu_bf16()
-    inf = infer_cases(plan.gpu_model, plan.gpu_size, plan.gpu_batch, max(plan.gpu_steps // 2, 1), device, bf16,
-                      compile_=plan.gpu_compile and bf16)
+    inf = infer_cases(
+        plan.gpu_model,
+        plan.gpu_size,
+        plan.gpu_batch,
+        max(plan.gpu_steps // 2, 1),
+        device,
+        bf16,
+        compile_=plan.gpu_compile and bf16,
+    )
     inference = summarise(interleave(inf, plan.repeats, "gpu inference"), base="fp32")
     if "bf16_channels_last_compiled" in inference:
-        inference["ratios"]["compiled_vs_eager"] = (inference["bf16_channels_last_compiled"]["median"]
-                                                    / inference["bf16_channels_last"]["median"])
+        inference["ratios"]["compiled_vs_eager"] = (
+            inference["bf16_channels_last_compiled"]["median"] / inference["bf16_channels_last"]["median"]
+        )
     del inf
     if cuda:
         torch.cuda.empty_cache()
     name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
-    return {"device": name, "model": plan.gpu_model, "img_size": plan.gpu_size, "batch": plan.gpu_batch,
-            "training": training, "inference": inference}
+    return {
+        "device": name,
+        "model": plan.gpu_model,
+        "img_size": plan.gpu_size,
+        "batch": plan.gpu_batch,
+        "training": training,
+        "inference": inference,
+    }
 
 
 def run(out_dir: Path, n_images: int, repeats: int, quick: bool) -> dict[str, Any]:
@@ -127,16 +160,25 @@ def run(out_dir: Path, n_images: int, repeats: int, quick: bool) -> dict[str, An
     plan = make_plan(n_images, repeats, quick)
     start, load_start = time.perf_counter(), os.getloadavg()
     if load_start[0] > 0.5:
-        console.print(f"[yellow]bench: load average {load_start[0]:.2f}: other work is running here, so the figures "
-                      "will be low and noisy (the ratios suffer less: cases are interleaved).")
+        console.print(
+            f"[yellow]bench: load average {load_start[0]:.2f}: other work is running here, so the figures "
+            "will be low and noisy (the ratios suffer less: cases are interleaved)."
+        )
     torch.manual_seed(0)
-    res: dict[str, Any] = {"command": _command(out_dir, n_images, repeats, quick),
-                           "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "plan": asdict(plan)}
+    res: dict[str, Any] = {
+        "command": _command(out_dir, n_images, repeats, quick),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": machine(),
+        "plan": asdict(plan),
+    }
     res["data"] = data_section(plan, out_dir)
     res["inference"] = inference_section(plan, out_dir)
     res["training"] = training_section(plan)
-    res["gpu"] = (gpu_section(plan, torch.device("cuda")) if torch.cuda.is_available()
-                  else {"skipped": "no CUDA device here: GPU section not run"})
+    res["gpu"] = (
+        gpu_section(plan, torch.device("cuda"))
+        if torch.cuda.is_available()
+        else {"skipped": "no CUDA device here: GPU section not run"}
+    )
     res["targets"] = check_targets(res)
     res["load_average"] = {"start": round(load_start[0], 2), "end": round(os.getloadavg()[0], 2)}
     res["seconds"] = round(time.perf_counter() - start, 1)
@@ -148,4 +190,6 @@ def run(out_dir: Path, n_images: int, repeats: int, quick: bool) -> dict[str, An
 
 
 def _command(out_dir: Path, n_images: int, repeats: int, quick: bool) -> str:
-    return f"kpipe bench --out {out_dir} --images {n_images} --repeats {repeats}" + (" --quick" if quick else "")
+    return f"kpipe bench --out {out_dir} --images {n_images} --repeats {repeats}" + (
+        " --quick" if quick else ""
+    )
