@@ -84,8 +84,9 @@ compare: setup ## pictures of runs side by side (RUNS="r18 r34" ARGS="--baseline
 sweep: setup ## train a grid of EXP variants (ARGS="'model.name=resnet10t|resnet18' 'train.optimizer=sgd|adamw'")
 	$(RUN) sweep $(CFG) $(ARGS)
 
-lint: setup ## ruff over src/ and tests/
+lint: setup ## ruff over src/ and tests/ (lint and format)
 	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
 
 audit: setup ## find corrupt files, duplicates and train/test leakage in COMP
 	$(RUN) audit $(CFG) $(ARGS)
