@@ -243,3 +243,19 @@ def test_invalid_submission_is_refused(tmp_path: Path) -> None:
     with pytest.raises(KpipeError, match="refusing"):
         infer.write_submission(cfg, probs, ids, classes, out)
     assert not out.exists()
+
+
+def test_infer_joins_no_process_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kpipe infer only needs a device: inside a torchrun job's environment it must not wait for a DDP rendezvous."""
+    import torch.distributed as torch_dist
+
+    cfg = setup(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; no peer will ever join
+    monkeypatch.setenv("RANK", "0")
+
+    def no_rendezvous(*_: object, **__: object) -> None:
+        raise AssertionError("kpipe infer tried to join a process group")
+
+    monkeypatch.setattr(torch_dist, "init_process_group", no_rendezvous)
+    assert infer.run(cfg)["n_unreadable"] == 0
+    assert not torch_dist.is_initialized()
