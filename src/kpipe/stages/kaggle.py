@@ -242,12 +242,18 @@ def submit(
             ),
             soft_wrap=True,
         )
-    if wait and ref:
-        final = wait_for(api, slug, ref, backoff)
-        scored = {k: final[k] for k in ("status", "public_score", "private_score", "error")}
-        ledger.update_ref(book, slug, ref, scored)
-        result.update(scored)
-        _report(result)
+    return _wait_and_record(api, slug, ref, backoff, book, result) if wait and ref else result
+
+
+def _wait_and_record(
+    api: Any, slug: str, ref: str, backoff: Backoff, book: Path, result: dict[str, Any]
+) -> dict[str, Any]:
+    """--wait: poll until the submission is scored (or fails), put the scores in the ledger row and print them."""
+    final = wait_for(api, slug, ref, backoff)
+    scored = {k: final[k] for k in ("status", "public_score", "private_score", "error")}
+    ledger.update_ref(book, slug, ref, scored)
+    result = {**result, **scored}
+    _report(result)
     return result
 
 
@@ -340,13 +346,7 @@ def submit_kernel(
         safe(f"submitted notebook {kernel} {label} to '{slug}' (ref {ref or 'unknown'})."), soft_wrap=True
     )
     result: dict[str, Any] = dict(row)
-    if wait and ref:
-        final = wait_for(api, slug, ref, backoff)
-        scored = {k: final[k] for k in ("status", "public_score", "private_score", "error")}
-        ledger.update_ref(book, slug, ref, scored)
-        result.update(scored)
-        _report(result)
-    return result
+    return _wait_and_record(api, slug, ref, backoff, book, result) if wait and ref else result
 
 
 def _upload_reserved(
