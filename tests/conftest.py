@@ -80,20 +80,22 @@ TINY_EXP = {
 }
 
 
+def path_overrides(root: Path) -> list[str]:
+    """`paths.*=` and `data.cache_dir=` overrides that put every output of a run under `root`."""
+    folders = {
+        "data_root": "data",
+        "folds_dir": "folds",
+        "runs_dir": "runs",
+        "predictions_dir": "predictions",
+        "submissions_dir": "submissions",
+    }
+    return [*(f"paths.{k}={root / v}" for k, v in folders.items()), f"data.cache_dir={root / 'cache'}"]
+
+
 def tiny_config(root: Path, comp_path: Path, overrides: list[str] = (), exp: dict | None = None) -> Config:
     exp_path = root / "tiny_exp.yaml"
     exp_path.write_text(yaml.safe_dump(exp or TINY_EXP))
-    paths = [
-        f"paths.{k}={root / v}"
-        for k, v in {
-            "data_root": "data",
-            "folds_dir": "folds",
-            "runs_dir": "runs",
-            "predictions_dir": "predictions",
-            "submissions_dir": "submissions",
-        }.items()
-    ]
-    return load_config(exp_path, comp_path, [*paths, "data.cache_dir=" + str(root / "cache"), *overrides])
+    return load_config(exp_path, comp_path, [*path_overrides(root), *overrides])
 
 
 @pytest.fixture

@@ -22,6 +22,8 @@ import pandas as pd
 import yaml
 from PIL import Image
 
+from conftest import path_overrides
+
 CLASSES = ["cat", "dog", "fox"]
 COMP = "hostile"
 NFD_ID = unicodedata.normalize("NFD", "café 03")  # 'e' + combining accent: differs byte-wise from NFC
@@ -54,16 +56,7 @@ class Hostile:
 
     def overrides(self) -> list[str]:
         """Every output under root (never the repository's data/, folds/, runs/)."""
-        dirs = {
-            "data_root": "data",
-            "folds_dir": "folds",
-            "runs_dir": "runs",
-            "predictions_dir": "predictions",
-            "submissions_dir": "submissions",
-        }
-        return [f"paths.{k}={self.root / v}" for k, v in dirs.items()] + [
-            f"data.cache_dir={self.root / 'cache'}"
-        ]
+        return path_overrides(self.root)
 
     def argv(self, stage: str, *extra: str, pre: tuple[str, ...] = ()) -> list[str]:
         """`kpipe <stage> [pre...] -c exp --comp comp <paths> <extra>`; `pre` holds positionals like a file."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import tiny_config, write_competition
+from conftest import path_overrides, tiny_config, write_competition
 from kpipe import cli, paths
 from kpipe.stages import folds
 
@@ -62,9 +62,7 @@ def test_fold_per_gpu_runs_each_fold_in_its_own_process(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path, comp)
     folds.run(cfg)
     exp = tmp_path / "tiny_exp.yaml"
-    where = [f"paths.{k}={v}" for k, v in cfg.paths.model_dump().items()] + [
-        f"data.cache_dir={cfg.data.cache_dir}"
-    ]
+    where = path_overrides(tmp_path)  # the same folders tiny_config(tmp_path, ...) uses
     code = cli.main(["train", "--fold-per-gpu", "-c", str(exp), "--comp", str(comp), *where])
     assert code == 0
     oof = pd.read_csv(paths.run_dir(cfg).root / "oof.csv", dtype={"id": str})

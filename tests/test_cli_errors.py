@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY_EXP, write_competition
+from conftest import TINY_EXP, path_overrides, write_competition
 from kpipe import cli
 
 
@@ -38,16 +38,6 @@ class Tiny:
         comp: str | None = None,
     ) -> list[str]:
         """`kpipe <stage> [pre] -c exp --comp comp [file] <paths> <extra>`; outputs all under root."""
-        paths = [
-            f"paths.{k}={self.root / v}"
-            for k, v in {
-                "data_root": "data",
-                "folds_dir": "folds",
-                "runs_dir": "runs",
-                "predictions_dir": "predictions",
-                "submissions_dir": "submissions",
-            }.items()
-        ]
         return [
             stage,
             *pre,
@@ -56,7 +46,7 @@ class Tiny:
             "--comp",
             comp or str(self.comp),
             *([file] if file else []),
-            *paths,
+            *path_overrides(self.root),
             *extra,
         ]
 

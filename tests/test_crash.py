@@ -26,7 +26,7 @@ import yaml
 from rich.console import Console
 
 import kpipe
-from conftest import TINY_EXP, tiny_config, write_competition
+from conftest import TINY_EXP, path_overrides, tiny_config, write_competition
 from kpipe import cli
 from kpipe.errors import Interrupted
 from kpipe.nn import engine
@@ -99,16 +99,7 @@ def _setup(root: Path) -> list[str]:
     comp = write_competition(root, n_per_class=8)
     exp = root / "crash.yaml"
     exp.write_text(yaml.safe_dump(TINY_EXP))
-    paths = [
-        f"paths.{k}={root / v}"
-        for k, v in {
-            "data_root": "data",
-            "folds_dir": "folds",
-            "runs_dir": "runs",
-            "predictions_dir": "predictions",
-        }.items()
-    ]
-    base = ["-c", str(exp), "--comp", str(comp), *paths, f"data.cache_dir={root / 'cache'}"]
+    base = ["-c", str(exp), "--comp", str(comp), *path_overrides(root)]
     assert cli.main(["folds", *base]) == 0
     return ["train", *base]
 

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import TINY_EXP, tiny_config, write_competition
+from conftest import TINY_EXP, path_overrides, tiny_config, write_competition
 from kpipe import paths
 from kpipe.stages import folds, infer, train
 
@@ -41,14 +41,7 @@ def test_two_process_ddp_matches_single_process(tmp_path: Path) -> None:
 
     exp_path = tmp_path / "ddp.yaml"
     exp_path.write_text(yaml.safe_dump(EXP))
-    overrides = [
-        f"paths.data_root={tmp_path / 'data'}",
-        f"paths.folds_dir={tmp_path / 'folds'}",
-        f"paths.runs_dir={tmp_path / 'runs'}",
-        f"paths.predictions_dir={tmp_path / 'predictions'}",
-        f"paths.submissions_dir={tmp_path / 'submissions'}",
-        f"data.cache_dir={tmp_path / 'cache'}",
-    ]
+    overrides = path_overrides(tmp_path)
     cmd = [
         sys.executable,
         "-m",
@@ -96,9 +89,7 @@ def _torchrun(tmp_path: Path, fault: str, extra: list[str]) -> tuple[subprocess.
     folds.run(cfg)
     exp_path = tmp_path / "ddp.yaml"
     exp_path.write_text(yaml.safe_dump(EXP))
-    where = [f"paths.{k}={v}" for k, v in cfg.paths.model_dump().items()] + [
-        f"data.cache_dir={cfg.data.cache_dir}"
-    ]
+    where = path_overrides(tmp_path)  # the same folders tiny_config(tmp_path, ...) uses
     cmd = [
         sys.executable,
         "-m",

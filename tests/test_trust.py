@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import draw, tiny_config, write_competition
+from conftest import draw, path_overrides, tiny_config, write_competition
 from fake_kaggle import FakeKaggle
 from kpipe import cli, console, paths
 from kpipe.config import CompetitionConfig, Config, relative_name
@@ -39,14 +39,7 @@ from test_kaggle import fake as kaggle_server  # noqa: F401
 
 def _where(root: Path) -> list[str]:
     """CLI overrides that keep every output under root."""
-    dirs = {
-        "data_root": "data",
-        "folds_dir": "folds",
-        "runs_dir": "runs",
-        "predictions_dir": "predictions",
-        "submissions_dir": "submissions",
-    }
-    return [f"paths.{k}={root / v}" for k, v in dirs.items()] + [f"data.cache_dir={root / 'cache'}"]
+    return path_overrides(root)
 
 
 # ------------------------------------------------------------------ 1. checkpoints hold data, not code
