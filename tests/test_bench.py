@@ -73,13 +73,81 @@ def test_tutorial_transform_gives_normalised_tensors(tmp_path: Path) -> None:
     assert -3 < float(batch.min()) < 0 < float(batch.max()) < 3
 
 
-def test_gpu_section_code_runs_on_cpu() -> None:
-    plan = replace(_plan(), gpu_model="test_resnet", gpu_size=32, gpu_batch=4, gpu_steps=2, gpu_compile=False)
-    out = bench.gpu_section(plan, torch.device("cpu"))
+def _gpu_plan() -> bench.Plan:
+    """The GPU section's sizes shrunk to run on CPU: tiny model, 32 px, batch 8, in-process loaders."""
+    return replace(
+        _plan(),
+        gpu_model="test_resnet",
+        gpu_size=32,
+        gpu_batch=8,
+        gpu_steps=2,
+        gpu_compile=False,
+        gpu_e2e_steps=2,
+        gpu_workers=0,
+    )
+
+
+def test_gpu_section_code_runs_on_cpu(tmp_path: Path) -> None:
+    out = bench.gpu_section(_gpu_plan(), torch.device("cpu"), tmp_path)
     assert {"kpipe", "bare", "kpipe_fp32"} <= out["training"].keys()
     assert set(out["training"]["ratios"]) == {"amp_bf16_channels_last_vs_fp32", "kpipe_vs_bare"}
     assert {"fp32", "fp32_hflip"} <= out["inference"].keys()
     assert all(v["median"] > 0 for k, v in out["training"].items() if k != "ratios")
+    e2e = out["e2e"]
+    cases = {"timm_train", "kpipe_train_uncached", "kpipe_train_cached", "kpipe_train_cached_batch_aug"}
+    assert cases <= e2e.keys() and all(e2e[c]["median"] > 0 for c in cases)
+    assert e2e["ratios"]["kpipe_uncached_vs_timm"] == e2e["ratios"]["kpipe_train_uncached"] > 0
+
+
+def test_timm_case_is_built_from_timm_library_calls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import timm.data
+    import timm.optim
+    import timm.scheduler
+
+    calls: dict[str, dict] = {}
+
+    def spy(module: object, name: str) -> None:
+        real = getattr(module, name)
+
+        def wrapped(*args: object, **kwargs: object) -> object:
+            calls[name] = kwargs
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapped)
+
+    for module, name in (
+        (timm.data, "create_dataset"),
+        (timm.data, "resolve_data_config"),
+        (timm.data, "create_loader"),
+        (timm.optim, "create_optimizer_v2"),
+        (timm.scheduler, "create_scheduler_v2"),
+    ):
+        spy(module, name)
+    root, paths, labels = bench.image_set(tmp_path, _plan())
+    case = bench.timm_train_case(root, "test_resnet", 32, 8, 2, 0, torch.device("cpu"))
+    assert set(calls) == {
+        "create_dataset",
+        "resolve_data_config",
+        "create_loader",
+        "create_optimizer_v2",
+        "create_scheduler_v2",
+    }
+    assert calls["create_loader"]["is_training"] and calls["create_loader"]["use_prefetcher"]
+    assert calls["create_loader"]["input_size"] == (3, 32, 32)
+    assert calls["create_dataset"]["root"] == str(root) and calls["create_dataset"]["is_training"]
+    assert calls["create_optimizer_v2"]["opt"] == "adamw"  # kpipe's default optimiser on both sides
+    assert calls["create_scheduler_v2"]["updates_per_epoch"] == len(paths) // 8
+    assert case() > 0
+
+
+def test_kpipe_e2e_cases_train_from_files_and_cache(tmp_path: Path) -> None:
+    from kpipe.data import cache
+
+    _, paths, labels = bench.image_set(tmp_path, _plan())
+    arr = cache.build_cache(paths, 32, tmp_path / "c.npy")
+    cases = bench.kpipe_train_cases(paths, labels, arr, "test_resnet", (32, 8, 2, 0), torch.device("cpu"))
+    assert set(cases) == {"kpipe_train_uncached", "kpipe_train_cached", "kpipe_train_cached_batch_aug"}
+    assert all(c() > 0 for c in cases.values())
 
 
 def test_make_plan_and_targets() -> None:
@@ -101,6 +169,11 @@ def test_make_plan_and_targets() -> None:
         "inference.ratios.kpipe_infer_auto": True,
         "training.ratios.kpipe": True,
     }
+    assert not any(t["key"].startswith("gpu.") for t in bench.check_targets({**res, "gpu": {"skipped": "x"}}))
+    ran = {**res, "gpu": {"e2e": {"ratios": {"kpipe_uncached_vs_timm": 1.02}}}}
+    gpu = [t for t in bench.check_targets(ran) if t["key"].startswith("gpu.")]
+    assert [(t["key"], t["met"]) for t in gpu] == [("gpu.e2e.ratios.kpipe_uncached_vs_timm", True)]
+    assert gpu[0]["target"] == bench.GPU_TARGETS[gpu[0]["key"]][2]
 
 
 def test_quick_bench_end_to_end(tmp_path: Path) -> None:

@@ -44,6 +44,10 @@ class Plan:
     gpu_batch: int = 128
     gpu_steps: int = 50  # per repetition: 20 left the kpipe/bare ratio within ±4 % noise on an H100
     gpu_compile: bool = True
+    # End to end (JPEGs -> loader -> step, kpipe vs timm's pipeline): steps per repetition, rounded up to
+    # whole epochs of the image set; loader workers per case (-1: every core but one).
+    gpu_e2e_steps: int = 40
+    gpu_workers: int = -1
 
 
 def make_plan(n_images: int, repeats: int, quick: bool) -> Plan:
@@ -66,6 +70,8 @@ def make_plan(n_images: int, repeats: int, quick: bool) -> Plan:
             gpu_batch=32,
             gpu_steps=3,
             gpu_compile=False,
+            gpu_e2e_steps=2,
+            gpu_workers=2,
         )
     else:
         plan = Plan(n_images, repeats, False)

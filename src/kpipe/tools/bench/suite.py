@@ -35,6 +35,7 @@ from kpipe.tools.bench.cases import (
 from kpipe.tools.bench.harness import Plan, cpus, interleave, make_plan, summarise
 from kpipe.tools.bench.images import N_CLASSES, image_set
 from kpipe.tools.bench.report import check_targets, print_table, render_md
+from kpipe.tools.bench.timm_ref import e2e_cases, e2e_workers
 
 
 def machine() -> dict[str, Any]:
@@ -111,9 +112,10 @@ def training_section(plan: Plan) -> dict[str, Any]:
     return summarise(interleave(cases, plan.repeats, "training"), base="bare")
 
 
-def gpu_section(plan: Plan, device: torch.device) -> dict[str, Any]:
+def gpu_section(plan: Plan, device: torch.device, out_dir: Path) -> dict[str, Any]:
     """resnet50 at 224, batch 128: training fp32 vs AMP bf16 + channels_last, kpipe vs bare loop;
-    inference eager vs torch.compile. Synthetic batches already on the device: the model alone is measured.
+    inference eager vs torch.compile (synthetic batches already on the device: the model alone); then end to
+    end from the bench's JPEGs, kpipe's training paths against timm's own pipeline (timm_ref.py).
     (Written for CUDA; runs on CPU too, for tests, where engine's policy keeps fp32.)"""
     tr = train_cases(plan.gpu_model, plan.gpu_size, plan.gpu_batch, plan.gpu_steps, device, fp32_too=True)
     training = summarise(interleave(tr, plan.repeats, "gpu training"))
@@ -144,6 +146,7 @@ def gpu_section(plan: Plan, device: torch.device) -> dict[str, Any]:
     del inf
     if cuda:
         torch.cuda.empty_cache()
+    e2e = e2e_section(plan, device, out_dir)
     name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
     return {
         "device": name,
@@ -152,7 +155,23 @@ def gpu_section(plan: Plan, device: torch.device) -> dict[str, Any]:
         "batch": plan.gpu_batch,
         "training": training,
         "inference": inference,
+        "e2e": e2e,
     }
+
+
+def e2e_section(plan: Plan, device: torch.device, out_dir: Path) -> dict[str, Any]:
+    """End-to-end training img/s from the JPEGs: timm's pipeline vs kpipe uncached, cached, cached + batch_aug."""
+    cases = e2e_cases(plan, out_dir, device)
+    try:
+        out = summarise(interleave(cases, plan.repeats, "gpu end-to-end training"), base="timm_train")
+    finally:
+        cases.clear()  # persistent workers end with their loaders
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    # The issue's target, under its own name: kpipe from the JPEGs, as timm's pipeline reads them.
+    out["ratios"]["kpipe_uncached_vs_timm"] = out["ratios"]["kpipe_train_uncached"]
+    out["workers"] = e2e_workers(plan)
+    return out
 
 
 def run(out_dir: Path, n_images: int, repeats: int, quick: bool) -> dict[str, Any]:
@@ -175,7 +194,7 @@ def run(out_dir: Path, n_images: int, repeats: int, quick: bool) -> dict[str, An
     res["inference"] = inference_section(plan, out_dir)
     res["training"] = training_section(plan)
     res["gpu"] = (
-        gpu_section(plan, torch.device("cuda"))
+        gpu_section(plan, torch.device("cuda"), out_dir)
         if torch.cuda.is_available()
         else {"skipped": "no CUDA device here: GPU section not run"}
     )
