@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -116,6 +117,8 @@ def test_submission_matches_sample(
         and side["folds"] == {str(paths.run_dir(cfg).root): [0, 1]}
     )
     assert side["n_unreadable"] == 0 and side["weights"] is None
+    decode = side["decode"][str(paths.run_dir(cfg).root)]  # infer.decode=auto without CUDA: the CPU workers
+    assert decode["decode"] == "cpu" and "no CUDA" in decode["reason"]
 
 
 def test_unreadable_test_images_get_the_prior(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -139,6 +142,25 @@ def test_unreadable_test_images_get_the_prior(tmp_path: Path, capsys: pytest.Cap
     assert not np.allclose(probs.loc["t000"].to_numpy(), prior, atol=1e-6)
     reasons = read_csv_ids(Path(result["predictions"]) / "unreadable.csv").set_index("id")["reason"]
     assert reasons["t999"] == "file not found" and reasons["t001"] == "not decodable"
+
+
+def test_decode_on_the_device_predicts_as_the_cpu_decoder(tmp_path: Path) -> None:
+    """infer.decode=gpu run on the CPU (torchvision decodes there): same probabilities, the choice in the sidecar."""
+    comp = write_competition(tmp_path)
+    cfg = tiny_config(tmp_path, comp, ["name=a", "infer.decode=gpu"])
+    folds.run(cfg)
+    make_run(cfg)
+    for p in (paths.data_dir(cfg) / "test").glob("*.png"):
+        # JPEG bytes under the test's own file names (decoders go by content): what the device decoder takes.
+        ok, buf = cv2.imencode(".jpg", cv2.imread(str(p)), [cv2.IMWRITE_JPEG_QUALITY, 95])
+        p.write_bytes(buf.tobytes())
+    run = str(paths.run_dir(cfg).root)
+    on_device = infer.run(cfg)
+    on_cpu = infer.run(tiny_config(tmp_path, comp, ["name=a", "infer.decode=cpu", "infer.name=b"]))
+    assert on_device["decode"][run]["decode"] == "gpu" and on_cpu["decode"][run]["decode"] == "cpu"
+    side = json.loads(Path(on_device["submission"]).with_suffix(".json").read_text())
+    assert side["decode"] == on_device["decode"]
+    np.testing.assert_allclose(_probs(cfg, "a").to_numpy(), _probs(cfg, "b").to_numpy(), atol=2e-3)
 
 
 def test_class_prior_and_blend() -> None:

@@ -251,6 +251,9 @@ class InferConfig(Section):
     # when it agrees with fp32 on a sample of the run's own validation images; else fp32 (reason in the sidecar).
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True  # NHWC tensors: faster convolutions on CPUs (oneDNN) and GPUs alike
+    # Where test JPEGs are decoded: cpu (loader workers, OpenCV), gpu (nvJPEG on the model's device, workers only
+    # read bytes; kpipe.data.device_decode), auto (gpu on CUDA when a timing of the first batches finds it faster).
+    decode: Literal["auto", "cpu", "gpu"] = "auto"
     precision_check_images: int = Field(256, ge=1)  # validation images the auto check predicts twice
     # predictions/<name>/members/*.npy, one per run x fold x view: float32, float16 (half the bytes) or none.
     save_views: Literal["float32", "float16", False] = "float32"

@@ -82,6 +82,24 @@ def read_rgb(path: str | os.PathLike[str]) -> np.ndarray:
     return np.ascontiguousarray(apply_orientation(arr, _orientation(buf)))
 
 
+def read_plain_jpeg(path: str | os.PathLike[str]) -> bytes | None:
+    """The file's bytes when a JPEG decoder alone gives read_rgb's pixels (data.device_decode): a complete
+    JPEG, colour (YCbCr) or gray, within max_pixels(), no EXIF rotation. None for any other image (CMYK, PNG,
+    a rotated photo, ...), which read_rgb decodes. Raises ImageReadError as read_rgb does for a missing,
+    empty, truncated or too large file."""
+    buf = _read_bytes(path)
+    if not buf.startswith(_JPEG_SOI):
+        return None
+    _check_complete(path, buf)
+    _check_pixels(path, buf)
+    try:
+        with Image.open(io.BytesIO(buf)) as im:
+            plain = im.format == "JPEG" and im.mode in ("RGB", "L")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
+        return None  # read_rgb's decoders judge it
+    return buf if plain and _orientation(buf) == 1 else None
+
+
 def max_pixels() -> int:
     """Largest width x height read_rgb decodes: KPIPE_MAX_PIXELS (an integer), else DEFAULT_MAX_PIXELS."""
     raw = os.environ.get("KPIPE_MAX_PIXELS", "").strip()

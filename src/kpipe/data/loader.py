@@ -304,7 +304,9 @@ def make_loader(
     seed: int = 0,
     pin_memory: bool = False,
     drop_last: bool = False,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> DataLoader:
+    """collate_fn: None for torch's default (tensors stacked); device_decode passes its own."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -312,6 +314,7 @@ def make_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         drop_last=drop_last,
+        collate_fn=collate_fn,
         # Workers stay alive across epochs: restarting them re-imports torch and re-opens the cache.
         persistent_workers=num_workers > 0,
         worker_init_fn=seed_worker,  # each worker its own, reproducible augmentation stream

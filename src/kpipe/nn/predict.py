@@ -11,8 +11,10 @@ Usage: ``rm = load_run("runs/demo", classes, device); probs, ok = predict_models
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ from torch.utils.data import DataLoader
 from kpipe import paths
 from kpipe.config import Config, load_run_config
 from kpipe.data import transforms
+from kpipe.data.device_decode import DeviceDecodeLoader
 from kpipe.data.loader import EpochSampler, ImageDataset, make_loader
 from kpipe.errors import KpipeError, preview
 from kpipe.nn import models, tta
@@ -157,7 +160,11 @@ def make_eval_loader(
     num_workers: int,
     device: torch.device,
     tolerant: bool,
-) -> DataLoader:
+    decode: str = "cpu",
+) -> DataLoader | DeviceDecodeLoader:
+    """Batches of (uint8 NCHW, labels, indices, ok) over `files` in order. decode="gpu": the JPEGs are decoded
+    on `device` (data.device_decode), the batch comes out already there; anything else is decoded by the
+    workers on the CPU, with the same resize and the same handling of unreadable files."""
     ds = ImageDataset(
         files,
         None,
@@ -165,8 +172,80 @@ def make_eval_loader(
         tolerant=tolerant,
         blank_size=data_cfg["img_size"],
     )
+    if decode == "gpu":
+        return DeviceDecodeLoader(ds, data_cfg["img_size"], batch_size, num_workers, device)
     sampler = EpochSampler(np.arange(len(files)), 0, shuffle=False, pad=False)
     return make_loader(ds, sampler, batch_size, num_workers, pin_memory=device.type == "cuda")
+
+
+PROBE_BATCHES = 6  # timed batches per decoder when infer.decode=auto times them (after one untimed batch)
+
+
+@dataclass(frozen=True)
+class DecodeChoice:
+    """Where inference decodes the JPEGs (infer.decode): cpu (loader workers) or gpu (the model's device)."""
+
+    name: str  # cpu | gpu
+    reason: str
+    rates: dict[str, float] | None = None  # img/s of each decoder, when they were timed
+
+    def to_json(self) -> dict[str, Any]:
+        return {"decode": self.name, "reason": self.reason, "rates": self.rates}
+
+
+def choose_decode(
+    requested: str, device: torch.device, rates: Callable[[], dict[str, float] | None]
+) -> DecodeChoice:
+    """infer.decode for this device: cpu and gpu are obeyed; auto is gpu only on CUDA, and only when `rates()`
+    (img/s per decoder on the first test images, None when too few to time) measures it faster."""
+    if requested == "cpu":
+        return DecodeChoice("cpu", "infer.decode=cpu")
+    if requested == "gpu":
+        where = (
+            "" if device.type == "cuda" else f" (no CUDA device: torchvision decodes on the {device.type})"
+        )
+        return DecodeChoice("gpu", f"infer.decode=gpu, not timed{where}")
+    if device.type != "cuda":
+        return DecodeChoice("cpu", f"cpu: no CUDA device (inference runs on the {device.type})")
+    measured = rates()
+    if measured is None:
+        return DecodeChoice("cpu", "cpu: too few test images to time the GPU decoder on")
+    figures = (
+        f"GPU {measured['gpu']:.0f} img/s, CPU workers {measured['cpu']:.0f} img/s on the first test images"
+    )
+    if measured["gpu"] > measured["cpu"]:
+        return DecodeChoice("gpu", f"gpu: faster, {figures}", measured)
+    return DecodeChoice("cpu", f"cpu: not slower, {figures}", measured)
+
+
+def decode_rates(
+    files: list[str], data_cfg: dict[str, Any], batch_size: int, num_workers: int, device: torch.device
+) -> dict[str, float] | None:
+    """img/s of each decoder (cpu, gpu) from the first files to uint8 batches on `device`; each loader's first
+    batch untimed (worker start-up). None when there are too few files for two timed batches."""
+    sample = files[: (PROBE_BATCHES + 1) * batch_size]
+    if len(sample) < 3 * batch_size:
+        return None
+    for (
+        f
+    ) in sample:  # warm the page cache for both: the first decoder timed must not pay for cold reads alone
+        with contextlib.suppress(OSError):  # an unreadable file: each loader's own rules meet it (ok=False)
+            Path(f).read_bytes()
+    rates = {}
+    for mode in ("cpu", "gpu"):
+        loader = make_eval_loader(sample, data_cfg, batch_size, num_workers, device, True, mode)
+        it = iter(loader)
+        next(it)[0].to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        n, t0 = 0, time.perf_counter()
+        for x, _, _, _ in it:
+            n += len(x.to(device, non_blocking=True))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        rates[mode] = n / max(time.perf_counter() - t0, 1e-9)
+        del it, loader  # its workers end with it
+    return rates
 
 
 def predict_models(

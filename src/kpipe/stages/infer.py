@@ -8,7 +8,8 @@ blended with the weights `kpipe ensemble` fitted (infer.ensemble_weights: member
 each the fold average). Missing or undecodable test images still get a row: the class prior of
 the training labels, with a warning. Each run predicts in the form infer.precision picks
 (nn.precision: with `auto`, bf16 / AMP only after it agreed with fp32 on a sample of the run's own
-validation images), recorded per run in the sidecar. `run_oof_tta` predicts each fold's own validation images with
+validation images), recorded per run in the sidecar, as is where its JPEGs were decoded (infer.decode: on
+the GPU with `auto` only when a timing of the first batches finds it faster). `run_oof_tta` predicts each fold's own validation images with
 every view (runs/<exp>/oof_tta/<view>.csv), so `kpipe ensemble` can weigh views, and shows each
 view's CV.
 
@@ -139,10 +140,12 @@ def _predict_run(
     tolerant: bool,
     label: str,
     choice: precision.PrecisionChoice,
+    decode: str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """All fold models of a run on `files`; returns (probs (F, V, N, K), ok (N,), images/s)."""
+    """All fold models of a run on `files`, the JPEGs decoded where `decode` says (cpu | gpu); returns
+    (probs (F, V, N, K), ok (N,), images/s)."""
     loader = predict.make_eval_loader(
-        files, rm.data_cfg, cfg.infer.batch_size, cfg.data.num_workers, device, tolerant
+        files, rm.data_cfg, cfg.infer.batch_size, cfg.data.num_workers, device, tolerant, decode
     )
     start = time.perf_counter()
     with _progress() as progress:
@@ -160,6 +163,20 @@ def _predict_run(
             lambda n: progress.advance(task, n),
         )
     return probs, ok, len(files) / max(time.perf_counter() - start, 1e-9)
+
+
+def choose_decode(
+    cfg: Config, rm: predict.RunModels, files: list[str], device: torch.device
+) -> predict.DecodeChoice:
+    """infer.decode for this run (at its image size); with auto on CUDA, both decoders timed on the first files."""
+    inf = cfg.infer
+    choice = predict.choose_decode(
+        inf.decode,
+        device,
+        lambda: predict.decode_rates(files, rm.data_cfg, inf.batch_size, cfg.data.num_workers, device),
+    )
+    console.print(f"{safe(rm.run)}: decode {choice.reason}", soft_wrap=True)
+    return choice
 
 
 def _fold_table(cfg: Config) -> pd.DataFrame | KpipeError:
@@ -206,14 +223,17 @@ def run(cfg: Config, runs: list[str] | None = None) -> dict[str, Any]:
     members: list[MemberPred] = []
     folds: dict[str, list[int]] = {}
     forms: dict[str, dict[str, Any]] = {}
+    decodes: dict[str, dict[str, Any]] = {}
     table = _fold_table(cfg)
     for r in plan.runs:
         rm = predict.load_run(r, classes, device, cfg.infer.channels_last)
         views = plan.views[r]
         choice = choose_precision(cfg, rm, device, table)
         forms[r] = choice.to_json()
+        decode = choose_decode(cfg, rm, files, device)
+        decodes[r] = decode.to_json()
         probs, good, rate = _predict_run(
-            cfg, rm, files, views, len(classes), device, True, f"infer {r}", choice
+            cfg, rm, files, views, len(classes), device, True, f"infer {r}", choice, decode.name
         )
         for f, k in enumerate(rm.folds):
             for j, v in enumerate(views):
@@ -221,7 +241,7 @@ def run(cfg: Config, runs: list[str] | None = None) -> dict[str, Any]:
         console.print(
             f"{r}: {len(files)} test images x {len(rm.folds)} folds x {len(views)} views "
             f"at {rm.data_cfg['img_size']} px, {rate:.1f} images/s on {device} ({choice.name}"
-            f"{', channels_last' if choice.channels_last else ''})"
+            f"{', channels_last' if choice.channels_last else ''}, {decode.name} decoding)"
         )
         ok &= good
         folds[r] = rm.folds
@@ -259,6 +279,7 @@ def run(cfg: Config, runs: list[str] | None = None) -> dict[str, Any]:
         "metric": cfg.competition.metric,
         "folds": folds,
         "precision": forms,
+        "decode": decodes,
         "tta": list(dict.fromkeys(v for r in plan.runs for v in plan.views[r])),
         "agg": plan.how,
         "weights": None
@@ -423,6 +444,7 @@ def run_oof_tta(cfg: Config, runs: list[str] | None = None) -> dict[str, dict[st
     for r in resolve_runs(cfg, runs):
         rm = predict.load_run(r, classes, device, cfg.infer.channels_last)
         choice = choose_precision(cfg, rm, device, table)
+        decode = choose_decode(cfg, rm, table["path"].tolist(), device)
         parts: list[tuple[pd.DataFrame, np.ndarray]] = []  # (rows, probs (V, n, K)) per fold
         for k, model in zip(rm.folds, rm.models, strict=True):
             rows = table[table["fold"] == k]
@@ -440,6 +462,7 @@ def run_oof_tta(cfg: Config, runs: list[str] | None = None) -> dict[str, dict[st
                 False,
                 f"oof-tta {r} fold {k}",
                 choice,
+                decode.name,
             )
             console.print(f"{r} fold {k}: {len(rows)} images x {len(views)} views, {rate:.1f} images/s")
             parts.append((rows, probs[0]))

@@ -1,0 +1,170 @@
+"""Eval images decoded on the model's device (infer.decode=gpu): workers read bytes, the device decodes.
+
+For a batch of test images, DataLoader workers only read each file: a plain JPEG (image.read_plain_jpeg)
+goes to the main process as its raw bytes, and the whole batch is decoded there in one
+`torchvision.io.decode_jpeg(list, device=device)` call (nvJPEG on CUDA), then each image is resized on
+the device to img_size x img_size with the same weights as cv2.INTER_AREA, the CPU eval path's resize
+(transforms.build_eval and the cache): out = Wy @ image @ Wx^T per channel, rounded to uint8. Any other
+file (PNG, CMYK, a rotated photo, one the device decoder refuses) is decoded by the CPU path with its own
+rules, per file, so a bad image raises or, in a tolerant (inference) loader, becomes a blank image with
+ok=False: no test row is ever dropped. Batches come out as an eval DataLoader's do: (uint8 NCHW on the
+device, labels, dataset indices, ok flags).
+Written for CUDA; every function takes the device, and the tests run it on the CPU (where torchvision
+decodes with libjpeg-turbo, like OpenCV: the pixels match read_rgb's, and the resize cv2's within 1 level).
+Usage: ``dl = DeviceDecodeLoader(ImageDataset(files, None, build_eval(224), tolerant=True), 224, 64, 4, dev)``
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from kpipe.data.image import ImageReadError, read_plain_jpeg
+from kpipe.data.loader import EpochSampler, ImageDataset, make_loader
+
+Item = tuple[torch.Tensor, bool, int, bool]  # (raw bytes or decoded CHW uint8, is raw, index, ok)
+
+
+class RawJpegs(Dataset):
+    """`cpu`'s images as device decoding wants them: a plain JPEG's bytes, anything else decoded by `cpu`
+    (an eval ImageDataset: its resize, its tolerance for unreadable files)."""
+
+    def __init__(self, cpu: ImageDataset) -> None:
+        self.cpu = cpu
+
+    def __len__(self) -> int:
+        return len(self.cpu)
+
+    def __getitem__(self, i: int) -> Item:
+        try:
+            buf = read_plain_jpeg(self.cpu.paths[i])
+        except ImageReadError:
+            buf = None  # the CPU path's rules decide: raise, or a blank image with ok=False
+        if buf is None:
+            x, _, _, ok = self.cpu[i]
+            return x, False, i, ok
+        return torch.frombuffer(bytearray(buf), dtype=torch.uint8), True, i, True
+
+
+def as_list(items: list[Item]) -> list[Item]:
+    """collate_fn: the batch's items as they are (raw byte tensors differ in length)."""
+    return items
+
+
+def _area_axis(n_in: int, n_out: int) -> np.ndarray:
+    """cv2.INTER_AREA's weights along one shrinking axis (n_out <= n_in): each output pixel the
+    area-weighted mean of the input pixels its cell covers."""
+    w = np.zeros((n_out, n_in))
+    scale = n_in / n_out
+    for d in range(n_out):
+        f1, f2 = d * scale, (d + 1) * scale
+        s2 = min(math.floor(f2), n_in - 1)
+        s1 = min(math.ceil(f1), s2)
+        cell = min(scale, n_in - f1)
+        if s1 - f1 > 1e-3:
+            w[d, s1 - 1] = (s1 - f1) / cell
+        w[d, s1:s2] = 1 / cell
+        if f2 - s2 > 1e-3:
+            w[d, s2] = min(f2 - s2, 1.0, cell) / cell
+    return w
+
+
+def _linear_axis(n_in: int, n_out: int) -> np.ndarray:
+    """cv2.INTER_AREA's weights along an axis when the image grows on either axis: OpenCV then interpolates
+    linearly with its own area-style coefficients, edge pixels repeated."""
+    w = np.zeros((n_out, n_in))
+    scale, inv = n_in / n_out, n_out / n_in
+    for d in range(n_out):
+        s = math.floor(d * scale)
+        f = (d + 1) - (s + 1) * inv
+        f = 0.0 if f <= 0 else f - math.floor(f)
+        w[d, min(max(s, 0), n_in - 1)] += 1 - f
+        w[d, min(max(s + 1, 0), n_in - 1)] += f
+    return w
+
+
+@lru_cache(maxsize=64)
+def _weights(h: int, w: int, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    axis = _area_axis if h >= size and w >= size else _linear_axis
+    return (
+        torch.from_numpy(axis(h, size)).float().to(device),
+        torch.from_numpy(axis(w, size)).float().to(device),
+    )
+
+
+def resize_area(img: torch.Tensor, size: int) -> torch.Tensor:
+    """A CHW uint8 image (any device) resized to size x size as image.resize_square (cv2.INTER_AREA) does,
+    within one level of 255 (rounding)."""
+    _, h, w = img.shape
+    if h == size and w == size:
+        return img
+    wy, wx = _weights(h, w, size, img.device)
+    out = torch.einsum("oh,chw,pw->cop", wy, img.float(), wx)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _decode_all(raws: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """Each JPEG decoded to CHW uint8 RGB on `device`, or None where the device decoder refused it:
+    one batched call, and file by file only when the batch as a whole fails."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if not raws:
+        return []
+    try:
+        return list(decode_jpeg(raws, mode=ImageReadMode.RGB, device=device))
+    except RuntimeError:
+        pass  # one bad file fails the whole call: find it below
+    out: list[torch.Tensor | None] = []
+    for raw in raws:
+        try:
+            out.append(decode_jpeg(raw, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:
+            out.append(None)
+    return out
+
+
+def decode_batch(
+    items: list[Item], cpu: ImageDataset, size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch of RawJpegs items -> (uint8 NCHW on `device`, labels -1, indices, ok), in the items' order.
+    A JPEG the device decoder refuses is read again by `cpu` (ImageDataset: its decoder, its tolerance)."""
+    n = len(items)
+    x = torch.empty((n, 3, size, size), dtype=torch.uint8, device=device)
+    ok = torch.tensor([good for _, _, _, good in items], dtype=torch.bool)
+    raw_pos = [k for k, (_, is_raw, _, _) in enumerate(items) if is_raw]
+    for k, (payload, is_raw, _, _) in enumerate(items):
+        if not is_raw:
+            x[k] = payload.to(device, non_blocking=True)
+    for k, img in zip(raw_pos, _decode_all([items[k][0] for k in raw_pos], device), strict=True):
+        if img is None:
+            cpu_x, _, _, good = cpu[items[k][2]]
+            x[k], ok[k] = cpu_x.to(device), good
+        else:
+            x[k] = resize_area(img, size)
+    idx = torch.tensor([i for _, _, i, _ in items], dtype=torch.long)
+    return x, torch.full((n,), -1, dtype=torch.long), idx, ok
+
+
+class DeviceDecodeLoader:
+    """An eval loader over `cpu`'s files in order whose JPEGs are decoded on `device` (module docstring);
+    `dataset` and len() as a DataLoader's, so predict.predict_models takes it as it is."""
+
+    def __init__(
+        self, cpu: ImageDataset, size: int, batch_size: int, num_workers: int, device: torch.device
+    ) -> None:
+        self.dataset, self.size, self.device = RawJpegs(cpu), size, device
+        sampler = EpochSampler(np.arange(len(cpu)), 0, shuffle=False, pad=False)
+        self.loader = make_loader(self.dataset, sampler, batch_size, num_workers, collate_fn=as_list)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        for items in self.loader:
+            yield decode_batch(items, self.dataset.cpu, self.size, self.device)
