@@ -116,6 +116,12 @@ def _decode_all(raws: list[torch.Tensor], device: torch.device) -> list[torch.Te
 
     if not raws:
         return []
+    if device.type == "cuda":
+        # nvJPEG's hardware engine may write its outputs before work already queued on the stream has run,
+        # into blocks the caching allocator recycled from tensors that work still reads (pytorch/vision#9606;
+        # torchcodec waits for the stream the same way). predict_models reads every batch's probabilities
+        # back anyway, so this wait costs it nothing.
+        torch.cuda.current_stream(device).synchronize()
     try:
         return list(decode_jpeg(raws, mode=ImageReadMode.RGB, device=device))
     except RuntimeError:
