@@ -9,7 +9,7 @@ ranges, the tutorial pipeline, the code of the GPU section (run on CPU), the tar
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import cv2
@@ -20,6 +20,7 @@ from torch.utils.data import default_collate
 
 from kpipe.errors import KpipeError
 from kpipe.tools import bench
+from kpipe.tools.bench import report
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -97,6 +98,33 @@ def test_gpu_section_code_runs_on_cpu(tmp_path: Path) -> None:
     cases = {"timm_train", "kpipe_train_uncached", "kpipe_train_cached", "kpipe_train_cached_batch_aug"}
     assert cases <= e2e.keys() and all(e2e[c]["median"] > 0 for c in cases)
     assert e2e["ratios"]["kpipe_uncached_vs_timm"] == e2e["ratios"]["kpipe_train_uncached"] > 0
+    dec = out["decode"]
+    rows = {
+        "infer_loader_cpu_decode",
+        "infer_loader_gpu_decode",
+        "kpipe_infer_cpu_decode",
+        "kpipe_infer_gpu_decode",
+    }
+    assert rows <= dec.keys() and all(dec[r]["median"] > 0 for r in rows)
+    assert set(dec["ratios"]) == {"loader_gpu_vs_cpu_decode", "infer_gpu_vs_cpu_decode"}
+    machine = {k: "x" for k in ("cpu", "cores", "torch_threads", "cuda", "python", "torch", "torchvision")}
+    machine.update({k: "x" for k in ("timm", "albumentations", "cv2", "numpy", "pillow")}, cpu_bf16=False)
+    res = {
+        "command": "kpipe bench",
+        "date": "today",
+        "seconds": 1.0,
+        "machine": machine,
+        "load_average": {"start": 0.0, "end": 0.0},
+        "plan": asdict(_gpu_plan()),
+        "data": {},
+        "inference": {},
+        "training": {},
+        "gpu": out,
+        "targets": [],
+    }
+    md = report.render_md(res)
+    assert "GPU end to end" in md and report.LABELS["timm_train"] in md and "kpipe_uncached_vs_timm" in md
+    assert "GPU decode" in md and report.LABELS["kpipe_infer_gpu_decode"] in md
 
 
 def test_timm_case_is_built_from_timm_library_calls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -87,6 +87,10 @@ LABELS = {
     "kpipe_train_uncached": "kpipe: JPEGs -> ImageDataset workers -> engine.train_epoch",
     "kpipe_train_cached": "kpipe: decode-once cache -> ImageDataset workers -> engine.train_epoch",
     "kpipe_train_cached_batch_aug": "kpipe data.batch_aug: cached batches -> BatchAugment on the GPU -> train_epoch",
+    "infer_loader_cpu_decode": "kpipe eval loader alone, infer.decode=cpu (workers decode + resize)",
+    "infer_loader_gpu_decode": "kpipe eval loader alone, infer.decode=gpu (nvJPEG + resize on the GPU)",
+    "kpipe_infer_cpu_decode": "kpipe infer loop, infer.decode=cpu, auto precision + channels_last",
+    "kpipe_infer_gpu_decode": "kpipe infer loop, infer.decode=gpu, auto precision + channels_last",
 }
 
 
@@ -147,6 +151,14 @@ def _sections(res: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
                     f"GPU end to end: {g['model']} training from the {p['n_images']} JPEGs, {g['img_size']} px, "
                     f"batch {g['batch']}, {g['e2e']['workers']} workers per loader, vs timm's pipeline, img/s",
                     g["e2e"],
+                )
+            )
+        if "decode" in g:
+            out.append(
+                (
+                    f"GPU decode: kpipe's inference loader over the {p['n_images']} JPEGs, {g['model']} at "
+                    f"{g['img_size']} px, batch {g['batch']}, {g['decode']['workers']} workers, img/s",
+                    g["decode"],
                 )
             )
     return out

@@ -32,6 +32,7 @@ from kpipe.tools.bench.cases import (
     infer_pipeline_cases,
     train_cases,
 )
+from kpipe.tools.bench.decode import decode_cases
 from kpipe.tools.bench.harness import Plan, cpus, interleave, make_plan, summarise
 from kpipe.tools.bench.images import N_CLASSES, image_set
 from kpipe.tools.bench.report import check_targets, print_table, render_md
@@ -147,6 +148,7 @@ def gpu_section(plan: Plan, device: torch.device, out_dir: Path) -> dict[str, An
     if cuda:
         torch.cuda.empty_cache()
     e2e = e2e_section(plan, device, out_dir)
+    decode = decode_section(plan, device, out_dir)
     name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
     return {
         "device": name,
@@ -156,7 +158,25 @@ def gpu_section(plan: Plan, device: torch.device, out_dir: Path) -> dict[str, An
         "training": training,
         "inference": inference,
         "e2e": e2e,
+        "decode": decode,
     }
+
+
+def decode_section(plan: Plan, device: torch.device, out_dir: Path) -> dict[str, Any]:
+    """kpipe's inference loader over the JPEGs, decoded by CPU workers vs on the GPU (infer.decode)."""
+    cases = decode_cases(plan, image_set(out_dir, plan)[1], device, e2e_workers(plan))
+    try:
+        out = summarise(interleave(cases, plan.repeats, "gpu decode"))
+    finally:
+        cases.clear()  # persistent workers end with their loaders
+    out["ratios"] = {
+        "loader_gpu_vs_cpu_decode": out["infer_loader_gpu_decode"]["median"]
+        / out["infer_loader_cpu_decode"]["median"],
+        "infer_gpu_vs_cpu_decode": out["kpipe_infer_gpu_decode"]["median"]
+        / out["kpipe_infer_cpu_decode"]["median"],
+    }
+    out["workers"] = e2e_workers(plan)
+    return out
 
 
 def e2e_section(plan: Plan, device: torch.device, out_dir: Path) -> dict[str, Any]:
