@@ -3,15 +3,19 @@
 `timm_train_case` builds timm's training pipeline from timm's library calls, the way its train.py
 wires them (create_dataset over class folders, resolve_data_config, create_loader with its
 device-side prefetcher, create_optimizer_v2, create_scheduler_v2 stepped per update, autocast and
-channels_last); nothing of train.py is copied. `kpipe_train_cases` runs kpipe's own path on the
-same images: ImageDataset + AugSeeds + make_loader (uncached: decode the JPEGs; cached: rows of the
-decode-once cache), or CachedBatches + BatchAugment (data.batch_aug), into engine.train_epoch with
-kpipe's optimiser, schedule and precision policy, as stages/train.py builds a fold.
+channels_last); nothing of train.py is copied. One departure, in timm's favour: train.py reads
+`loss.item()` every step when not distributed (a wait for the GPU each step); here the loss is read once
+per epoch, as engine.train_epoch does, so the reference is at least as fast as train.py's own loop.
+
+`kpipe_train_cases` runs kpipe's own path on the same images: ImageDataset + AugSeeds + make_loader
+(uncached: decode the JPEGs; cached: rows of the decode-once cache), or CachedBatches + BatchAugment
+(data.batch_aug), into engine.train_epoch with kpipe's optimiser, schedule and precision policy, as
+stages/train.py builds a fold.
 
 Same work on both sides: the model, batch, image size, worker count, optimiser kind, lr and weight
 decay; augmentation is a random resized crop (scale 0.7-1, kpipe's default data.aug=light) and a
-horizontal flip, no colour jitter. Every repetition runs whole-or-partial epochs until `steps`
-optimiser steps are done; the clock includes the loader and stops once the device is done.
+horizontal flip, no colour jitter. Every repetition runs whole epochs until at least `steps` optimiser
+steps are done; the clock includes the loader and stops once the device is done.
 Written for CUDA (bf16 autocast + channels_last there); on CPU both run fp32, which is how the tests
 run them with a tiny model.
 Usage: ``cases = e2e_cases(plan, out_dir, torch.device("cuda"))``
@@ -129,7 +133,7 @@ def timm_train_case(
             sched.step_update(num_updates=updates[0])
             total += loss.detach()
             seen += len(x)
-        float(total)  # the loss read once per call, as train_epoch does
+        float(total)  # read once per epoch as train_epoch does (train.py: loss.item() every step)
         return seen
 
     case = _timed(lambda: loader, train, steps, device)
