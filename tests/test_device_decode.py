@@ -92,7 +92,8 @@ def test_resize_area_matches_opencv(hw: tuple[int, int]) -> None:
     assert np.abs(out.astype(int) - ref).max() <= 1
 
 
-def test_device_loader_gives_the_cpu_loaders_batches(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 1])
+def test_device_loader_gives_the_cpu_loaders_batches(tmp_path: Path, workers: int) -> None:
     files, odd = _mixed_files(tmp_path)
     assert read_plain_jpeg(odd["marked"]) is not None and read_plain_jpeg(odd["broken"]) is not None
     assert read_plain_jpeg(files[2]) is None  # the PNG: decoded by the CPU path
@@ -100,8 +101,8 @@ def test_device_loader_gives_the_cpu_loaders_batches(tmp_path: Path) -> None:
         read_plain_jpeg(str(tmp_path / "rot.jpg")) is None
         and read_plain_jpeg(str(tmp_path / "cmyk.jpg")) is None
     )
-    cpu = predict.make_eval_loader(files, DC, 4, 0, CPU, tolerant=True)
-    dev = predict.make_eval_loader(files, DC, 4, 0, CPU, tolerant=True, decode="gpu")
+    cpu = predict.make_eval_loader(files, DC, 4, workers, CPU, tolerant=True)
+    dev = predict.make_eval_loader(files, DC, 4, workers, CPU, tolerant=True, decode="gpu")
     assert (
         isinstance(dev, device_decode.DeviceDecodeLoader)
         and len(dev.dataset) == len(files) == len(dev) * 4 - 1

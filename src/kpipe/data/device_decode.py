@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from kpipe.data.image import ImageReadError, read_plain_jpeg
 from kpipe.data.loader import EpochSampler, ImageDataset, make_loader
 
-Item = tuple[torch.Tensor, bool, int, bool]  # (raw bytes or decoded CHW uint8, is raw, index, ok)
+Item = tuple[bytes | torch.Tensor, bool, int, bool]  # (raw bytes or decoded CHW uint8, is raw, index, ok)
 
 
 class RawJpegs(Dataset):
@@ -49,7 +49,9 @@ class RawJpegs(Dataset):
         if buf is None:
             x, _, _, ok = self.cpu[i]
             return x, False, i, ok
-        return torch.frombuffer(bytearray(buf), dtype=torch.uint8), True, i, True
+        # bytes, not a tensor: a worker's tensor crosses to the main process through shared memory, one file
+        # descriptor each while in flight (batch x prefetched batches x workers of them); bytes are pickled.
+        return buf, True, i, True
 
 
 def as_list(items: list[Item]) -> list[Item]:
@@ -109,13 +111,14 @@ def resize_area(img: torch.Tensor, size: int) -> torch.Tensor:
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def _decode_all(raws: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+def _decode_all(raws: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
     """Each JPEG decoded to CHW uint8 RGB on `device`, or None where the device decoder refused it:
     one batched call, and file by file only when the batch as a whole fails."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     if not raws:
         return []
+    data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in raws]
     if device.type == "cuda":
         # nvJPEG's hardware engine may write its outputs before work already queued on the stream has run,
         # into blocks the caching allocator recycled from tensors that work still reads (pytorch/vision#9606;
@@ -123,11 +126,11 @@ def _decode_all(raws: list[torch.Tensor], device: torch.device) -> list[torch.Te
         # back anyway, so this wait costs it nothing.
         torch.cuda.current_stream(device).synchronize()
     try:
-        return list(decode_jpeg(raws, mode=ImageReadMode.RGB, device=device))
+        return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
     except RuntimeError:
         pass  # one bad file fails the whole call: find it below
     out: list[torch.Tensor | None] = []
-    for raw in raws:
+    for raw in data:
         try:
             out.append(decode_jpeg(raw, mode=ImageReadMode.RGB, device=device))
         except RuntimeError:
@@ -147,7 +150,8 @@ def decode_batch(
     for k, (payload, is_raw, _, _) in enumerate(items):
         if not is_raw:
             x[k] = payload.to(device, non_blocking=True)
-    for k, img in zip(raw_pos, _decode_all([items[k][0] for k in raw_pos], device), strict=True):
+    raws = [items[k][0] for k in raw_pos]
+    for k, img in zip(raw_pos, _decode_all(raws, device), strict=True):
         if img is None:
             cpu_x, _, _, good = cpu[items[k][2]]
             x[k], ok[k] = cpu_x.to(device), good
