@@ -83,12 +83,25 @@ def _all(loader) -> tuple[torch.Tensor, list[int], list[bool]]:
     return torch.cat(xs), ids, oks
 
 
-@pytest.mark.parametrize("hw", [(375, 500), (48, 64), (64, 64), (37, 41), (20, 30), (24, 40), (100, 80)])
-def test_resize_area_matches_opencv(hw: tuple[int, int]) -> None:
-    rgb = _photo(sum(hw), *hw)
-    ref = resize_square(rgb, 32).astype(int)
-    out = device_decode.resize_area(torch.from_numpy(rgb).permute(2, 0, 1), 32).permute(1, 2, 0).numpy()
-    assert out.shape == (32, 32, 3)
+@pytest.mark.parametrize(
+    "h,w,size",
+    [
+        (375, 500, 224),  # shrinks: area weights
+        (48, 64, 32),
+        (64, 64, 32),  # a whole factor
+        (37, 41, 32),
+        (20, 30, 32),  # grows: OpenCV's linear weights
+        (76, 50, 100),
+        (272, 12, 24),  # shrinks one way, grows the other (float rounding of OpenCV's coefficients matters)
+        (118, 10, 24),
+        (100, 80, 224),
+    ],
+)
+def test_resize_area_matches_opencv(h: int, w: int, size: int) -> None:
+    rgb = _photo(h + w, h, w)
+    ref = resize_square(rgb, size).astype(int)
+    out = device_decode.resize_area(torch.from_numpy(rgb).permute(2, 0, 1), size).permute(1, 2, 0).numpy()
+    assert out.shape == (size, size, 3)
     assert np.abs(out.astype(int) - ref).max() <= 1
 
 

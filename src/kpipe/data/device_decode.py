@@ -16,7 +16,6 @@ Usage: ``dl = DeviceDecodeLoader(ImageDataset(files, None, build_eval(224), tole
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from functools import lru_cache
 from typing import Any
@@ -59,45 +58,37 @@ def as_list(items: list[Item]) -> list[Item]:
     return items
 
 
-def _area_axis(n_in: int, n_out: int) -> np.ndarray:
-    """cv2.INTER_AREA's weights along one shrinking axis (n_out <= n_in): each output pixel the
-    area-weighted mean of the input pixels its cell covers."""
-    w = np.zeros((n_out, n_in))
-    scale = n_in / n_out
-    for d in range(n_out):
-        f1, f2 = d * scale, (d + 1) * scale
-        s2 = min(math.floor(f2), n_in - 1)
-        s1 = min(math.ceil(f1), s2)
-        cell = min(scale, n_in - f1)
-        if s1 - f1 > 1e-3:
-            w[d, s1 - 1] = (s1 - f1) / cell
-        w[d, s1:s2] = 1 / cell
-        if f2 - s2 > 1e-3:
-            w[d, s2] = min(f2 - s2, 1.0, cell) / cell
+def _area_axis(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
+    """cv2.INTER_AREA's (n_out, n_in) weights along a shrinking axis (n_out <= n_in): each output pixel the
+    area-weighted mean of the input pixels its cell covers (OpenCV drops overlaps under 1e-3)."""
+    scale = 1 / (n_out / n_in)  # as OpenCV derives it
+    f1 = torch.arange(n_out, dtype=torch.float64, device=device)[:, None] * scale
+    s = torch.arange(n_in, dtype=torch.float64, device=device)[None, :]
+    overlap = (torch.minimum(s + 1, f1 + scale) - torch.maximum(s, f1)).clamp_(min=0)
+    overlap = torch.where(overlap > 1e-3, overlap, 0.0)
+    return (overlap / torch.clamp(n_in - f1, max=scale)).float()
+
+
+def _linear_axis(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
+    """cv2.INTER_AREA's (n_out, n_in) weights along an axis when the image grows on either axis: OpenCV then
+    interpolates linearly with its own area-style coefficients, edge pixels repeated."""
+    inv = n_out / n_in
+    d = torch.arange(n_out, dtype=torch.float64, device=device)
+    s = torch.floor(d * (1 / inv))
+    f = ((d + 1) - (s + 1) * inv).float()  # OpenCV rounds to float before taking the fraction
+    f = torch.where(f <= 0, 0.0, f - torch.floor(f))
+    lo, hi = s.long().clamp(0, n_in - 1), (s.long() + 1).clamp(0, n_in - 1)
+    w = torch.zeros((n_out, n_in), device=device)
+    w.scatter_add_(1, lo[:, None], (1 - f)[:, None])
+    w.scatter_add_(1, hi[:, None], f[:, None])
     return w
 
 
-def _linear_axis(n_in: int, n_out: int) -> np.ndarray:
-    """cv2.INTER_AREA's weights along an axis when the image grows on either axis: OpenCV then interpolates
-    linearly with its own area-style coefficients, edge pixels repeated."""
-    w = np.zeros((n_out, n_in))
-    scale, inv = n_in / n_out, n_out / n_in
-    for d in range(n_out):
-        s = math.floor(d * scale)
-        f = (d + 1) - (s + 1) * inv
-        f = 0.0 if f <= 0 else f - math.floor(f)
-        w[d, min(max(s, 0), n_in - 1)] += 1 - f
-        w[d, min(max(s + 1, 0), n_in - 1)] += f
-    return w
-
-
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=128)
 def _weights(h: int, w: int, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Built on the device itself (a few element-wise kernels, no host loop, no copy); cached per image shape."""
     axis = _area_axis if h >= size and w >= size else _linear_axis
-    return (
-        torch.from_numpy(axis(h, size)).float().to(device),
-        torch.from_numpy(axis(w, size)).float().to(device),
-    )
+    return axis(h, size, device), axis(w, size, device)
 
 
 def resize_area(img: torch.Tensor, size: int) -> torch.Tensor:
