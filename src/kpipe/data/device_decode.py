@@ -118,15 +118,17 @@ def _decode_all(raws: list[bytes], device: torch.device) -> list[torch.Tensor | 
         torch.cuda.current_stream(device).synchronize()
     try:
         return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+    except RuntimeError:  # one bad file fails the whole call: decode file by file to find it
+        return [_decode_one(raw, device) for raw in data]
+
+
+def _decode_one(raw: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:
-        pass  # one bad file fails the whole call: find it below
-    out: list[torch.Tensor | None] = []
-    for raw in data:
-        try:
-            out.append(decode_jpeg(raw, mode=ImageReadMode.RGB, device=device))
-        except RuntimeError:
-            out.append(None)
-    return out
+        return None  # the caller reads this file again with the CPU path, whose rules decide
 
 
 def decode_batch(
