@@ -3,9 +3,11 @@
 `timm_train_case` builds timm's training pipeline from timm's library calls, the way its train.py
 wires them (create_dataset over class folders, resolve_data_config, create_loader with its
 device-side prefetcher, create_optimizer_v2, create_scheduler_v2 stepped per update, autocast and
-channels_last); nothing of train.py is copied. One departure, in timm's favour: train.py reads
-`loss.item()` every step when not distributed (a wait for the GPU each step); here the loss is read once
-per epoch, as engine.train_epoch does, so the reference is at least as fast as train.py's own loop.
+channels_last), and with the two switches train.py turns on when CUDA is present (cuDNN's benchmark mode
+and TF32 matmuls), set only while timm's case runs: kpipe's cases run with kpipe's own settings (it sets
+neither). Nothing of train.py is copied. One departure, in timm's favour: train.py reads `loss.item()`
+every step (a wait for the GPU each step); here the loss is read once per epoch, as engine.train_epoch
+does, so the reference is at least as fast as train.py's own loop.
 
 `kpipe_train_cases` runs kpipe's own path on the same images: ImageDataset + AugSeeds + make_loader
 (uncached: decode the JPEGs; cached: rows of the decode-once cache), or CachedBatches + BatchAugment
@@ -136,8 +138,19 @@ def timm_train_case(
         float(total)  # read once per epoch as train_epoch does (train.py: loss.item() every step)
         return seen
 
-    case = _timed(lambda: loader, train, steps, device)
-    case()  # warm-up: workers, kernel selection, allocator
+    timed = _timed(lambda: loader, train, steps, device)
+
+    def case() -> float:
+        if not fast:
+            return timed()
+        flags = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = True  # as train.py on CUDA
+        try:
+            return timed()
+        finally:
+            torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = flags
+
+    case()  # warm-up: workers, kernel selection (cuDNN's benchmark runs here), allocator
     return case
 
 
