@@ -224,13 +224,15 @@ def run(cfg: Config, runs: list[str] | None = None) -> dict[str, Any]:
     folds: dict[str, list[int]] = {}
     forms: dict[str, dict[str, Any]] = {}
     decodes: dict[str, dict[str, Any]] = {}
+    by_size: dict[int, predict.DecodeChoice] = {}  # runs at one image size share the decoder timing
     table = _fold_table(cfg)
     for r in plan.runs:
         rm = predict.load_run(r, classes, device, cfg.infer.channels_last)
         views = plan.views[r]
         choice = choose_precision(cfg, rm, device, table)
         forms[r] = choice.to_json()
-        decode = choose_decode(cfg, rm, files, device)
+        size = int(rm.data_cfg["img_size"])
+        decode = by_size[size] = by_size.get(size) or choose_decode(cfg, rm, files, device)
         decodes[r] = decode.to_json()
         probs, good, rate = _predict_run(
             cfg, rm, files, views, len(classes), device, True, f"infer {r}", choice, decode.name
