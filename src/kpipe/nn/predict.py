@@ -226,9 +226,8 @@ def decode_rates(
     sample = files[: (PROBE_BATCHES + 1) * batch_size]
     if len(sample) < 3 * batch_size:
         return None
-    for (
-        f
-    ) in sample:  # warm the page cache for both: the first decoder timed must not pay for cold reads alone
+    # Warm the page cache for both: the first decoder timed must not pay for cold reads alone.
+    for f in sample:
         with contextlib.suppress(OSError):  # an unreadable file: each loader's own rules meet it (ok=False)
             Path(f).read_bytes()
     rates = {}
@@ -250,7 +249,7 @@ def decode_rates(
 
 def predict_models(
     fold_models: list[nn.Module],
-    loader: DataLoader,
+    loader: DataLoader | DeviceDecodeLoader,
     views: list[str],
     n_classes: int,
     device: torch.device,
