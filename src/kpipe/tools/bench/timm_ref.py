@@ -48,7 +48,7 @@ MIN_SCALE = 0.7  # the same crop scale on timm's side
 
 
 def e2e_workers(plan: Plan) -> int:
-    """Loader workers per case: plan.gpu_workers, or (0 there) every core but one for the training process."""
+    """Loader workers per case: plan.gpu_workers, or (when it is -1) every core but one, for the training process."""
     return plan.gpu_workers if plan.gpu_workers >= 0 else max(1, cpus() - 1)
 
 
