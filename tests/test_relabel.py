@@ -53,20 +53,25 @@ def _truth(true: np.ndarray, given: np.ndarray) -> pd.DataFrame:
     )
 
 
-def _suspects(seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, set[str]]:
+def _suspects(
+    seed: int = 0, filter_by: str = "prune_by_noise_rate"
+) -> tuple[pd.DataFrame, pd.DataFrame, set[str]]:
     true, given, probs, bad = synthetic_oof(seed=seed)
     truth = _truth(true, given)
-    s = cleaning.find_suspects(truth["id"].tolist(), truth["given_label"].tolist(), probs, CLASSES4)
+    s = cleaning.find_suspects(
+        truth["id"].tolist(), truth["given_label"].tolist(), probs, CLASSES4, filter_by
+    )
     return s, truth, {f"i{j:04d}" for j in bad}
 
 
 # ------------------------------------------------------------------ pure core
 
 
+@pytest.mark.parametrize("filter_by", ["low_self_confidence", "prune_by_noise_rate"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_planted_errors_found_and_ranked_top(seed: int) -> None:
-    s, truth, bad = _suspects(seed)
-    assert len(bad & set(s["id"])) / len(bad) >= 0.9  # cleanlab's list finds them ...
+def test_planted_errors_found_and_ranked_top(seed: int, filter_by: str) -> None:
+    s, truth, bad = _suspects(seed, filter_by)
+    assert len(bad & set(s["id"])) / len(bad) >= 0.85  # cleanlab's list finds them ...
     top = set(s["id"].head(len(bad)))
     assert len(top & bad) / len(bad) >= 0.8  # ... and ranks them first
     assert s["score"].is_monotonic_decreasing and s["score"].between(0, 1).all()
@@ -88,6 +93,27 @@ def test_score_is_one_minus_given_probability() -> None:
     s = cleaning.find_suspects([f"r{i}" for i in range(25)], labels, probs, ["x", "y", "z"])
     assert s["id"].tolist() == ["r24"]
     assert s.iloc[0]["score"] == pytest.approx(0.98) and s.iloc[0]["suggested"] == "z"
+
+
+def test_low_self_confidence_flags_cleanlabs_count_lowest_given_probability_first() -> None:
+    """The default filter: as many suspects as cleanlab's num_label_issues estimates, and exactly the
+    rows with the lowest p(given label), whatever their class pair."""
+    from cleanlab.count import num_label_issues
+
+    true, given, probs, _ = synthetic_oof(seed=3)
+    ids, labels = [f"i{j:04d}" for j in range(len(true))], [CLASSES4[g] for g in given]
+    s = cleaning.find_suspects(ids, labels, probs, CLASSES4)
+    n = num_label_issues(given, probs)
+    assert len(s) == n
+    p_given = probs[np.arange(len(given)), given]
+    assert set(s["id"]) == {ids[j] for j in np.argsort(p_given)[:n]}
+    other = cleaning.find_suspects(ids, labels, probs, CLASSES4, "prune_by_noise_rate")
+    assert set(other["id"]) != set(s["id"])  # the filter really changes the pick
+
+
+def test_unknown_filter_is_refused() -> None:
+    with pytest.raises(KpipeError, match="unknown cleaning filter 'lowest'.*low_self_confidence"):
+        cleaning.find_suspects(["a", "b"], ["x", "y"], np.eye(2), ["x", "y"], "lowest")
 
 
 def test_unknown_oof_label_is_refused() -> None:
@@ -472,3 +498,21 @@ def test_from_ranks_suspects_on_the_blended_oof(tmp_path: Path) -> None:
     write_csv(other / "oof.csv", calm)
     with pytest.raises(KpipeError, match="different label sets"):
         relabel.run(cfg, sources=[str(run), str(other)])
+
+
+def test_cli_filter_reaches_cleanlab_and_a_wrong_one_fails_clearly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg, _ = _stage(tmp_path, False)
+    monkeypatch.setattr(cli, "config_from", lambda args: cfg)
+    seen: list[str] = []
+    real = relabel.find_suspects
+
+    def spy(*args: object) -> pd.DataFrame:
+        seen.append(str(args[-1]))
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(relabel, "find_suspects", spy)
+    assert cli.main(["relabel"]) == 0 and cli.main(["relabel", "--filter", "both"]) == 0
+    assert seen == ["low_self_confidence", "both"]
+    assert cli.main(["relabel", "--filter", "lowest"]) == 2

@@ -136,7 +136,14 @@ def _relabel(args: argparse.Namespace) -> int:
         )
         train.run(qcfg, resume=True)
         run_dir = paths.run_dir(qcfg).root
-    relabel.run(cfg, run_dir=run_dir, accept_above=args.accept_above, apply=args.apply, sources=args.sources)
+    relabel.run(
+        cfg,
+        run_dir=run_dir,
+        accept_above=args.accept_above,
+        apply=args.apply,
+        sources=args.sources,
+        filter_by=args.filter,
+    )
     return 0
 
 
@@ -368,6 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="RUN_OR_JSON",
         help="rank suspects on the blended OOF of these runs (all TTA views) or of an ensemble JSON",
+    )
+    p.add_argument(
+        "--filter",
+        default=None,
+        metavar="FILTER",
+        help="cleanlab's filter_by that picks the suspects (default low_self_confidence: as many as "
+        "cleanlab estimates are wrong, lowest p(given) first; or prune_by_noise_rate, both, ...)",
     )
     p.add_argument(
         "--accept-above",

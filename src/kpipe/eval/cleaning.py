@@ -1,9 +1,13 @@
 """Confident learning over out-of-fold probabilities: which training images look misfiled.
 
-cleanlab's `find_label_issues` (default `prune_by_noise_rate`) flags images whose given label the
-model, never having trained on them, disagrees with more than each class's noise rate explains.
+cleanlab's `find_label_issues` flags images whose given label the model, never having trained on them,
+disagrees with. kpipe's default filter is cleanlab's `low_self_confidence`: cleanlab estimates how many
+labels are wrong (`num_label_issues`, from the confident joint) and flags that many images, lowest
+p(given label) first. On the demo's OOF it beat cleanlab's own default (`prune_by_noise_rate`, which
+picks per class pair by margin): precision/recall 0.987/0.938 vs 0.900/0.900 on the same 80 planted
+errors (README, "Cleaning"). Every filter_by cleanlab has can be chosen (FILTERS).
 Each suspect gets score = 1 - p(given label) and suggested = the most probable other class.
-Usage: ``suspects = find_suspects(ids, labels, probs, classes)``
+Usage: ``suspects = find_suspects(ids, labels, probs, classes, filter_by="low_self_confidence")``
 """
 
 from __future__ import annotations
@@ -19,9 +23,28 @@ from kpipe.console import console
 from kpipe.data.relabels import sort_relabels
 from kpipe.errors import KpipeError, preview
 
+# cleanlab's find_label_issues(filter_by=...) choices; the first is kpipe's default (see above).
+FILTERS = (
+    "low_self_confidence",
+    "prune_by_noise_rate",
+    "prune_by_class",
+    "both",
+    "confident_learning",
+    "low_normalized_margin",
+    "predicted_neq_given",
+)
 
-def find_suspects(ids: list[str], labels: list[str], probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
+
+def find_suspects(
+    ids: list[str],
+    labels: list[str],
+    probs: np.ndarray,
+    classes: list[str],
+    filter_by: str = FILTERS[0],
+) -> pd.DataFrame:
     """Confident-learning suspects: DataFrame[id, given, suggested, score], score descending."""
+    if filter_by not in FILTERS:
+        raise KpipeError(f"unknown cleaning filter {filter_by!r}; choose one of {', '.join(FILTERS)}.")
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(labels) - set(index))
     if unknown:
@@ -36,9 +59,8 @@ def find_suspects(ids: list[str], labels: list[str], probs: np.ndarray, classes:
     probs = probs / np.maximum(probs.sum(axis=1, keepdims=True), 1e-12)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        issues = find_label_issues(
-            y, probs, n_jobs=1
-        )  # n_jobs=1: its process pool costs more than it saves here
+        # n_jobs=1: its process pool costs more than it saves here
+        issues = find_label_issues(y, probs, filter_by=filter_by, n_jobs=1)
     few = sorted(
         {int(m.group(1)) for w in caught if (m := re.search(r"class: (\d+), it has too few", str(w.message)))}
     )

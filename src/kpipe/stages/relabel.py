@@ -18,7 +18,7 @@ model (resnet10t, <= 4 epochs, runs/<exp>_quick) when no run exists yet.
 `--from runs/a runs/b` (every TTA view each has, equal weights) or `--from runs/ensembles/<exp>.json` (its
 weights) ranks the suspects on the blended OOF instead of one run's: several models' evidence.
 
-Usage: ``kpipe relabel -c configs/exp/demo.yaml --comp demo [--quick] [--from RUN...] [--accept-above 0.9] [--apply]``
+Usage: ``kpipe relabel -c configs/exp/demo.yaml --comp demo [--quick] [--from RUN...] [--filter F] [--accept-above 0.9] [--apply]``
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from kpipe.data.relabels import (
 )
 from kpipe.errors import KpipeError
 from kpipe.eval.blend import blended_oof
-from kpipe.eval.cleaning import find_suspects
+from kpipe.eval.cleaning import FILTERS, find_suspects
 from kpipe.eval.oof import read_oof
 from kpipe.eval.review import decision_counts, fmt_score, write_review
 from kpipe.io import read_csv_ids, write_csv, write_json
@@ -109,9 +109,11 @@ def run(
     accept_above: float | None = None,
     apply: bool = False,
     sources: list[str] | None = None,
+    filter_by: str | None = None,
 ) -> pd.DataFrame:
     """Suggest (from OOF, when there is a run), merge with the decisions made, write the page, maybe apply.
-    `sources` (--from): several runs, or an ensemble JSON, whose blended OOF ranks the suspects instead."""
+    `sources` (--from): several runs, or an ensemble JSON, whose blended OOF ranks the suspects instead.
+    `filter_by` (--filter): which of cleanlab's filters picks the suspects (cleaning.FILTERS; default the first)."""
     csv_path = paths.relabels_csv(cfg)
     with locked(csv_path):  # a click on the review page meanwhile is not lost
         existing = read_relabels(csv_path)
@@ -128,7 +130,7 @@ def run(
                     "or use --quick to train a small model for this.",
                 )
                 where = str(source.root)
-            fresh = find_suspects(oof.ids, oof.labels, oof.probs, oof.classes)
+            fresh = find_suspects(oof.ids, oof.labels, oof.probs, oof.classes, filter_by or FILTERS[0])
             table = merge_relabels(existing, fresh)
             console.print(
                 f"{len(fresh)} suspects among {len(oof.ids)} out-of-fold predictions of {safe(where)}"
