@@ -264,3 +264,28 @@ def test_training_with_mixup_and_an_odd_batch_size_runs(tmp_path: Path) -> None:
     cfg = _setup(tmp_path, ["train.folds=0", "data.batch_size=3", "train.mixup_alpha=0.2"])
     train.run(cfg)
     assert (paths.run_dir(cfg).fold(0).best).is_file()
+
+
+def test_cuda_device_turns_cudnn_benchmark_and_tf32_on_or_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.cudnn_benchmark reaches torch's switches when the device is CUDA (faked here: no GPU in CI)."""
+    from kpipe.nn import dist
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    flags = (
+        torch.backends.cudnn.benchmark,
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+    )
+    try:
+        for on in (True, False):
+            assert dist.pick_device("auto", on).type == "cuda"
+            assert torch.backends.cudnn.benchmark is on
+            assert torch.backends.cuda.matmul.allow_tf32 is on and torch.backends.cudnn.allow_tf32 is on
+        assert dist.pick_device("cpu", True).type == "cpu"
+    finally:
+        (
+            torch.backends.cudnn.benchmark,
+            torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32,
+        ) = flags

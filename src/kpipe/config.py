@@ -196,14 +196,13 @@ class DataConfig(Section):
 class TrainConfig(Section):
     epochs: int = Field(10, ge=1)
     folds: list[int] | None = None  # default: every fold in the folds file
+    # `kpipe train --full`'s epochs; default: the CV run's mean best epoch
     full_epochs: int | None = Field(None, ge=1)
     teacher: str | None = None  # run folder: fold k's student learns from the teacher's own fold<k>/best.pt
-    distill_temperature: float = Field(
-        1.0, gt=0
-    )  # softens the teacher's probabilities: p^(1/T), renormalised
-    distill_weight: float = Field(
-        0.5, ge=0, le=1
-    )  # target = (1 - w) x label + w x softened teacher  # `kpipe train --full`; default: the CV run's mean best epoch
+    # softens the teacher's probabilities: p^(1/T), renormalised
+    distill_temperature: float = Field(1.0, gt=0)
+    # target = (1 - w) x label + w x softened teacher
+    distill_weight: float = Field(0.5, ge=0, le=1)
     optimizer: Annotated[str, Choice(OPTIMIZERS)] = "adamw"  # kpipe.nn.optim
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = 1e-4
@@ -218,15 +217,17 @@ class TrainConfig(Section):
     cutmix_alpha: float = 0.0
     ema: bool = False
     ema_decay: float = 0.999
-    swa: bool = (
-        False  # also average the end-of-epoch weights of the last swa_epochs epochs (kpipe.nn.average)
-    )
+    # also average the end-of-epoch weights of the last swa_epochs epochs (kpipe.nn.average)
+    swa: bool = False
     swa_epochs: int = Field(3, ge=1)
     accum_steps: int = 1
     clip_grad: float | None = None
     early_stop_patience: int | None = None
     amp: bool = True  # CUDA only: bf16 where supported, else fp16 with a grad scaler
     channels_last: bool = True  # CUDA only
+    # CUDA only: cuDNN times its kernels for the (fixed) input size and keeps the fastest, and fp32 matmuls
+    # and convolutions may use TF32, as timm's train.py does; false for cuDNN's default choice
+    cudnn_benchmark: bool = True
     compile: bool = False
     sync_bn: bool = False  # DDP only
     seed: int = 42

@@ -37,8 +37,9 @@ def collective_timeout() -> timedelta:
     return timedelta(seconds=float(os.environ.get("KPIPE_DIST_TIMEOUT", "600")))
 
 
-def pick_device(device_kind: str) -> torch.device:
-    """This process's device for train.device=auto|cpu|cuda (under torchrun, the GPU of LOCAL_RANK)."""
+def pick_device(device_kind: str, fast_kernels: bool = True) -> torch.device:
+    """This process's device for train.device=auto|cpu|cuda (under torchrun, the GPU of LOCAL_RANK).
+    On CUDA, `fast_kernels` (train.cudnn_benchmark) turns on cuDNN's benchmark mode and TF32, else off."""
     use_cuda = device_kind == "cuda" or (device_kind == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise KpipeError("train.device=cuda but no CUDA device is visible. Use train.device=auto or cpu.")
@@ -46,12 +47,14 @@ def pick_device(device_kind: str) -> torch.device:
         return torch.device("cpu")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     torch.cuda.set_device(device)
+    torch.backends.cudnn.benchmark = fast_kernels
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = fast_kernels
     return device
 
 
-def setup(device_kind: str) -> torch.device:
+def setup(device_kind: str, fast_kernels: bool = True) -> torch.device:
     """Join the process group when launched by torchrun; return this process's device."""
-    device = pick_device(device_kind)
+    device = pick_device(device_kind, fast_kernels)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch_dist.is_initialized():
         torch_dist.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo", timeout=collective_timeout()

@@ -211,7 +211,7 @@ def run(cfg: Config, runs: list[str] | None = None) -> dict[str, Any]:
     With infer.package (a `kpipe package` folder, as in the Kaggle notebook) the runs, views, weights,
     classes and class prior come from the package instead of runs/ and folds/.
     """
-    device = dist.pick_device(cfg.train.device)
+    device = dist.pick_device(cfg.train.device, cfg.train.cudnn_benchmark)
     spec = read_spec(Path(cfg.infer.package)) if cfg.infer.package else None
     classes = spec.classes if spec else ingest.load_classes(cfg)
     plan = (
@@ -438,7 +438,7 @@ def _cv(cfg: Config, plan: Plan) -> tuple[float | None, str]:
 
 def run_oof_tta(cfg: Config, runs: list[str] | None = None) -> dict[str, dict[str, float]]:
     """Each fold's best.pt on its own validation images, once per TTA view -> runs/<exp>/oof_tta/<view>.csv."""
-    device = dist.pick_device(cfg.train.device)
+    device = dist.pick_device(cfg.train.device, cfg.train.cudnn_benchmark)
     classes = ingest.load_classes(cfg)
     views = tta.parse_views(cfg.infer.tta)
     table, _ = load_fold_table(cfg)

@@ -119,7 +119,7 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
-    device = dist.setup(cfg.train.device)
+    device = dist.setup(cfg.train.device, cfg.train.cudnn_benchmark)
     ok = False
     try:
         result = _run(cfg, resume, device)
@@ -517,7 +517,7 @@ def run_full(cfg: Config) -> dict[str, Any]:
             "train.swa=true with --full: there are no validation images to choose between raw and "
             "averaged weights on. Add train.swa=false."
         )
-    device = dist.setup(cfg.train.device)
+    device = dist.setup(cfg.train.device, cfg.train.cudnn_benchmark)
     try:
         if dist.world() > 1:
             raise KpipeError("kpipe train --full runs in one process; drop --gpus.")

@@ -4,8 +4,8 @@
 wires them (create_dataset over class folders, resolve_data_config, create_loader with its
 device-side prefetcher, create_optimizer_v2, create_scheduler_v2 stepped per update, autocast and
 channels_last), and with the two switches train.py turns on when CUDA is present (cuDNN's benchmark mode
-and TF32 matmuls), set only while timm's case runs: kpipe's cases run with kpipe's own settings (it sets
-neither). Nothing of train.py is copied. One departure, in timm's favour: train.py reads `loss.item()`
+and TF32 matmuls), set only while timm's case runs; kpipe's cases set them as `kpipe train` does
+(train.cudnn_benchmark, on by default, through nn.dist.pick_device). Nothing of train.py is copied. One departure, in timm's favour: train.py reads `loss.item()`
 every step (a wait for the GPU each step); here the loss is read once per epoch, as engine.train_epoch
 does, so the reference is at least as fast as train.py's own loop.
 
@@ -38,7 +38,7 @@ from torch import nn
 from kpipe.config import DataConfig, TrainConfig
 from kpipe.data import cache, transforms
 from kpipe.data.loader import AugSeeds, CachedBatches, EpochSampler, ImageDataset, make_loader
-from kpipe.nn import engine, models
+from kpipe.nn import dist, engine, models
 from kpipe.nn.optim import Schedule, build_optimizer
 from kpipe.tools.bench.harness import Case, Plan, cpus, sync
 from kpipe.tools.bench.images import N_CLASSES, image_set
@@ -175,6 +175,8 @@ def kpipe_train_cases(
     tf = transforms.build_train(AUG, size)
 
     def case(loader: Any, sampler: EpochSampler, prepare: Any) -> Case:
+        if device.type == "cuda":  # cuDNN benchmark + TF32, as kpipe train sets them
+            dist.pick_device("cuda", t.cudnn_benchmark)
         model = models.create(model_name, N_CLASSES).to(device)
         dc = models.resolve_data_config(model, DataConfig(img_size=size))
         precision = engine.Precision.of(device, t)
