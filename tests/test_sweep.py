@@ -62,6 +62,17 @@ def test_sweep_trains_skips_and_resumes(tmp_path: Path, tiny_comp: Path) -> None
     assert sweep.is_finished(runs[1]) and runs[1].fold(1).oof.is_file()
 
 
+def test_a_run_on_some_folds_is_finished_once_those_folds_are(tmp_path: Path) -> None:
+    """train.folds=0,1 writes a cv.json with complete=false (CV over 2 of 5 folds): still finished for the
+    sweep that asked for folds 0 and 1, so re-running the sweep skips it instead of resuming it."""
+    run = paths.RunDir(tmp_path / "r")
+    run.root.mkdir()
+    assert not sweep.is_finished(run, [0, 1])
+    run.cv.write_text(json.dumps({"cv": 0.9, "per_fold": {"0": 0.9, "1": 0.9}, "complete": False}))
+    assert sweep.is_finished(run, [0, 1]) and sweep.is_finished(run, [1])
+    assert not sweep.is_finished(run, [0, 1, 2]) and not sweep.is_finished(run)
+
+
 def test_sweep_on_several_gpus_runs_one_process_per_run(
     tmp_path: Path, tiny_comp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -88,13 +88,18 @@ def run_name(exp: str, combo: dict[str, str]) -> str:
     )
 
 
-def is_finished(run: paths.RunDir) -> bool:
+def is_finished(run: paths.RunDir, folds: list[int] | None = None) -> bool:
+    """cv.json covers every fold the run asked for: all of them, or `folds` (its train.folds)."""
     if not run.cv.is_file():
         return False
     try:
-        return bool(json.loads(run.cv.read_text(encoding="utf-8")).get("complete"))
+        cv = json.loads(run.cv.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         return False  # a cv.json cut short: train again (resume) rewrites it
+    if cv.get("complete"):
+        return True
+    done = {int(k) for k in cv.get("per_fold", {})}
+    return folds is not None and set(folds) <= done
 
 
 def run(
@@ -134,7 +139,7 @@ def run(
     for i, (combo, name) in enumerate(zip(combos, names, strict=True), 1):
         run_overrides = [*fixed, *(f"{k}={v}" for k, v in combo.items()), f"name={name}"]
         cfg = load_config(exp, comp, run_overrides)
-        if is_finished(paths.run_dir(cfg)):
+        if is_finished(paths.run_dir(cfg), cfg.train.folds):
             console.print(f"sweep {i}/{len(combos)}: {safe(name)} finished earlier, skipped")
         else:
             todo.append((cfg, run_overrides))
