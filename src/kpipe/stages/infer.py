@@ -8,8 +8,10 @@ blended with the weights `kpipe ensemble` fitted (infer.ensemble_weights: member
 each the fold average). Missing or undecodable test images still get a row: the class prior of
 the training labels, with a warning. Each run predicts in the form infer.precision picks
 (nn.precision: with `auto`, bf16 / AMP only after it agreed with fp32 on a sample of the run's own
-validation images), recorded per run in the sidecar, as is where its JPEGs were decoded (infer.decode:
-on the GPU with `auto` only when a timing of the first batches finds it faster). `run_oof_tta` predicts
+validation images) and through the runtime infer.runtime picks (nn.runtime: OpenVINO on the CPU only
+after the same check; infer.compile for torch), both recorded per run in the sidecar, as is where its
+JPEGs were decoded (infer.decode: on the GPU with `auto` only when a timing of the first batches finds it
+faster). `kpipe oof-tta` runs in torch. `run_oof_tta` predicts
 each fold's own validation images with every view (runs/<exp>/oof_tta/<view>.csv), so `kpipe ensemble`
 can weigh views, and shows each view's CV.
 
