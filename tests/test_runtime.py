@@ -142,3 +142,24 @@ def test_compile_is_ignored_when_openvino_runs(tmp_path: Path, monkeypatch: pyte
     (rt,) = _sidecar(cfg)["runtime"].values()
     assert rt["runtime"] == "openvino" and rt["compile"]["compiled"] is False
     assert "ignored" in rt["compile"]["reason"]
+
+
+def test_choose_checks_openvino_asked_for_or_proposed() -> None:
+    cpu = torch.device("cpu")
+    p = np.random.default_rng(0).dirichlet(np.ones(5), 200).astype(np.float32)
+    flipped = p.copy()
+    flipped[:2] = flipped[:2, ::-1]  # 1% of the argmaxes change: below the 99.5% bar
+    fake = [torch.nn.Identity()]
+    convert = lambda hint: fake  # noqa: E731
+    close = lambda dtype, models=None: p if models is None else p + 1e-3  # noqa: E731
+    wrong = lambda dtype, models=None: p if models is None else flipped  # noqa: E731
+    for requested in ("auto", "openvino"):
+        kept, models = runtime.choose(requested, cpu, convert, close)
+        assert kept.name == "openvino" and models is fake and kept.check["argmax_agreement"] == 1.0
+        dropped, models = runtime.choose(requested, cpu, convert, wrong)
+        assert dropped.name == "torch" and models is None and "disagrees with fp32" in dropped.reason
+    unchecked, models = runtime.choose("openvino", cpu, convert, None)
+    assert unchecked.name == "openvino" and "not checked" in unchecked.reason and models is fake
+    auto, models = runtime.choose("auto", cpu, convert, None)
+    assert auto.name == "torch" and "no validation images" in auto.reason and models is None
+    assert runtime.choose("torch", cpu, convert, close)[0].reason == "infer.runtime=torch"
