@@ -64,6 +64,7 @@ class RuntimeChoice:
     hint: str | None = None
     check: dict[str, Any] | None = None
     compile: dict[str, Any] | None = None
+    convert_seconds: float | None = None  # OpenVINO's conversion and compilation of every fold, when done
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -72,6 +73,7 @@ class RuntimeChoice:
             "ov_precision_hint": self.hint,
             "check": self.check,
             "compile": self.compile,
+            "convert_seconds": self.convert_seconds,
         }
 
 

@@ -157,11 +157,16 @@ def choose_forms(
     )
     sampler = sample_check(cfg, rm, device, table) if need else None  # both checks share its fp32 result
 
+    took: list[float] = []
+
     def convert(hint: str) -> list[torch.nn.Module]:
-        x = _example(cfg, rm, 2, device, False)
-        return [runtime.to_openvino(m, x, hint) for m in rm.models]
+        x, t0 = _example(cfg, rm, 2, device, False), time.perf_counter()
+        out = [runtime.to_openvino(m, x, hint) for m in rm.models]
+        took.append(round(time.perf_counter() - t0, 2))
+        return out
 
     rt, ov_models = runtime.choose(inf.runtime, device, convert, sampler)
+    rt = replace(rt, convert_seconds=took[0] if took else None)
     console.print(f"{safe(rm.run)}: runtime {rt.reason}", soft_wrap=True)
     if ov_models is not None:
         why = f"OpenVINO runs the models (INFERENCE_PRECISION_HINT {rt.hint}); torch applies the TTA views in fp32"
