@@ -185,7 +185,7 @@ def test_make_plan_and_targets() -> None:
         bench.make_plan(10, 3, False)
     res = {
         "data": {"ratios": {"kpipe_files": 2.0, "kpipe_cache": 2.0, "kpipe_cache_batch_aug": 5.0}},
-        "inference": {"ratios": {"hflip_cost": 2.1, "kpipe_infer_auto": 3.2}},
+        "inference": {"ratios": {"hflip_cost": 2.1, "kpipe_infer_auto": 3.2, "kpipe_infer_best": 2.9}},
         "training": {"ratios": {"kpipe": 0.99}},
     }
     met = {t["key"]: t["met"] for t in bench.check_targets(res)}
@@ -195,6 +195,7 @@ def test_make_plan_and_targets() -> None:
         "data.ratios.kpipe_cache_batch_aug": True,
         "inference.ratios.hflip_cost": False,
         "inference.ratios.kpipe_infer_auto": True,
+        "inference.ratios.kpipe_infer_best": False,
         "training.ratios.kpipe": True,
     }
     assert not any(t["key"].startswith("gpu.") for t in bench.check_targets({**res, "gpu": {"skipped": "x"}}))
@@ -235,6 +236,15 @@ def test_quick_bench_end_to_end(tmp_path: Path) -> None:
     assert "kpipe_infer_auto" in saved["inference"]["ratios"]
     auto = saved["inference"]["auto_precision"]
     assert auto["form"].endswith("+ channels_last") and 0 <= auto["argmax_agreement"] <= 1
+    inf = saved["inference"]
+    best = inf["best_form"]
+    assert best["case"] in inf["forms"] and 0 <= best["argmax_agreement"] <= 1
+    assert inf["ratios"]["kpipe_infer_best"] == max(inf["ratios"][c] for c in inf["forms"])
+    assert "kpipe_infer_compiled" not in inf  # --quick leaves torch.compile out (tens of seconds)
+    if "openvino_skipped" not in inf:
+        hint = "bf16" if saved["machine"]["cpu_bf16"] else "f32"
+        assert {"kpipe_infer_openvino", f"openvino_{hint}"} <= inf.keys()
+        assert inf["forms"]["kpipe_infer_openvino"]["form"] == f"OpenVINO, {hint} hint"
     assert "kpipe" in saved["training"]["ratios"]
     assert len(saved["targets"]) == len(bench.TARGETS) and all(
         isinstance(t["met"], bool) for t in saved["targets"]
@@ -243,6 +253,7 @@ def test_quick_bench_end_to_end(tmp_path: Path) -> None:
         assert "skipped" in saved["gpu"]
     md = (tmp_path / "results.md").read_text(encoding="utf-8")
     assert "kpipe bench --out" in md and "## Targets" in md and "infer.precision=auto's form here" in md
+    assert "fastest CPU form here" in md
     assert res["targets"] == saved["targets"]
 
 

@@ -106,7 +106,7 @@ def _sidecar(cfg: Config) -> dict:
 
 
 def test_auto_falls_back_to_fp32_when_bf16_disagrees(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = setup(tmp_path)
+    cfg = setup(tmp_path, ["infer.runtime=torch"])  # torch's own precision choice (OpenVINO: test_runtime.py)
     load = predict.load_run
 
     def noisy_run(*args: object, **kw: object) -> predict.RunModels:
@@ -126,7 +126,7 @@ def test_auto_falls_back_to_fp32_when_bf16_disagrees(tmp_path: Path, monkeypatch
 
 
 def test_auto_keeps_fp32_without_native_bf16(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = setup(tmp_path)
+    cfg = setup(tmp_path, ["infer.runtime=torch"])
     monkeypatch.setattr(precision, "cpu_bf16", lambda: False)
     infer.run(cfg)
     (form,) = _sidecar(cfg)["precision"].values()
@@ -134,7 +134,7 @@ def test_auto_keeps_fp32_without_native_bf16(tmp_path: Path, monkeypatch: pytest
 
 
 def test_explicit_precision_is_obeyed_unchecked(tmp_path: Path) -> None:
-    cfg = setup(tmp_path, ["infer.precision=bf16", "infer.channels_last=false"])
+    cfg = setup(tmp_path, ["infer.precision=bf16", "infer.channels_last=false", "infer.runtime=torch"])
     infer.run(cfg)
     (form,) = _sidecar(cfg)["precision"].values()
     assert form == {

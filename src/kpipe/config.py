@@ -252,6 +252,11 @@ class InferConfig(Section):
     # when it agrees with fp32 on a sample of the run's own validation images; else fp32 (reason in the sidecar).
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True  # NHWC tensors: faster convolutions on CPUs (oneDNN) and GPUs alike
+    # What runs the models' forward: torch, openvino (CPU only: each fold converted in memory, bf16 where the CPU
+    # has it natively), or auto (openvino on the CPU when it is installed and agrees with torch fp32 on the
+    # validation sample infer.precision checks with; else torch). The choice and its figures go into the sidecar.
+    runtime: Literal["auto", "torch", "openvino"] = "auto"
+    compile: bool = False  # torch.compile each fold model (weights frozen on CPU); ignored when OpenVINO runs
     # Where test JPEGs are decoded: cpu (loader workers, OpenCV), gpu (nvJPEG on the model's device, workers only
     # read bytes; kpipe.data.device_decode), auto (gpu on CUDA when a timing of the first batches finds it faster).
     decode: Literal["auto", "cpu", "gpu"] = "auto"

@@ -289,26 +289,35 @@ def sample_predictor(
     batch_size: int,
     device: torch.device,
     channels_last: bool,
-) -> Callable[[torch.dtype | None], np.ndarray]:
-    """A function dtype -> (N, K) probabilities of each fold model on its own fold's `files_by_fold[k]`, no TTA,
-    under that autocast dtype (None: fp32). The images are decoded once, here; unreadable ones are left out."""
+) -> Callable[..., np.ndarray]:
+    """A function (dtype, models=None) -> (N, K) probabilities of each fold model on its own fold's
+    `files_by_fold[k]`, no TTA, under that autocast dtype (None: fp32). `models` stand in for rm.models, fold
+    for fold (another runtime's form of them: nn.runtime). The images are decoded once, here; unreadable ones
+    are left out. The fp32 result of rm.models is computed once and reused (both checks compare against it)."""
     prepare = transforms.Normalize(rm.data_cfg["mean"], rm.data_cfg["std"])
-    batches: list[tuple[nn.Module, torch.Tensor]] = []
-    for k, model in zip(rm.folds, rm.models, strict=True):
+    batches: list[tuple[int, torch.Tensor]] = []  # (index into the models, images)
+    for i, (k, _) in enumerate(zip(rm.folds, rm.models, strict=True)):
         files = files_by_fold.get(k, [])
         if files:
             loader = make_eval_loader(files, rm.data_cfg, batch_size, 0, device, tolerant=True)
-            batches += [(model, x[good]) for x, _, _, good in loader if bool(good.any())]
+            batches += [(i, x[good]) for x, _, _, good in loader if bool(good.any())]
+    memo: dict[str, np.ndarray] = {}
 
-    def run(dtype: torch.dtype | None) -> np.ndarray:
+    def run(dtype: torch.dtype | None, fold_models: list[nn.Module] | None = None) -> np.ndarray:
+        if dtype is None and fold_models is None and "fp32" in memo:
+            return memo["fp32"]
+        use = rm.models if fold_models is None else fold_models
         out = []
-        for model, x in batches:
+        for i, x in batches:
             with autocast(device, dtype):
                 out.append(
-                    tta.predict_batched(model, model_input(x, device, prepare, channels_last), ["identity"])[
+                    tta.predict_batched(use[i], model_input(x, device, prepare, channels_last), ["identity"])[
                         0
                     ]
                 )
-        return torch.cat(out).float().cpu().numpy() if out else np.zeros((0, 0), np.float32)
+        probs = torch.cat(out).float().cpu().numpy() if out else np.zeros((0, 0), np.float32)
+        if dtype is None and fold_models is None:
+            memo["fp32"] = probs
+        return probs
 
     return run

@@ -8,8 +8,10 @@ blended with the weights `kpipe ensemble` fitted (infer.ensemble_weights: member
 each the fold average). Missing or undecodable test images still get a row: the class prior of
 the training labels, with a warning. Each run predicts in the form infer.precision picks
 (nn.precision: with `auto`, bf16 / AMP only after it agreed with fp32 on a sample of the run's own
-validation images), recorded per run in the sidecar, as is where its JPEGs were decoded (infer.decode:
-on the GPU with `auto` only when a timing of the first batches finds it faster). `run_oof_tta` predicts
+validation images) and through the runtime infer.runtime picks (nn.runtime: OpenVINO on the CPU only
+after the same check; infer.compile for torch), both recorded per run in the sidecar, as is where its
+JPEGs were decoded (infer.decode: on the GPU with `auto` only when a timing of the first batches finds it
+faster). `kpipe oof-tta` runs in torch. `run_oof_tta` predicts
 each fold's own validation images with every view (runs/<exp>/oof_tta/<view>.csv), so `kpipe ensemble`
 can weigh views, and shows each view's CV.
 
@@ -25,7 +27,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +50,8 @@ from kpipe.eval.oof import load_members
 from kpipe.io import atomic_path, check_free_space, read_csv_ids, write_csv, write_json
 from kpipe.kaggle import ledger, submission
 from kpipe.kaggle.package import PackageSpec, read_spec
-from kpipe.nn import dist, precision, predict, tta
+from kpipe.nn import dist, precision, predict, runtime, tta
+from kpipe.nn.engine import autocast
 from kpipe.nn.plan import Plan, class_prior, make_plan, resolve_runs
 
 __all__ = ["Plan", "class_prior", "make_plan", "package_plan", "resolve_runs", "run", "run_oof_tta"]
@@ -98,25 +102,98 @@ def check_sample(table: pd.DataFrame, folds: list[int], n: int, seed: int = 0) -
     return out
 
 
-def choose_precision(
+def sample_check(
     cfg: Config, rm: predict.RunModels, device: torch.device, table: pd.DataFrame | KpipeError
+) -> Callable[..., np.ndarray] | None:
+    """The predictor both checks (infer.precision, infer.runtime) run on a sample of the run's own validation
+    images (each fold model on its own fold); None, said aloud, when the folds table could not be read."""
+    if isinstance(table, KpipeError):
+        console.print(f"[yellow]{safe(rm.run)}: no agreement check: {safe(str(table))}", soft_wrap=True)
+        return None
+    sample = check_sample(table, rm.folds, cfg.infer.precision_check_images)
+    if not any(sample.values()):
+        return None
+    return predict.sample_predictor(rm, sample, cfg.infer.batch_size, device, cfg.infer.channels_last)
+
+
+def choose_precision(
+    cfg: Config,
+    rm: predict.RunModels,
+    device: torch.device,
+    table: pd.DataFrame | KpipeError,
+    sampler: Callable[..., np.ndarray] | None = None,
 ) -> precision.PrecisionChoice:
     """infer.precision for this run; with `auto`, the proposal is checked on the run's own validation images
-    (each fold model on a sample of its fold: `table` is the folds table, or why it could not be read)."""
+    (each fold model on a sample of its fold: `table` is the folds table, or why it could not be read;
+    `sampler`, when given, is sample_check's predictor for it)."""
     inf = cfg.infer
     check = None
     if inf.precision == "auto" and precision.native_fast(device)[0] is not None:
-        if isinstance(table, KpipeError):
-            console.print(
-                f"[yellow]{safe(rm.run)}: no precision check, so fp32: {safe(str(table))}", soft_wrap=True
-            )
-        else:
-            sample = check_sample(table, rm.folds, inf.precision_check_images)
-            if any(sample.values()):
-                check = predict.sample_predictor(rm, sample, inf.batch_size, device, inf.channels_last)
+        check = sampler or sample_check(cfg, rm, device, table)
     choice = precision.choose(inf.precision, device, inf.channels_last, check)
     console.print(f"{safe(rm.run)}: precision {choice.reason}", soft_wrap=True)
     return choice
+
+
+def _example(cfg: Config, rm: predict.RunModels, rows: int, device: torch.device, cl: bool) -> torch.Tensor:
+    """A normalised-looking batch of `rows` at the run's image size: what conversion and warm-up trace with."""
+    s = int(rm.data_cfg["img_size"])
+    x = torch.randn(rows, 3, s, s, generator=torch.Generator().manual_seed(0)).to(device)
+    return x.contiguous(memory_format=torch.channels_last) if cl else x
+
+
+def choose_forms(
+    cfg: Config,
+    rm: predict.RunModels,
+    device: torch.device,
+    table: pd.DataFrame | KpipeError,
+    n_views: int,
+) -> tuple[predict.RunModels, precision.PrecisionChoice, runtime.RuntimeChoice]:
+    """infer.runtime, then (when torch runs) infer.precision and infer.compile for this run: (the run with the
+    models that will predict, the precision record, the runtime record)."""
+    inf = cfg.infer
+    need = (inf.runtime != "torch" and device.type == "cpu") or (
+        inf.precision == "auto" and precision.native_fast(device)[0] is not None
+    )
+    sampler = sample_check(cfg, rm, device, table) if need else None  # both checks share its fp32 result
+
+    took: list[float] = []
+
+    def convert(hint: str) -> list[torch.nn.Module]:
+        x, t0 = _example(cfg, rm, 2, device, False), time.perf_counter()
+        out = [runtime.to_openvino(m, x, hint) for m in rm.models]
+        took.append(round(time.perf_counter() - t0, 2))
+        return out
+
+    rt, ov_models = runtime.choose(inf.runtime, device, convert, sampler)
+    rt = replace(rt, convert_seconds=took[0] if took else None)
+    console.print(f"{safe(rm.run)}: runtime {rt.reason}", soft_wrap=True)
+    if ov_models is not None:
+        why = f"OpenVINO runs the models (INFERENCE_PRECISION_HINT {rt.hint}); torch applies the TTA views in fp32"
+        choice = precision.PrecisionChoice("fp32", False, why, rt.check)
+        rt = replace(
+            rt, compile={"compiled": False, "reason": "infer.compile is ignored: OpenVINO runs the models"}
+        )
+        return predict.RunModels(rm.run, rm.cfg, rm.folds, ov_models, rm.data_cfg), choice, rt
+    choice = choose_precision(cfg, rm, device, table, sampler)
+    if not inf.compile:
+        return rm, choice, replace(rt, compile={"compiled": False, "reason": "infer.compile=false"})
+    x = _example(cfg, rm, inf.batch_size * n_views, device, choice.channels_last)
+    compiled, seconds = [], 0.0
+    for m in rm.models:
+        c, t = runtime.compile_torch(m, x, device, lambda: autocast(device, choice.amp_dtype))
+        compiled.append(c)
+        seconds += t
+    frozen = " with frozen weights" if device.type == "cpu" else ""
+    console.print(
+        f"{safe(rm.run)}: torch.compile{frozen}, {len(compiled)} folds, {seconds:.1f} s with warm-up"
+    )
+    record = {"compiled": True, "reason": f"infer.compile=true{frozen}", "seconds": round(seconds, 2)}
+    return (
+        predict.RunModels(rm.run, rm.cfg, rm.folds, compiled, rm.data_cfg),
+        choice,
+        replace(rt, compile=record),
+    )
 
 
 def _progress() -> Progress:
@@ -180,9 +257,10 @@ def choose_decode(
 
 
 def _fold_table(cfg: Config) -> pd.DataFrame | KpipeError:
-    """The folds table for the precision check, or why it cannot be read (then the check is skipped, said aloud)."""
-    if cfg.infer.precision != "auto":
-        return KpipeError("infer.precision is not auto")
+    """The folds table for the precision and runtime checks, or why it cannot be read (then the checks are
+    skipped, said aloud)."""
+    if cfg.infer.precision != "auto" and cfg.infer.runtime == "torch":
+        return KpipeError("infer.precision is not auto and infer.runtime is torch")
     try:
         return load_fold_table(cfg)[0]
     except KpipeError as e:
@@ -223,14 +301,15 @@ def run(cfg: Config, runs: list[str] | None = None) -> dict[str, Any]:
     members: list[MemberPred] = []
     folds: dict[str, list[int]] = {}
     forms: dict[str, dict[str, Any]] = {}
+    runtimes: dict[str, dict[str, Any]] = {}
     decodes: dict[str, dict[str, Any]] = {}
     by_size: dict[int, predict.DecodeChoice] = {}  # runs at one image size share the decoder timing
     table = _fold_table(cfg)
     for r in plan.runs:
         rm = predict.load_run(r, classes, device, cfg.infer.channels_last)
         views = plan.views[r]
-        choice = choose_precision(cfg, rm, device, table)
-        forms[r] = choice.to_json()
+        rm, choice, rt = choose_forms(cfg, rm, device, table, len(tta.parse_views(views)))
+        forms[r], runtimes[r] = choice.to_json(), rt.to_json()
         size = int(rm.data_cfg["img_size"])
         decode = by_size[size] = by_size.get(size) or choose_decode(cfg, rm, files, device)
         decodes[r] = decode.to_json()
@@ -242,8 +321,8 @@ def run(cfg: Config, runs: list[str] | None = None) -> dict[str, Any]:
                 check_finite(probs[f, j], f"{r}/fold{k}/best.pt, TTA view {v}, on the test images")
         console.print(
             f"{r}: {len(files)} test images x {len(rm.folds)} folds x {len(views)} views "
-            f"at {rm.data_cfg['img_size']} px, {rate:.1f} images/s on {device} ({choice.name}"
-            f"{', channels_last' if choice.channels_last else ''}, {decode.name} decoding)"
+            f"at {rm.data_cfg['img_size']} px, {rate:.1f} images/s on {device} ({_form(choice, rt)}, "
+            f"{decode.name} decoding)"
         )
         ok &= good
         folds[r] = rm.folds
@@ -281,6 +360,7 @@ def run(cfg: Config, runs: list[str] | None = None) -> dict[str, Any]:
         "metric": cfg.competition.metric,
         "folds": folds,
         "precision": forms,
+        "runtime": runtimes,
         "decode": decodes,
         "tta": list(dict.fromkeys(v for r in plan.runs for v in plan.views[r])),
         "agg": plan.how,
@@ -298,6 +378,13 @@ def run(cfg: Config, runs: list[str] | None = None) -> dict[str, Any]:
     cv = f"CV {sidecar['metric']} {cv_value:.4f}, {cv_source}" if cv_value is not None else "no CV"
     console.print(f"[bold green]wrote {sub_path}[/] ({len(ids)} rows, {cv}); probabilities in {out_dir}")
     return {**sidecar, "submission": str(sub_path), "unreadable": test.loc[bad, "id"].tolist()}
+
+
+def _form(choice: precision.PrecisionChoice, rt: runtime.RuntimeChoice) -> str:
+    if rt.name == "openvino":
+        return f"OpenVINO {rt.hint}"
+    compiled = ", compiled" if rt.compile and rt.compile.get("compiled") else ""
+    return f"{choice.name}{', channels_last' if choice.channels_last else ''}{compiled}"
 
 
 def _warn_unreadable(test: pd.DataFrame, ok: np.ndarray) -> None:

@@ -2,8 +2,8 @@
 
 Data: the tutorial loader (ImageFolder + PIL + torchvision), kpipe's loader from files and from the
 cache, kpipe's data.batch_aug path, two ceilings and a one-core breakdown of where the time goes.
-Inference: kpipe infer's loop over the JPEGs with and without hflip TTA, and the model alone in
-fp32 / bf16 / channels_last (optionally compiled). Training: engine.train_epoch against a bare
+Inference: kpipe infer's loop over the JPEGs with and without hflip TTA, in infer.precision=auto's form,
+compiled, and through OpenVINO; and the model alone in fp32 / bf16 / channels_last, compiled, OpenVINO. Training: engine.train_epoch against a bare
 hand-written loop over the same in-memory batches. docs/bench.md says what each row measures.
 Usage: ``cases = infer_cases("resnet18", 224, 32, 6, torch.device("cpu"), bf16=False)``
 """
@@ -28,7 +28,7 @@ from kpipe.config import DataConfig, TrainConfig
 from kpipe.data import transforms
 from kpipe.data.image import read_rgb
 from kpipe.data.loader import CachedBatches, EpochSampler, ImageDataset, make_loader
-from kpipe.nn import engine, models, precision, predict, tta
+from kpipe.nn import engine, models, precision, predict, runtime, tta
 from kpipe.nn.optim import Schedule, build_optimizer
 from kpipe.tools.bench.harness import Case, Plan, cpus, sync
 from kpipe.tools.bench.images import N_CLASSES
@@ -235,8 +235,11 @@ def infer_cases(
     device: torch.device,
     bf16: bool,
     compile_: bool = False,
+    openvino: bool = False,
 ) -> dict[str, Case]:
-    """tta.predict_batched images/s: no TTA vs hflip (fp32), and bf16 autocast / channels_last variants."""
+    """tta.predict_batched images/s: no TTA vs hflip (fp32), and bf16 autocast / channels_last variants;
+    with compile_, the fastest of those compiled (runtime.CompiledModel: weights frozen on CPU); with openvino
+    (CPU only), the model converted and compiled by OpenVINO (nn.runtime, bf16 hint where native)."""
     model = models.create(model_name, N_CLASSES).eval().to(device)
     x = torch.randn(batch, 3, size, size, device=device)
 
@@ -265,20 +268,29 @@ def infer_cases(
         cases["bf16_channels_last"] = case(cl, ["identity"], torch.bfloat16, True)
         cases["bf16_channels_last_hflip"] = case(cl, ["identity", "hflip"], torch.bfloat16, True)
     if compile_:
-        cases["bf16_channels_last_compiled"] = case(torch.compile(cl), ["identity"], torch.bfloat16, True)
+        name, dtype = ("bf16", torch.bfloat16) if bf16 else ("fp32", None)
+        compiled = runtime.CompiledModel(copy.deepcopy(cl), batch, device)
+        cases[f"{name}_channels_last_compiled"] = case(compiled, ["identity"], dtype, True)
+    if openvino and device.type == "cpu":
+        hint = runtime.ov_precision_hint()
+        cases[f"openvino_{hint}"] = case(
+            runtime.to_openvino(copy.deepcopy(model), x, hint), ["identity"], None, False
+        )
     for run in cases.values():  # warm-up: kernel selection, oneDNN primitives, compilation
         run()
     return cases
 
 
 def infer_pipeline_cases(
-    plan: Plan, paths: list[str], device: torch.device
-) -> tuple[dict[str, Case], DataLoader, dict[str, Any]]:
+    plan: Plan, paths: list[str], device: torch.device, openvino: bool = False
+) -> tuple[dict[str, Case], DataLoader, dict[str, dict[str, Any]]]:
     """kpipe infer's own loop (predict.predict_models) over real JPEGs: the eval loader's workers decode and
     resize, the batch is normalised, and every TTA view goes through the model in one forward.
     The ideal hflip cost is just under 2.0: decoding is shared by the views. `kpipe_infer_auto` is the loop in
     the form infer.precision=auto proposes on this device (bf16 + channels_last on a CPU with native bf16,
-    else fp32 + channels_last); returned beside the cases: that form and its agreement with fp32 here."""
+    else fp32 + channels_last); `kpipe_infer_compiled` the same form with infer.compile (plan.infer_compile);
+    `kpipe_infer_openvino` the loop with infer.runtime=openvino's models (with `openvino`). Returned beside
+    the cases: each fast form and its agreement with the fp32 loop here, by case name."""
     model = models.create(plan.model, N_CLASSES).eval().to(device)
     fast = copy.deepcopy(model).to(memory_format=torch.channels_last)
     form = precision.native_fast(device)[0] or "fp32"
@@ -286,34 +298,46 @@ def infer_pipeline_cases(
     sample = paths[: plan.infer_batches * plan.batch]
     loader = predict.make_eval_loader(sample, dc, plan.batch, plan.workers, device, tolerant=False)
     prepare = transforms.Normalize(dc["mean"], dc["std"])
+    dtype = precision.DTYPES[form]
+    # (model, autocast dtype, channels_last, the form's description) of each loop row
+    rows: dict[str, tuple[nn.Module, torch.dtype | None, bool, str]] = {
+        "kpipe_infer": (model, None, False, "fp32"),
+        "kpipe_infer_auto": (fast, dtype, True, f"{form} + channels_last"),
+    }
+    if plan.infer_compile:
+        compiled = runtime.CompiledModel(copy.deepcopy(fast), plan.batch, device)
+        rows["kpipe_infer_compiled"] = (compiled, dtype, True, f"{form} + channels_last, infer.compile")
+    if openvino and device.type == "cpu":
+        hint = runtime.ov_precision_hint()
+        x = torch.zeros(plan.batch, 3, plan.img_size, plan.img_size)
+        ov_model = runtime.to_openvino(copy.deepcopy(model), x, hint)
+        rows["kpipe_infer_openvino"] = (ov_model, None, False, f"OpenVINO, {hint} hint")
 
-    def forward(m: nn.Module, views: list[str], dtype: torch.dtype | None, channels_last: bool) -> np.ndarray:
-        return predict.predict_models([m], loader, views, N_CLASSES, device, dtype, channels_last, prepare)[0]
+    def forward(name: str, views: list[str]) -> np.ndarray:
+        m, dt, cl, _ = rows[name]
+        return predict.predict_models([m], loader, views, N_CLASSES, device, dt, cl, prepare)[0]
 
-    def case(
-        m: nn.Module, views: list[str], dtype: torch.dtype | None = None, channels_last: bool = False
-    ) -> Case:
+    def case(name: str, views: list[str]) -> Case:
         def run() -> float:
             t0 = time.perf_counter()
-            forward(m, views, dtype, channels_last)
+            forward(name, views)
             sync(device)
             return len(sample) / (time.perf_counter() - t0)
 
         return run
 
-    cases = {
-        "kpipe_infer": case(model, ["identity"]),
-        "kpipe_infer_hflip": case(model, ["identity", "hflip"]),
-        "kpipe_infer_auto": case(fast, ["identity"], precision.DTYPES[form], True),
-    }
-    for run in cases.values():  # warm-up: workers, oneDNN primitives
+    cases = {name: case(name, ["identity"]) for name in rows}
+    cases["kpipe_infer_hflip"] = case("kpipe_infer", ["identity", "hflip"])
+    for run in cases.values():  # warm-up: workers, oneDNN primitives, compilation
         run()
     # Random weights: near-uniform outputs, so argmax agreement here is a harsh lower bound (docs/bench.md).
-    check = precision.agreement(
-        forward(model, ["identity"], None, False)[0, 0],
-        forward(fast, ["identity"], precision.DTYPES[form], True)[0, 0],
-    )
-    return cases, loader, {"form": f"{form} + channels_last", **check}
+    ref = forward("kpipe_infer", ["identity"])[0, 0]
+    forms = {
+        name: {"form": rows[name][3], **precision.agreement(ref, forward(name, ["identity"])[0, 0])}
+        for name in rows
+        if name != "kpipe_infer"
+    }
+    return cases, loader, forms
 
 
 def _batches(size: int, batch: int, steps: int, device: torch.device, channels_last: bool) -> list[tuple]:

@@ -37,6 +37,7 @@ class Plan:
     min_seconds: float = 2.0  # each data measurement runs whole epochs until it has lasted this long
     model: str = "resnet18"
     infer_batches: int = 6
+    infer_compile: bool = True  # the CPU inference rows compiled with torch.compile (about 25 s per model)
     train_size: int = 224
     train_steps: int = 6
     gpu_model: str = "resnet50"
@@ -63,6 +64,7 @@ def make_plan(n_images: int, repeats: int, quick: bool) -> Plan:
             batch=16,
             min_seconds=0.0,
             infer_batches=1,
+            infer_compile=False,
             train_size=64,
             train_steps=2,
             gpu_model="resnet18",
