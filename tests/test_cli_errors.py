@@ -90,6 +90,15 @@ def test_unknown_competition_name(tiny: Tiny, capsys: pytest.CaptureFixture[str]
     assert_clear_error(tiny.argv("audit", comp="nope"), capsys, "nope.yaml", "not found")
 
 
+@pytest.mark.parametrize("stage, flag", [("infer", "--runs"), ("ensemble", "--runs"), ("relabel", "--from")])
+def test_override_after_a_list_flag_is_named(
+    tiny: Tiny, capsys: pytest.CaptureFixture[str], stage: str, flag: str
+) -> None:
+    """`--runs a infer.name=x`: the override went into the list; the message says to move it."""
+    argv = [*tiny.argv(stage), flag, "runs/a", "infer.name=x"]
+    assert_clear_error(argv, capsys, f"{flag} infer.name=x", "override", f"before {flag}")
+
+
 def test_missing_experiment_file(tiny: Tiny, capsys: pytest.CaptureFixture[str]) -> None:
     argv = tiny.argv("folds")
     argv[argv.index("-c") + 1] = str(tiny.root / "nope.yaml")

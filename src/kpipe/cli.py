@@ -636,6 +636,18 @@ def retain_freed_memory() -> bool:
     return bool(mallopt(-4, 0)) and bool(mallopt(-1, 2**31 - 1))
 
 
+def _check_list_args(args: argparse.Namespace) -> None:
+    """`--runs a b train.lr=1e-3`: argparse gives every word after --runs to --runs. A key=value there that is
+    no folder was meant as an override: say so, instead of "no config.yaml" about a run that never was."""
+    for flag, dest in (("--runs", "runs"), ("--from", "sources")):
+        for word in getattr(args, dest, None) or []:
+            if "=" in word and not Path(word).exists():
+                raise KpipeError(
+                    f"{flag} {word}: looks like a key=value override, but {flag} takes every word after it. "
+                    f"Put overrides before {flag} (kpipe {args.command} ... {word} {flag} ...)."
+                )
+
+
 def main(argv: list[str] | None = None) -> int:
     retain_freed_memory()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -643,6 +655,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv  # launchers (--gpus, --fold-per-gpu) re-run this same command line
     setup_logging()
     try:
+        _check_list_args(args)
         return int(args.fn(args) or 0)
     except KpipeError as e:
         err_console.print(f"[bold red]kpipe {args.command}:[/] {safe(e)}", soft_wrap=True)
