@@ -114,7 +114,7 @@ def test_kernel_metadata_and_notebook(packaged: Config) -> None:
 @pytest.mark.slow
 def test_dry_run_equals_infer_and_resizes(packaged: Config) -> None:
     # The notebook has no validation images to check a faster form or runtime against, so infer.precision=auto
-    # runs fp32 and infer.runtime=auto runs torch there: the local run it is compared with does the same.
+    # runs fp32 and infer.runtime=auto would run torch there: the local run it is compared with does the same.
     local_infer = packaged.infer.model_copy(update={"precision": "fp32", "runtime": "torch"})
     infer.run(packaged.model_copy(update={"infer": local_infer}))
     kernel.run(packaged)

@@ -67,7 +67,7 @@ def test_openvino_matches_torch_fp32_with_every_view(tmp_path: Path, monkeypatch
 def test_auto_falls_back_to_torch_when_openvino_disagrees(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cfg = setup(tmp_path)  # infer.runtime=auto
+    cfg = setup(tmp_path, ["infer.runtime=auto"])
     forward = runtime.OpenVINOModel.forward
 
     def permuted(self: runtime.OpenVINOModel, x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +99,7 @@ def test_runtime_openvino_without_openvino_names_the_install(
         KpipeError, match=r"infer.runtime=openvino: openvino is not importable.*pip install openvino"
     ):
         infer.run(cfg)
-    auto = setup(tmp_path / "auto")
+    auto = setup(tmp_path / "auto", ["infer.runtime=auto"])
     infer.run(auto)
     (rt,) = _sidecar(auto)["runtime"].values()
     assert rt["runtime"] == "torch" and "pip install openvino" in rt["reason"]

@@ -255,7 +255,8 @@ class InferConfig(Section):
     # What runs the models' forward: torch, openvino (CPU only: each fold converted in memory, bf16 where the CPU
     # has it natively), or auto (openvino on the CPU when it is installed and agrees with torch fp32 on the
     # validation sample infer.precision checks with; else torch). The choice and its figures go into the sidecar.
-    runtime: Literal["auto", "torch", "openvino"] = "auto"
+    # torch by default: on the dev VM OpenVINO bf16 ran level with torch's best CPU form (docs/bench-example.md).
+    runtime: Literal["auto", "torch", "openvino"] = "torch"
     compile: bool = False  # torch.compile each fold model (weights frozen on CPU); ignored when OpenVINO runs
     # Where test JPEGs are decoded: cpu (loader workers, OpenCV), gpu (nvJPEG on the model's device, workers only
     # read bytes; kpipe.data.device_decode), auto (gpu on CUDA when a timing of the first batches finds it faster).
