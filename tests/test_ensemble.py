@@ -208,12 +208,18 @@ def _write_fixed(run: Path, probs: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize("method", blend_lib.METHODS)
-def test_stage_reports_nested_cv_beside_the_in_sample_one(tmp_path: Path, method: str) -> None:
+def test_stage_reports_nested_cv_beside_the_in_sample_one(
+    tmp_path: Path, method: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     runs = [tmp_path / "runs" / f"m{i}" for i in range(3)]
     for run, probs in zip(runs, _fixed_members(), strict=True):
         _write_fixed(run, probs)
     rep = ensemble.run(_cfg(tmp_path), [str(r) for r in runs], tmp_path / "w.json", method=method)
     assert rep["method"] == method
+    # a rank blend warns that an argmax metric reads rows, not ranked columns; the others do not
+    assert ("rank_mean ranks each class column" in " ".join(capsys.readouterr().out.split())) == (
+        method == "rank_mean"
+    )
     if method == "hill_climb":
         assert rep["cv_in_sample"] == 1.0 and rep["cv_blend"] == 0.5
         assert rep["cv_blend_per_fold"] == {"0": 0.5, "1": 0.5, "2": 0.5}

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from kpipe import paths
 from kpipe.config import Config
-from kpipe.console import console, safe
+from kpipe.console import console, safe, warn
 from kpipe.errors import KpipeError
 from kpipe.eval import metrics
 from kpipe.eval.blend import METHODS, RANK_MEAN, blend, fitter, nested
@@ -30,6 +30,16 @@ from kpipe.eval.oof import load_members
 from kpipe.io import write_json
 
 # ------------------------------------------------------------------ stage
+
+
+def rank_mean_caveat(metric: str) -> str:
+    """Why a rank blend suits a ranking metric (AUC) better than `metric`, which reads each row's classes."""
+    return (
+        f"rank_mean ranks each class column over the rows; {metric} compares one row's classes, and a row's "
+        "ranks in two columns are not comparable the way its probabilities are. On the demo (accuracy) "
+        "a rank blend of four runs scored 0.983 nested on the OOF but 0.968 on the test labels, where "
+        "every member scored 0.985 or more. Prefer --method weights or hill_climb for this metric."
+    )
 
 
 def run(
@@ -47,6 +57,8 @@ def run(
     out = Path(out or cfg.infer.ensemble_weights or paths.ensemble_json(cfg))
     metric = cfg.competition.metric
     how = RANK_MEAN if method == "rank_mean" else cfg.infer.agg
+    if how == RANK_MEAN:
+        warn(rank_mean_caveat(metric))
     ref, members = load_members(run_dirs, include_tta)
     if ref.folds is None:
         raise KpipeError(
