@@ -61,7 +61,7 @@ demo: setup ## build the demo competition and run the whole pipeline on it, end 
 	$(RUN) demo-data
 	$(RUN) audit --comp demo
 	$(RUN) folds --comp demo folds.clean_labels=false
-	$(RUN) train $(DEMO) name=demo_raw --resume
+	$(RUN) train $(DEMO) name=demo_raw train.label_smoothing=0 --resume  # cleaning reads unsmoothed OOF
 	$(RUN) relabel $(DEMO) name=demo_raw --accept-above $(DEMO_ACCEPT)
 	$(RUN) relabel $(DEMO) name=demo_raw --apply
 	$(RUN) folds --comp demo

@@ -516,3 +516,19 @@ def test_cli_filter_reaches_cleanlab_and_a_wrong_one_fails_clearly(
     assert cli.main(["relabel"]) == 0 and cli.main(["relabel", "--filter", "both"]) == 0
     assert seen == ["low_self_confidence", "both"]
     assert cli.main(["relabel", "--filter", "lowest"]) == 2
+
+
+@pytest.mark.parametrize("smoothing", [0.1, 0.0])
+def test_a_run_trained_with_label_smoothing_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], smoothing: float
+) -> None:
+    import yaml
+
+    cfg, _ = _stage(tmp_path, False)
+    run = paths.run_dir(cfg).root
+    saved = cfg.to_dict()
+    saved["train"]["label_smoothing"] = smoothing
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    relabel.run(cfg)
+    out = " ".join(capsys.readouterr().out.split())
+    assert ("trained with train.label_smoothing=0.1" in out) == (smoothing > 0)

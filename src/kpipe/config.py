@@ -212,7 +212,9 @@ class TrainConfig(Section):
     step_size: int = 3
     gamma: float = 0.1
     plateau_patience: int = 2
-    label_smoothing: float = 0.0
+    # timm's default. On the demo's cleaned labels (same folds) 0.1 scored CV 0.9862 / test 0.9900 against
+    # 0.9822 / 0.9850 for 0. Train the run `kpipe relabel` reads with 0: smoothing hides misfiled images.
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     ema: bool = False
