@@ -21,7 +21,7 @@ from kpipe.data import ingest
 from kpipe.errors import KpipeError
 from kpipe.eval import metrics
 from kpipe.eval import oof as oof_lib
-from kpipe.io import read_csv_ids, write_json, write_yaml
+from kpipe.io import read_csv_ids, write_csv, write_json, write_yaml
 from kpipe.kaggle import submission
 from kpipe.nn import models
 from kpipe.stages import folds, infer
@@ -281,3 +281,27 @@ def test_infer_joins_no_process_group(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(torch_dist, "init_process_group", no_rendezvous)
     assert infer.run(cfg)["n_unreadable"] == 0
     assert not torch_dist.is_initialized()
+
+
+def test_oof_tta_scores_each_fold_model_on_the_rows_it_never_trained_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After relabel --apply + folds, the folds file's folds and labels differ from the run's: oof-tta keeps
+    the run's own (its oof.csv), so fold k's model never predicts an image it trained on."""
+    cfg = setup(tmp_path)
+    run = paths.run_dir(cfg).root
+    own = read_csv_ids(run / "oof.csv")[["id", "fold", "label"]]
+    folds_csv = paths.folds_csv(cfg)
+    now = read_csv_ids(folds_csv)
+    n = int(now["fold"].max()) + 1
+    now["fold"] = (now["fold"].astype(int) + 1) % n  # every row in another fold now
+    labels = sorted(now["label"].unique())
+    now.loc[0, "label"] = labels[(labels.index(now.loc[0, "label"]) + 1) % len(labels)]  # a relabel
+    write_csv(folds_csv, now)
+    infer.run_oof_tta(cfg)
+    assert "rows have another fold or label" in " ".join(capsys.readouterr().out.split())
+    for view in ("identity", "hflip"):
+        got = read_csv_ids(run / "oof_tta" / f"{view}.csv")[["id", "fold", "label"]]
+        pd.testing.assert_frame_equal(
+            got.sort_values("id").reset_index(drop=True), own.sort_values("id").reset_index(drop=True)
+        )

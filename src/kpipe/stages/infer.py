@@ -46,7 +46,7 @@ from kpipe.data.folds import load_fold_table
 from kpipe.errors import KpipeError, preview
 from kpipe.eval import metrics
 from kpipe.eval.blend import RANK_MEAN, blend, check_finite
-from kpipe.eval.oof import load_members
+from kpipe.eval.oof import load_members, read_oof
 from kpipe.io import atomic_path, check_free_space, read_csv_ids, write_csv, write_json
 from kpipe.kaggle import ledger, submission
 from kpipe.kaggle.package import PackageSpec, read_spec
@@ -532,13 +532,14 @@ def run_oof_tta(cfg: Config, runs: list[str] | None = None) -> dict[str, dict[st
     results: dict[str, dict[str, float]] = {}
     for r in resolve_runs(cfg, runs):
         rm = predict.load_run(r, classes, device, cfg.infer.channels_last)
-        choice = choose_precision(cfg, rm, device, table)
-        decode = choose_decode(cfg, rm, table["path"].tolist(), device)
+        own = run_assignment(Path(r), table, classes, paths.folds_csv(cfg))
+        choice = choose_precision(cfg, rm, device, own)
+        decode = choose_decode(cfg, rm, own["path"].tolist(), device)
         parts: list[tuple[pd.DataFrame, np.ndarray]] = []  # (rows, probs (V, n, K)) per fold
         for k, model in zip(rm.folds, rm.models, strict=True):
-            rows = table[table["fold"] == k]
+            rows = own[own["fold"] == k]
             if rows.empty:
-                console.print(f"[yellow]{r}: fold {k} has no rows in {paths.folds_csv(cfg)}; skipped")
+                console.print(f"[yellow]{r}: fold {k} has no rows in its oof.csv; skipped")
                 continue
             solo = predict.RunModels(r, rm.cfg, [k], [model], rm.data_cfg)
             probs, _, rate = _predict_run(
@@ -556,10 +557,9 @@ def run_oof_tta(cfg: Config, runs: list[str] | None = None) -> dict[str, dict[st
             console.print(f"{r} fold {k}: {len(rows)} images x {len(views)} views, {rate:.1f} images/s")
             parts.append((rows, probs[0]))
         if not parts:
-            raise KpipeError(f"{r}: none of its folds {rm.folds} has rows in {paths.folds_csv(cfg)}.")
+            raise KpipeError(f"{r}: none of its folds {rm.folds} has rows in its oof.csv.")
         rows = pd.concat([p[0] for p in parts], ignore_index=True)
         per_view = np.concatenate([p[1] for p in parts], axis=1)  # (V, N, K)
-        _check_against_oof(Path(r), rows)
         order = rows.sort_values(["fold", "id"], kind="stable").index.to_numpy()  # oof.csv's order
         rows, per_view = rows.loc[order].reset_index(drop=True), per_view[:, order]
         for v, view in enumerate(views):
@@ -576,14 +576,39 @@ def run_oof_tta(cfg: Config, runs: list[str] | None = None) -> dict[str, dict[st
     return results
 
 
-def _check_against_oof(run_dir: Path, rows: pd.DataFrame) -> None:
-    oof = run_dir / "oof.csv"
-    if oof.is_file() and set(read_csv_ids(oof, usecols=["id"])["id"]) != set(rows["id"]):
+def run_assignment(run_dir: Path, table: pd.DataFrame, classes: list[str], folds_csv: Path) -> pd.DataFrame:
+    """The rows a run's fold models never trained on, with the labels it trained with: its own oof.csv's
+    (id, fold, label), and each id's image path from the folds table. Not the folds file as it is now:
+    after `kpipe relabel --apply` and `kpipe folds` its folds and labels differ from the run's, and fold
+    k's model would be scored on images it trained on (an optimistic, leaky "OOF")."""
+    oof = read_oof(
+        paths.RunDir(run_dir).oof, "oof-tta scores a run's fold models on their own validation rows."
+    )
+    if oof.folds is None:
+        raise KpipeError(
+            f"{run_dir}/oof.csv has no fold column. Re-train the run with this kpipe (`kpipe train`)."
+        )
+    where = table.set_index("id")["path"]
+    missing = [i for i in oof.ids if i not in where.index]
+    if missing:
+        raise KpipeError(
+            f"{run_dir}/oof.csv: {len(missing)} ids have no usable train image now ({preview(missing)}). "
+            "Re-train the run on the current data."
+        )
+    unknown = sorted(set(oof.labels) - set(classes))
+    if unknown:
+        raise KpipeError(f"{run_dir}/oof.csv: labels {preview(unknown)} are not in the class list.")
+    own = pd.DataFrame({"id": oof.ids, "fold": oof.folds.astype(int), "label": oof.labels})
+    now = table.set_index("id").loc[own["id"], ["fold", "label"]].reset_index(drop=True)
+    changed = int(((now["fold"] != own["fold"]) | (now["label"] != own["label"])).sum())
+    if changed:
         console.print(
-            f"[yellow]warning: {run_dir}/oof.csv covers other ids than the folds file now does: the folds "
-            "changed since training, so `kpipe ensemble` will refuse to mix them. Re-train the run.",
+            f"[yellow]{safe(run_dir)}: {changed} rows have another fold or label in {safe(folds_csv)} "
+            "than when it trained; they are scored with the run's own (its oof.csv).",
             soft_wrap=True,
         )
+    index = {c: i for i, c in enumerate(classes)}
+    return own.assign(path=own["id"].map(where).to_numpy(), y=own["label"].map(index).to_numpy())
 
 
 def _view_scores(cfg: Config, labels: np.ndarray, per_view: np.ndarray, views: list[str]) -> dict[str, float]:
