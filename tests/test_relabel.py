@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -530,5 +531,11 @@ def test_a_run_trained_with_label_smoothing_is_named(
     saved["train"]["label_smoothing"] = smoothing
     (run / "config.yaml").write_text(yaml.safe_dump(saved))
     relabel.run(cfg)
+    out = " ".join(capsys.readouterr().out.split())
+    assert ("trained with train.label_smoothing=0.1" in out) == (smoothing > 0)
+    # the same through an ensemble JSON naming the run (relabel --from runs/ensembles/<exp>.json)
+    ens = tmp_path / "ens.json"
+    ens.write_text(json.dumps({"members": [{"run": str(run), "view": "identity", "weight": 1.0}]}))
+    relabel.run(cfg, sources=[str(ens)])
     out = " ".join(capsys.readouterr().out.split())
     assert ("trained with train.label_smoothing=0.1" in out) == (smoothing > 0)

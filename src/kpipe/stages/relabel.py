@@ -23,6 +23,7 @@ Usage: ``kpipe relabel -c configs/exp/demo.yaml --comp demo [--quick] [--from RU
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -130,7 +131,7 @@ def run(
                     "or use --quick to train a small model for this.",
                 )
                 where = str(source.root)
-            _warn_smoothed([*(sources or [])] if sources else [str(source.root)])
+            _warn_smoothed(sources or [str(source.root)])
             fresh = find_suspects(oof.ids, oof.labels, oof.probs, oof.classes, filter_by or FILTERS[0])
             table = merge_relabels(existing, fresh)
             console.print(
@@ -160,9 +161,16 @@ def _warn_smoothed(sources: list[str]) -> None:
     """Label smoothing caps a model's confidence, and cleanlab's count of wrong labels reads confidence: on the
     demo a run trained with train.label_smoothing=0.1 gave 60 suspects (recall 0.750) where one without gave
     76 (recall 0.938). Say so when a run the suspects come from was trained that way."""
-    for src in sources:
+    runs: list[str] = []
+    for src in sources:  # a run folder, or an ensemble JSON naming its member runs
+        if src.endswith(".json") and Path(src).is_file():
+            members = json.loads(Path(src).read_text(encoding="utf-8")).get("members", [])
+            runs += [str(m["run"]) for m in members if isinstance(m, dict) and "run" in m]
+        else:
+            runs.append(src)
+    for src in dict.fromkeys(runs):
         if not (Path(src) / "config.yaml").is_file():
-            continue  # an ensemble JSON: its runs were checked when it was fitted, or are named in it
+            continue  # blended_oof / read_oof say what is wrong with a folder that is no run
         smoothing = load_run_config(src).train.label_smoothing
         if smoothing > 0:
             warn(
