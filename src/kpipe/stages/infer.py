@@ -532,7 +532,7 @@ def run_oof_tta(cfg: Config, runs: list[str] | None = None) -> dict[str, dict[st
     results: dict[str, dict[str, float]] = {}
     for r in resolve_runs(cfg, runs):
         rm = predict.load_run(r, classes, device, cfg.infer.channels_last)
-        own = run_assignment(Path(r), table, classes, paths.folds_csv(cfg))
+        own = run_assignment(cfg, Path(r), table, classes)
         choice = choose_precision(cfg, rm, device, own)
         decode = choose_decode(cfg, rm, own["path"].tolist(), device)
         parts: list[tuple[pd.DataFrame, np.ndarray]] = []  # (rows, probs (V, n, K)) per fold
@@ -576,9 +576,10 @@ def run_oof_tta(cfg: Config, runs: list[str] | None = None) -> dict[str, dict[st
     return results
 
 
-def run_assignment(run_dir: Path, table: pd.DataFrame, classes: list[str], folds_csv: Path) -> pd.DataFrame:
+def run_assignment(cfg: Config, run_dir: Path, table: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
     """The rows a run's fold models never trained on, with the labels it trained with: its own oof.csv's
-    (id, fold, label), and each id's image path from the folds table. Not the folds file as it is now:
+    (id, fold, label), and each id's image path from the competition's train files (an image the folds file
+    has left out since, e.g. a relabel `drop`, is still scored where it was). Not the folds file as it is now:
     after `kpipe relabel --apply` and `kpipe folds` its folds and labels differ from the run's, and fold
     k's model would be scored on images it trained on (an optimistic, leaky "OOF")."""
     oof = read_oof(
@@ -588,7 +589,7 @@ def run_assignment(run_dir: Path, table: pd.DataFrame, classes: list[str], folds
         raise KpipeError(
             f"{run_dir}/oof.csv has no fold column. Re-train the run with this kpipe (`kpipe train`)."
         )
-    where = table.set_index("id")["path"]
+    where = ingest.load_train(cfg).df.set_index("id")["path"]
     missing = [i for i in oof.ids if i not in where.index]
     if missing:
         raise KpipeError(
@@ -599,11 +600,11 @@ def run_assignment(run_dir: Path, table: pd.DataFrame, classes: list[str], folds
     if unknown:
         raise KpipeError(f"{run_dir}/oof.csv: labels {preview(unknown)} are not in the class list.")
     own = pd.DataFrame({"id": oof.ids, "fold": oof.folds.astype(int), "label": oof.labels})
-    now = table.set_index("id").loc[own["id"], ["fold", "label"]].reset_index(drop=True)
+    now = table.set_index("id").reindex(own["id"])[["fold", "label"]].reset_index(drop=True)
     changed = int(((now["fold"] != own["fold"]) | (now["label"] != own["label"])).sum())
     if changed:
         console.print(
-            f"[yellow]{safe(run_dir)}: {changed} rows have another fold or label in {safe(folds_csv)} "
+            f"[yellow]{safe(run_dir)}: {changed} rows have another fold or label in {safe(paths.folds_csv(cfg))} (or are left out) "
             "than when it trained; they are scored with the run's own (its oof.csv).",
             soft_wrap=True,
         )
