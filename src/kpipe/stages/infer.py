@@ -529,10 +529,11 @@ def run_oof_tta(cfg: Config, runs: list[str] | None = None) -> dict[str, dict[st
     classes = ingest.load_classes(cfg)
     views = tta.parse_views(cfg.infer.tta)
     table, _ = load_fold_table(cfg)
+    files = ingest.load_train(cfg).df.set_index("id")["path"]  # every usable train image, by id
     results: dict[str, dict[str, float]] = {}
     for r in resolve_runs(cfg, runs):
         rm = predict.load_run(r, classes, device, cfg.infer.channels_last)
-        own = run_assignment(cfg, Path(r), table, classes)
+        own = run_assignment(Path(r), table, files, classes, paths.folds_csv(cfg))
         choice = choose_precision(cfg, rm, device, own)
         decode = choose_decode(cfg, rm, own["path"].tolist(), device)
         parts: list[tuple[pd.DataFrame, np.ndarray]] = []  # (rows, probs (V, n, K)) per fold
@@ -576,10 +577,12 @@ def run_oof_tta(cfg: Config, runs: list[str] | None = None) -> dict[str, dict[st
     return results
 
 
-def run_assignment(cfg: Config, run_dir: Path, table: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+def run_assignment(
+    run_dir: Path, table: pd.DataFrame, files: pd.Series, classes: list[str], folds_csv: Path
+) -> pd.DataFrame:
     """The rows a run's fold models never trained on, with the labels it trained with: its own oof.csv's
-    (id, fold, label), and each id's image path from the competition's train files (an image the folds file
-    has left out since, e.g. a relabel `drop`, is still scored where it was). Not the folds file as it is now:
+    (id, fold, label), and each id's image path from `files` (the competition's usable train images by id: an
+    image the folds file has left out since, e.g. a relabel `drop`, is still scored where it was). Not the folds file as it is now:
     after `kpipe relabel --apply` and `kpipe folds` its folds and labels differ from the run's, and fold
     k's model would be scored on images it trained on (an optimistic, leaky "OOF")."""
     oof = read_oof(
@@ -589,8 +592,7 @@ def run_assignment(cfg: Config, run_dir: Path, table: pd.DataFrame, classes: lis
         raise KpipeError(
             f"{run_dir}/oof.csv has no fold column. Re-train the run with this kpipe (`kpipe train`)."
         )
-    where = ingest.load_train(cfg).df.set_index("id")["path"]
-    missing = [i for i in oof.ids if i not in where.index]
+    missing = [i for i in oof.ids if i not in files.index]
     if missing:
         raise KpipeError(
             f"{run_dir}/oof.csv: {len(missing)} ids have no usable train image now ({preview(missing)}). "
@@ -604,12 +606,12 @@ def run_assignment(cfg: Config, run_dir: Path, table: pd.DataFrame, classes: lis
     changed = int(((now["fold"] != own["fold"]) | (now["label"] != own["label"])).sum())
     if changed:
         console.print(
-            f"[yellow]{safe(run_dir)}: {changed} rows have another fold or label in {safe(paths.folds_csv(cfg))} (or are left out) "
+            f"[yellow]{safe(run_dir)}: {changed} rows have another fold or label in {safe(folds_csv)} (or are left out) "
             "than when it trained; they are scored with the run's own (its oof.csv).",
             soft_wrap=True,
         )
     index = {c: i for i, c in enumerate(classes)}
-    return own.assign(path=own["id"].map(where).to_numpy(), y=own["label"].map(index).to_numpy())
+    return own.assign(path=own["id"].map(files).to_numpy(), y=own["label"].map(index).to_numpy())
 
 
 def _view_scores(cfg: Config, labels: np.ndarray, per_view: np.ndarray, views: list[str]) -> dict[str, float]:
