@@ -43,30 +43,23 @@ def upload(root: Path, notes: str) -> dict[str, Any]:
     new = not exists(api, ref)
     what = f"{'creating' if new else 'versioning'} dataset {ref}"
     console.print(f"{what} from {safe(root)} ...")
-    if new:
-        response = call(
-            api.dataset_create_new,
-            str(root),
-            public=False,
-            quiet=True,
-            convert_to_csv=False,
-            dir_mode="zip",
-            what=what,
-            slug=ref,
-            backoff=backoff,
-        )
-    else:
-        response = call(
-            api.dataset_create_version,
-            str(root),
-            notes,
-            quiet=True,
-            convert_to_csv=False,
-            dir_mode="zip",
-            what=what,
-            slug=ref,
-            backoff=backoff,
-        )
+    # a new dataset is private; a version carries its notes
+    fn, args, kw = (
+        (api.dataset_create_new, (str(root),), {"public": False})
+        if new
+        else (api.dataset_create_version, (str(root), notes), {})
+    )
+    response = call(
+        fn,
+        *args,
+        **kw,
+        quiet=True,
+        convert_to_csv=False,
+        dir_mode="zip",
+        what=what,
+        slug=ref,
+        backoff=backoff,
+    )
     if getattr(response, "error", None):
         raise KaggleError(f"Kaggle refused {what}: {response.error}")
     status = wait_ready(api, ref)

@@ -88,29 +88,12 @@ def download(cfg: Config, force: bool = False, *, file: str | None = None) -> Pa
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.download-", dir=dest.parent))
     try:
         fetched, unpacked = staging / "fetched", staging / "unpacked"
-        if file is None:
-            call(
-                api.competition_download_files,
-                slug,
-                path=str(fetched),
-                force=True,
-                quiet=True,
-                what=f"downloading the files of '{slug}'",
-                slug=slug,
-                backoff=backoff,
-            )
-        else:
-            call(
-                api.competition_download_file,
-                slug,
-                file,
-                path=str(fetched),
-                force=True,
-                quiet=True,
-                what=f"downloading '{file}' of '{slug}'",
-                slug=slug,
-                backoff=backoff,
-            )
+        fn, args, what = (
+            (api.competition_download_files, (slug,), f"downloading the files of '{slug}'")
+            if file is None
+            else (api.competition_download_file, (slug, file), f"downloading '{file}' of '{slug}'")
+        )
+        call(fn, *args, path=str(fetched), force=True, quiet=True, what=what, slug=slug, backoff=backoff)
         _unpack(fetched, unpacked, keep=Path(file).name if file else None)
         inventory = _inventory(unpacked)
         _install(unpacked, target.parent if file else dest, staging / "replaced", reset_marker=file is None)
