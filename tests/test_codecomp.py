@@ -7,6 +7,7 @@ module builds one package and shares it (a few seconds of pip).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -113,10 +114,11 @@ def test_kernel_metadata_and_notebook(packaged: Config) -> None:
 
 @pytest.mark.slow
 def test_dry_run_equals_infer_and_resizes(packaged: Config) -> None:
-    # The notebook has no validation images to check a faster form or runtime against, so infer.precision=auto
-    # runs fp32 and infer.runtime=auto would run torch there: the local run it is compared with does the same.
-    local_infer = packaged.infer.model_copy(update={"precision": "fp32", "runtime": "torch"})
-    infer.run(packaged.model_copy(update={"infer": local_infer}))
+    # infer.precision=auto checks its proposal on validation images in both: the local run on the fold table's,
+    # the notebook on the package's check/ copies of them. Here both keep the same form (bf16 on a CPU with
+    # native bf16, else fp32), so the probabilities are the same to the bit.
+    local = infer.run(packaged)
+    (form,) = json.loads(paths.sidecar(Path(local["submission"])).read_text())["precision"].values()
     kernel.run(packaged)
     report = kernel.dry_run(packaged, rows=10, hidden_rows=1000)
     kd = paths.kernel_dir(packaged)
@@ -136,6 +138,9 @@ def test_dry_run_equals_infer_and_resizes(packaged: Config) -> None:
     assert report["fits"] and report["projected_s"] > 0
     log = (kd.dry_run / "public" / "log.txt").read_text()
     assert "kpipe 0.1.0 from" in log and "matches sample_submission" in log
+    assert f"precision {form['precision']}" in " ".join(log.split())
+    if form["check"]:  # the notebook's check ran on the package's images, as many as the local one's
+        assert f"on {form['check']['images']} validation images" in " ".join(log.split())
 
 
 def test_projection_is_a_line_through_the_two_runs() -> None:
@@ -207,6 +212,86 @@ def test_package_of_an_ensemble_blends_like_infer(tmp_path: Path, monkeypatch: p
         atol=0,
     )
     assert b["cv"] == 0.77
+
+
+def _from_package(cfg: Config, root: Path, name: str) -> Config:
+    return cfg.model_copy(update={"infer": cfg.infer.model_copy(update={"package": str(root), "name": name})})
+
+
+def test_package_brings_check_images_and_the_notebook_checks_with_them(
+    packaged: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """check/ holds validation images of each packaged fold at the run's size; `kpipe infer` from the package
+    (the notebook's path) checks infer.precision=auto on them, each fold model on its own fold's, and falls back
+    to fp32 when bf16 disagrees; without check/ it says why it runs fp32."""
+    import cv2
+
+    from kpipe.nn import precision, predict
+    from test_precision_disk import NoisyInBF16
+
+    root = tmp_path / "pkg"
+    shutil.copytree(paths.package_dir(packaged).root, root)
+    table = pkg.read_check(root)
+    fold_table = read_csv_ids(paths.folds_csv(packaged))
+    assert sorted(table["fold"].unique()) == [0, 1] and len(table) == len(fold_table)  # 12 rows < 256
+    assert {cv2.imread(p).shape for p in table["path"]} == {(32, 32, 3)}
+    monkeypatch.setattr(precision, "cpu_bf16", lambda: True)  # propose bf16 on any CPU
+    seen: list[dict] = []
+    real = predict.sample_predictor
+
+    def spy(rm, files_by_fold, *args, **kw):  # noqa: ANN001, ANN202
+        seen.append(files_by_fold)
+        return real(rm, files_by_fold, *args, **kw)
+
+    monkeypatch.setattr(predict, "sample_predictor", spy)
+    out = infer.run(_from_package(packaged, root, "p1"))
+    (form,) = json.loads(paths.sidecar(Path(out["submission"])).read_text())["precision"].values()
+    assert form["precision"] == "bf16" and form["check"]["images"] == len(table)
+    assert {k: set(v) for k, v in seen[0].items()} == {k: set(g["path"]) for k, g in table.groupby("fold")}
+    load = predict.load_run
+    monkeypatch.setattr(
+        predict,
+        "load_run",
+        lambda *a, **kw: (
+            lambda rm: predict.RunModels(
+                rm.run, rm.cfg, rm.folds, [NoisyInBF16(m).eval() for m in rm.models], rm.data_cfg
+            )
+        )(load(*a, **kw)),
+    )
+    out = infer.run(_from_package(packaged, root, "p2"))
+    (form,) = json.loads(paths.sidecar(Path(out["submission"])).read_text())["precision"].values()
+    assert form["precision"] == "fp32" and form["reason"].startswith("fp32: bf16 disagrees with fp32")
+    shutil.rmtree(root / "check")
+    out = infer.run(_from_package(packaged, root, "p3"))
+    (form,) = json.loads(paths.sidecar(Path(out["submission"])).read_text())["precision"].values()
+    assert form["precision"] == "fp32" and form["check"] is None
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        "file,fold\n../fold0_00000.jpg,0\n",  # outside check/
+        "file,fold\n/etc/hostname,0\n",  # absolute
+        "file,fold\nlink.jpg,0\n",  # a symbolic link
+        "file,fold\nfold0_00000.jpg,zero\n",  # no fold number
+        "file,fold\nfold0_00000.jpg,-1\n",
+        "file,fold\nmissing.jpg,0\n",
+        "name,fold\nfold0_00000.jpg,0\n",  # wrong columns
+    ],
+)
+def test_a_hostile_check_csv_is_refused(packaged: Config, tmp_path: Path, rows: str) -> None:
+    root = tmp_path / "pkg"
+    shutil.copytree(paths.package_dir(packaged).root, root)
+    (root / "check" / "link.jpg").symlink_to(root / "check" / "fold0_00000.jpg")
+    (root / "check" / "check.csv").write_text(rows)
+    with pytest.raises(KpipeError, match="check.csv"):
+        pkg.read_check(root)
+
+
+def test_package_check_images_zero_writes_none(tmp_path: Path) -> None:
+    cfg = setup(tmp_path, ["package.check_images=0"])
+    package.run(cfg)
+    assert not (paths.package_dir(cfg).root / "check").exists()
 
 
 def test_kernel_before_package_says_what_to_run(tmp_path: Path) -> None:

@@ -336,6 +336,16 @@ class PackageDir:
     def wheels(self) -> Path:
         return self.root / "wheels"
 
+    @property
+    def check_dir(self) -> Path:
+        """Validation images for the notebook's agreement checks (infer.precision / infer.runtime)."""
+        return self.root / "check"
+
+    @property
+    def check_csv(self) -> Path:
+        """check/check.csv: file (a name inside check/), fold (the fold model that checks with it)."""
+        return self.check_dir / "check.csv"
+
     def run(self, tag: str) -> Path:
         return self.root / "runs" / tag
 

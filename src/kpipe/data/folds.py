@@ -7,6 +7,8 @@ Usage: ``df = make_folds(labels, n_folds=5, seed=42, group_col="group")``; ``df,
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 from scipy.sparse import coo_matrix
@@ -130,3 +132,13 @@ def load_fold_table(cfg: Config) -> tuple[pd.DataFrame, list[str]]:
         y=df["label"].map({c: i for i, c in enumerate(classes)}).astype(int),
     )
     return df, classes
+
+
+def check_sample(table: pd.DataFrame, folds: list[int], n: int, seed: int = 0) -> dict[int, list[str]]:
+    """About n validation image paths, split evenly over `folds`, each fold's drawn from its own rows."""
+    per_fold = max(1, math.ceil(n / max(len(folds), 1)))
+    out = {}
+    for k in folds:
+        rows = table[table["fold"].astype(int) == k]
+        out[k] = rows.sample(min(per_fold, len(rows)), random_state=seed)["path"].tolist()
+    return out

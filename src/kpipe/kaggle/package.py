@@ -3,7 +3,8 @@
 package/<name>/ holds kpipe_package.json (the spec: classes, class prior, runs and the TTA views and
 blend weights `kpipe infer` uses for them, CV), config.yaml (the resolved config), classes.json,
 runs/<tag>/{config.yaml, fold<k>.safetensors, fold<k>.json} (weights with no pickle, and the
-checkpoint's classes / data_config / config beside them), wheels/kpipe-*.whl, manifest.json (every
+checkpoint's classes / data_config / config beside them), check/ (validation images, each with the fold
+whose model checks with it: the notebook's infer.precision / infer.runtime agreement checks), wheels/kpipe-*.whl, manifest.json (every
 file's size and sha256) and dataset-metadata.json (Kaggle's). `read_spec` is how `kpipe infer`
 (infer.package=DIR) reads one back; the rest is what `kpipe package` writes it with.
 Usage: ``spec = read_spec(Path("package/b0-package")); spec.runs[0].tag``
@@ -23,14 +24,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 import kpipe
 from kpipe import paths
-from kpipe.errors import KpipeError
-from kpipe.io import write_json
+from kpipe.data import image
+from kpipe.errors import KpipeError, preview
+from kpipe.io import read_csv_ids, write_bytes, write_csv, write_json
 from kpipe.kaggle.ledger import sha256_file
 from kpipe.nn import checkpoint
 
 FORMAT = 1
+CHECK_MAX_ROWS = 10_000  # a check.csv longer than this is refused (a package is untrusted input)
+CHECK_JPEG_QUALITY = 95
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,63 @@ def export_fold(best_pt: Path, run_root: Path, k: int) -> None:
         "source": str(best_pt),
     }
     write_json(paths.package_fold_json(run_root, k), checkpoint.to_plain(meta))
+
+
+def write_check_images(files_by_fold: dict[int, list[str]], root: Path, size: int) -> int:
+    """Each fold's validation images, resized to size x size (the eval resize) and saved as JPEG in check/,
+    listed with their fold in check/check.csv: what the notebook checks reduced precision or OpenVINO against
+    fp32 with, on Kaggle's own hardware. Unreadable images are skipped. Returns how many were written."""
+    import cv2
+
+    where = paths.PackageDir(root)
+    rows = []
+    for k, files in sorted(files_by_fold.items()):
+        for j, f in enumerate(files):
+            try:
+                rgb = image.resize_square(image.read_rgb(f), size)
+            except KpipeError:  # image.ImageReadError
+                continue  # the check needs realistic images, not every one
+            ok, buf = cv2.imencode(".jpg", rgb[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, CHECK_JPEG_QUALITY])
+            if ok:
+                name = f"fold{k}_{j:05d}.jpg"
+                write_bytes(where.check_dir / name, buf.tobytes())
+                rows.append((name, k))
+    if rows:
+        write_csv(where.check_csv, pd.DataFrame(rows, columns=["file", "fold"]))
+    return len(rows)
+
+
+def read_check(root: Path) -> pd.DataFrame:
+    """check/check.csv of a package as (path, fold), every file a plain name inside check/ (no links, no
+    '..'): a downloaded package is untrusted. KpipeError says what is missing or wrong."""
+    where = paths.PackageDir(root)
+    if not where.check_csv.is_file():
+        raise KpipeError(
+            f"{where.check_csv}: not in the package (made with package.check_images=0, or by an older kpipe); "
+            "write it again with `kpipe package` for the agreement checks to run."
+        )
+    df = read_csv_ids(where.check_csv)
+    if list(df.columns) != ["file", "fold"] or len(df) > CHECK_MAX_ROWS:
+        raise KpipeError(
+            f"{where.check_csv}: expected columns file, fold and at most {CHECK_MAX_ROWS:,} rows; got "
+            f"{list(df.columns)} and {len(df):,} rows."
+        )
+    folds = pd.to_numeric(df["fold"], errors="coerce")
+    bad = [
+        str(name)
+        for name, k in zip(df["file"], folds, strict=True)
+        if not (re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", str(name)) and k >= 0 and float(k).is_integer())
+        or (where.check_dir / str(name)).is_symlink()
+        or not (where.check_dir / str(name)).is_file()
+    ]
+    if bad:
+        raise KpipeError(
+            f"{where.check_csv}: rows that name no plain file inside {where.check_dir} or no fold number: "
+            f"{preview(bad)}."
+        )
+    return pd.DataFrame(
+        {"path": [str(where.check_dir / str(n)) for n in df["file"]], "fold": folds.astype(int)}
+    )
 
 
 def read_fold_classes(run_root: Path, k: int) -> list[str]:

@@ -25,7 +25,6 @@ Usage: ``kpipe infer -c configs/exp/b0.yaml --comp demo infer.tta=identity,hflip
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -42,14 +41,14 @@ from kpipe import paths
 from kpipe.config import Config
 from kpipe.console import console, print_problems, safe
 from kpipe.data import ingest, transforms
-from kpipe.data.folds import load_fold_table
+from kpipe.data.folds import check_sample, load_fold_table
 from kpipe.errors import KpipeError, preview
 from kpipe.eval import metrics
 from kpipe.eval.blend import RANK_MEAN, blend, check_finite
 from kpipe.eval.oof import load_members, read_oof
 from kpipe.io import atomic_path, check_free_space, read_csv_ids, write_csv, write_json
 from kpipe.kaggle import ledger, submission
-from kpipe.kaggle.package import PackageSpec, read_spec
+from kpipe.kaggle.package import PackageSpec, read_check, read_spec
 from kpipe.nn import dist, precision, predict, runtime, tta
 from kpipe.nn.engine import autocast
 from kpipe.nn.plan import Plan, class_prior, make_plan, resolve_runs
@@ -90,16 +89,6 @@ def blend_members(
 
 
 # ------------------------------------------------------------------ models and prediction
-
-
-def check_sample(table: pd.DataFrame, folds: list[int], n: int, seed: int = 0) -> dict[int, list[str]]:
-    """About n validation image paths, split evenly over `folds`, each fold's drawn from its own rows."""
-    per_fold = max(1, math.ceil(n / max(len(folds), 1)))
-    out = {}
-    for k in folds:
-        rows = table[table["fold"].astype(int) == k]
-        out[k] = rows.sample(min(per_fold, len(rows)), random_state=seed)["path"].tolist()
-    return out
 
 
 def sample_check(
@@ -257,11 +246,13 @@ def choose_decode(
 
 
 def _fold_table(cfg: Config) -> pd.DataFrame | KpipeError:
-    """The folds table for the precision and runtime checks, or why it cannot be read (then the checks are
-    skipped, said aloud)."""
+    """The folds table (path, fold) for the precision and runtime checks, or why it cannot be read (then the
+    checks are skipped, said aloud). With infer.package, the validation images `kpipe package` put in it."""
     if cfg.infer.precision != "auto" and cfg.infer.runtime == "torch":
         return KpipeError("infer.precision is not auto and infer.runtime is torch")
     try:
+        if cfg.infer.package:
+            return read_check(Path(cfg.infer.package))
         return load_fold_table(cfg)[0]
     except KpipeError as e:
         return e

@@ -3,7 +3,8 @@
 Takes the same plan as `kpipe infer` (infer.runs / infer.tta, or infer.ensemble_weights) and writes
 package/<name>/ in kpipe.kaggle.package's format: each fold's weights as safetensors with its
 classes and preprocessing beside, the resolved configs, classes, class prior, views and blend
-weights, a kpipe wheel, a manifest (sizes, sha256) and dataset-metadata.json. It is built in a
+weights, validation images for the notebook's agreement checks (check/, package.check_images), a kpipe
+wheel, a manifest (sizes, sha256) and dataset-metadata.json. It is built in a
 scratch folder and swapped in whole, refused over package.max_mb with a breakdown of the sizes.
 package.bundle_deps (or --bundle-deps) adds wheels of named libraries for the notebook to install offline.
 `--upload` creates the Kaggle dataset, or a new version of it, and waits until Kaggle has it ready.
@@ -23,8 +24,9 @@ from rich.table import Table
 
 from kpipe import paths
 from kpipe.config import Config, load_run_config
-from kpipe.console import console, safe
+from kpipe.console import console, safe, warn
 from kpipe.data import ingest
+from kpipe.data.folds import check_sample, load_fold_table
 from kpipe.errors import KpipeError, preview
 from kpipe.io import read_csv_ids, write_json, write_yaml
 from kpipe.kaggle import package as pkg
@@ -112,6 +114,7 @@ def write_package(cfg: Config, out: Path, runs: list[str] | None) -> dict[str, A
                     f"{preview(classes)}. Re-train the run, or leave it out of infer.runs."
                 )
         folds[r] = list(ckpts)
+    write_check(cfg, plan, tags, folds, where)
     spec = make_spec(cfg, plan, classes, tags, folds)
     write_json(where.spec, spec.to_dict())
     write_yaml(where.config, cfg.to_dict())
@@ -127,6 +130,32 @@ def write_package(cfg: Config, out: Path, runs: list[str] | None) -> dict[str, A
         console.print(f"bundled {len(got)} wheels for the notebook: {safe(', '.join(p.name for p in got))}")
     write_json(where.metadata, metadata)
     return pkg.manifest(out)
+
+
+def write_check(
+    cfg: Config, plan: Plan, tags: dict[str, str], folds: dict[str, list[int]], where: paths.PackageDir
+) -> None:
+    """check/: package.check_images validation images spread over the packaged folds, at the largest image size
+    among the runs, for the notebook's agreement checks (said aloud when the folds table cannot be read)."""
+    if cfg.package.check_images == 0:
+        return
+    try:
+        table = load_fold_table(cfg)[0]
+    except KpipeError as e:
+        warn(f"no check images in the package, so the notebook will predict in fp32: {e}")
+        return
+    size = max(
+        int(
+            json.loads(paths.package_fold_json(where.run(tags[r]), k).read_text(encoding="utf-8"))[
+                "data_config"
+            ]["img_size"]
+        )
+        for r in plan.runs
+        for k in folds[r]
+    )
+    wanted = sorted({k for r in plan.runs for k in folds[r]})
+    n = pkg.write_check_images(check_sample(table, wanted, cfg.package.check_images), where.root, size)
+    console.print(f"check/: {n} validation images at {size} px for the notebook's agreement checks")
 
 
 def check_size(cfg: Config, man: dict[str, Any], where: Path) -> None:
