@@ -274,7 +274,7 @@ def test_package_brings_check_images_and_the_notebook_checks_with_them(
         "file,fold\n/etc/hostname,0\n",  # absolute
         "file,fold\nlink.jpg,0\n",  # a symbolic link
         "file,fold\nfold0_00000.jpg,zero\n",  # no fold number
-        "file,fold\nfold0_00000.jpg,-1\n",
+        "file,fold\nfold0_00000.jpg,-2\n",  # -1 is the full-data model's
         "file,fold\nmissing.jpg,0\n",
         "name,fold\nfold0_00000.jpg,0\n",  # wrong columns
     ],
@@ -286,6 +286,40 @@ def test_a_hostile_check_csv_is_refused(packaged: Config, tmp_path: Path, rows: 
     (root / "check" / "check.csv").write_text(rows)
     with pytest.raises(KpipeError, match="check.csv"):
         pkg.read_check(root)
+
+
+def test_a_full_data_model_is_packaged_and_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kpipe train --full`'s full/best.pt travels as runs/<run>/full.safetensors (it was left out), the package
+    predicts exactly as the run does, and the precision check covers the full model too, on any train images
+    (it has no validation fold; before, it went unchecked, and a full-only run always ran fp32)."""
+    from kpipe.nn import precision
+
+    monkeypatch.setattr(precision, "cpu_bf16", lambda: True)  # propose bf16 on any CPU
+    cfg = setup(tmp_path)
+    run = paths.run_dir(cfg).root
+    (run / "full").mkdir()
+    shutil.copy(run / "fold0" / "best.pt", run / "full" / "best.pt")
+    package.run(cfg)
+    root = paths.package_dir(cfg).root
+    assert (root / "runs" / "a" / "full.safetensors").is_file() and (
+        root / "runs" / "a" / "full.json"
+    ).is_file()
+    assert pkg.read_spec(root).runs[0].folds == [0, 1, -1]
+    table = pkg.read_check(root)
+    assert sorted(table["fold"].unique()) == [-1, 0, 1]
+    a = infer.run(cfg)
+    b = infer.run(_from_package(cfg, root, "p"))
+    for out in (a, b):
+        (form,) = json.loads(paths.sidecar(Path(out["submission"])).read_text())["precision"].values()
+        assert form["check"]["images"] == 6 + 6 + 12  # each fold's 6 rows, and every row for the full model
+    np.testing.assert_array_equal(
+        read_csv_ids(Path(a["predictions"]) / "probs.csv").drop(columns="id").astype(float).to_numpy(),
+        read_csv_ids(Path(b["predictions"]) / "probs.csv").drop(columns="id").astype(float).to_numpy(),
+    )
+    for k in (0, 1):
+        shutil.rmtree(run / f"fold{k}")
+    (form,) = json.loads(paths.sidecar(Path(infer.run(cfg)["submission"])).read_text())["precision"].values()
+    assert form["check"]["images"] == 12  # a full-only run is checked on train images, not left in fp32
 
 
 def test_package_check_images_zero_writes_none(tmp_path: Path) -> None:

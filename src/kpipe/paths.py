@@ -295,12 +295,20 @@ def ledger_csv_in(submissions_dir: str | Path) -> Path:
 PACKAGE_SPEC = "kpipe_package.json"
 
 
+FULL_FOLD = -1  # the fold number of a full-data model (full/best.pt, `kpipe train --full`)
+
+
+def package_model_name(k: int) -> str:
+    """fold<k>, or full for the full-data model: a packaged run's file stem for fold k's model."""
+    return "full" if k == FULL_FOLD else f"fold{k}"
+
+
 def package_weights(run_root: Path, k: int) -> Path:
-    return run_root / f"fold{k}.safetensors"
+    return run_root / f"{package_model_name(k)}.safetensors"
 
 
 def package_fold_json(run_root: Path, k: int) -> Path:
-    return run_root / f"fold{k}.json"
+    return run_root / f"{package_model_name(k)}.json"
 
 
 @dataclass(frozen=True)

@@ -135,10 +135,14 @@ def load_fold_table(cfg: Config) -> tuple[pd.DataFrame, list[str]]:
 
 
 def check_sample(table: pd.DataFrame, folds: list[int], n: int, seed: int = 0) -> dict[int, list[str]]:
-    """About n validation image paths, split evenly over `folds`, each fold's drawn from its own rows."""
+    """About n validation image paths, split evenly over `folds`, each fold's drawn from its own rows. A negative
+    fold (paths.FULL_FOLD, a model trained on every row) has no validation rows and draws from all, unless the
+    table has rows of its own (a package's check/): the precision and runtime checks compare two numeric forms of
+    one model, which any real image can show."""
     per_fold = max(1, math.ceil(n / max(len(folds), 1)))
     out = {}
     for k in folds:
         rows = table[table["fold"].astype(int) == k]
+        rows = table if k < 0 and rows.empty else rows
         out[k] = rows.sample(min(per_fold, len(rows)), random_state=seed)["path"].tolist()
     return out

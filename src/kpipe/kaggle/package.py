@@ -145,7 +145,7 @@ def write_check_images(files_by_fold: dict[int, list[str]], root: Path, size: in
                 continue  # the check needs realistic images, not every one
             ok, buf = cv2.imencode(".jpg", rgb[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, CHECK_JPEG_QUALITY])
             if ok:
-                name = f"fold{k}_{j:05d}.jpg"
+                name = f"{paths.package_model_name(k)}_{j:05d}.jpg"
                 write_bytes(where.check_dir / name, buf.tobytes())
                 rows.append((name, k))
     if rows:
@@ -172,7 +172,11 @@ def read_check(root: Path) -> pd.DataFrame:
     bad = [
         str(name)
         for name, k in zip(df["file"], folds, strict=True)
-        if not (re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", str(name)) and k >= 0 and float(k).is_integer())
+        if not (
+            re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", str(name))
+            and k >= paths.FULL_FOLD
+            and float(k).is_integer()
+        )
         or (where.check_dir / str(name)).is_symlink()
         or not (where.check_dir / str(name)).is_file()
     ]

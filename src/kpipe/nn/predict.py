@@ -46,7 +46,7 @@ class RunModels:
     data_cfg: dict[str, Any]  # img_size, mean, std
 
 
-FULL_FOLD = -1  # the fold number of a full-data model (full/best.pt, `kpipe train --full`)
+FULL_FOLD = paths.FULL_FOLD
 
 
 def fold_of(path: Path) -> int:
@@ -54,9 +54,11 @@ def fold_of(path: Path) -> int:
 
 
 def package_folds(run: str | Path) -> list[int]:
-    """The folds of a packaged run folder (fold<k>.safetensors), sorted; [] for a training run."""
+    """The folds of a packaged run folder (fold<k>.safetensors, then full.safetensors as FULL_FOLD: the order
+    load_run gives a training run's), sorted; [] for a training run."""
     found = (re.fullmatch(r"fold(\d+)\.safetensors", p.name) for p in Path(run).glob("fold*.safetensors"))
-    return sorted(int(m[1]) for m in found if m)
+    full = [FULL_FOLD] if paths.package_weights(Path(run), FULL_FOLD).is_file() else []
+    return sorted(int(m[1]) for m in found if m) + full
 
 
 def load_run(run: str, classes: list[str], device: torch.device, channels_last: bool = False) -> RunModels:

@@ -53,14 +53,19 @@ def run_tags(runs: list[str]) -> dict[str, str]:
 
 
 def fold_checkpoints(run: str) -> dict[int, Path]:
+    """fold<k>/best.pt by k, then full/best.pt (a `kpipe train --full` model) as paths.FULL_FOLD: every model
+    `kpipe infer` would use, in its order."""
     found = {
         int(p.parent.name[4:]): p
         for p in Path(run).glob("fold*/best.pt")
         if re.fullmatch(r"fold\d+", p.parent.name)
     }
-    if not found:
-        raise KpipeError(f"{run}: no fold<k>/best.pt to package. Train the run first (kpipe train).")
-    return dict(sorted(found.items()))
+    full = paths.RunDir(Path(run)).full.best
+    if not found and not full.is_file():
+        raise KpipeError(
+            f"{run}: no fold<k>/best.pt or full/best.pt to package. Train the run first (kpipe train)."
+        )
+    return dict(sorted(found.items())) | ({paths.FULL_FOLD: full} if full.is_file() else {})
 
 
 def make_spec(
