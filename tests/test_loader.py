@@ -124,3 +124,24 @@ def test_sampling_config() -> None:
         DataConfig(balanced_sampling=True, sampling="undersample")
     with pytest.raises(ValueError, match="oversample"):
         DataConfig(sampling="over")
+
+
+def test_a_samples_seed_drives_its_transforms_independently() -> None:
+    """AugSeeds reseeds each sample's Compose. albumentations' own set_random_seed gave every transform a
+    generator with the same seed, so they drew the same numbers: flips came with the smaller crops (62 % vs 40 %
+    over 3,000 seeds). kpipe's seed_transform shares one generator: the flip rate does not depend on the crop."""
+    from kpipe.data.loader import AugSeeds
+
+    g = np.tile(np.linspace(0, 255, 128).astype(np.uint8), (128, 1))
+    cache = np.repeat(np.stack([g, g, g], -1)[None], 2000, axis=0)  # the column index, as brightness
+    ds = ImageDataset(["x"] * len(cache), None, transforms.build_train("light", 32), cache)
+    flips, spans = [], []
+    for i, seed in AugSeeds(EpochSampler(np.arange(len(ds)), seed=3)):
+        row = ds[(i, seed)][0].numpy()[0, 16].astype(int)
+        flips.append(row[0] > row[-1])
+        spans.append(abs(row[-1] - row[0]))  # how much of the width the crop kept
+    flips, small = np.array(flips), np.array(spans) < np.median(spans)
+    assert abs(flips.mean() - 0.5) < 0.04
+    assert abs(flips[small].mean() - flips[~small].mean()) < 0.06
+    again = ImageDataset(["x"] * len(cache), None, transforms.build_train("light", 32), cache)
+    assert torch.equal(ds[(5, 1234)][0], again[(5, 1234)][0])  # the same seed still gives the same sample

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kpipe.data.image import ImageReadError, read_rgb
-from kpipe.data.transforms import seed_worker
+from kpipe.data.transforms import seed_transform, seed_worker
 from kpipe.errors import KpipeError
 
 # data.sampling: how an epoch treats unequal classes. weighted: n draws with replacement, each class
@@ -93,7 +93,7 @@ class ImageDataset(Dataset):
         """key: a row index, or (row index, augmentation seed) from AugSeeds."""
         i, seed = key if isinstance(key, tuple) else (key, None)
         if seed is not None:
-            self.transform.set_random_seed(seed)  # type: ignore[attr-defined]
+            seed_transform(self.transform, seed)  # type: ignore[arg-type]
         img, ok = self._image(i)
         x = self.transform(image=img)["image"]
         y = int(self.labels[i]) if self.labels is not None else -1
