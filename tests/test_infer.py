@@ -24,7 +24,7 @@ from kpipe.eval import oof as oof_lib
 from kpipe.io import read_csv_ids, write_csv, write_json, write_yaml
 from kpipe.kaggle import submission
 from kpipe.nn import models
-from kpipe.stages import folds, infer
+from kpipe.stages import folds, infer, oof_tta
 
 
 def make_run(cfg: Config, seed: int = 0, classes: list[str] | None = None) -> Path:
@@ -185,7 +185,7 @@ def test_class_prior_and_blend() -> None:
 
 def test_oof_tta_writes_one_file_per_view(tmp_path: Path) -> None:
     cfg = setup(tmp_path)
-    scores = infer.run_oof_tta(cfg)
+    scores = oof_tta.run(cfg)
     run = paths.run_dir(cfg).root
     assert set(scores[str(run)]) == {"identity", "hflip", "mean"}
     oof_cols = list(read_csv_ids(run / "oof.csv").columns)
@@ -298,7 +298,7 @@ def test_oof_tta_scores_each_fold_model_on_the_rows_it_never_trained_on(
     labels = sorted(now["label"].unique())
     now.loc[0, "label"] = labels[(labels.index(now.loc[0, "label"]) + 1) % len(labels)]  # a relabel
     write_csv(folds_csv, now.drop(index=1))  # and a relabel `drop`: left out of the folds, still scored
-    infer.run_oof_tta(cfg)
+    oof_tta.run(cfg)
     assert "rows have another fold or label" in " ".join(capsys.readouterr().out.split())
     for view in ("identity", "hflip"):
         got = read_csv_ids(run / "oof_tta" / f"{view}.csv")[["id", "fold", "label"]]

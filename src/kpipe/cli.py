@@ -169,9 +169,9 @@ def _infer(args: argparse.Namespace) -> int:
 
 
 def _oof_tta(args: argparse.Namespace) -> int:
-    from kpipe.stages import infer
+    from kpipe.stages import oof_tta
 
-    infer.run_oof_tta(config_from(args), runs=args.runs)
+    oof_tta.run(config_from(args), runs=args.runs)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""`kpipe infer` and `kpipe oof-tta`: fold models x TTA views x runs -> probabilities and a checked submission.
+"""`kpipe infer`: fold models x TTA views x runs -> probabilities and a checked submission.
 
 Each run (a folder written by `kpipe train`) predicts with its own model and preprocessing (its
 config.yaml and the data_config in its checkpoints). The test images are decoded once per run;
@@ -11,9 +11,7 @@ the training labels, with a warning. Each run predicts in the form infer.precisi
 validation images) and through the runtime infer.runtime picks (nn.runtime: OpenVINO on the CPU only
 after the same check; infer.compile for torch), both recorded per run in the sidecar, as is where its
 JPEGs were decoded (infer.decode: on the GPU with `auto` only when a timing of the first batches finds it
-faster). `kpipe oof-tta` runs in torch. `run_oof_tta` predicts
-each fold's own validation images with every view (runs/<exp>/oof_tta/<view>.csv), so `kpipe ensemble`
-can weigh views, and shows each view's CV.
+faster); nn.forms makes those choices. `kpipe oof-tta` is stages/oof_tta.py.
 
 Writes predictions/<name>/{probs.csv, ids.csv, classes.json, members.json, members/*.npy},
 submissions/<name>.csv (validated before it is written) and submissions/<name>.json (what made it).
@@ -25,35 +23,30 @@ Usage: ``kpipe infer -c configs/exp/b0.yaml --comp demo infer.tta=identity,hflip
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 from kpipe import paths
 from kpipe.config import Config
 from kpipe.console import console, print_problems, safe
-from kpipe.data import ingest, transforms
-from kpipe.data.folds import check_sample, load_fold_table
+from kpipe.data import ingest
+from kpipe.data.folds import load_fold_table
 from kpipe.errors import KpipeError, preview
 from kpipe.eval import metrics
 from kpipe.eval.blend import RANK_MEAN, blend, check_finite
-from kpipe.eval.oof import load_members, read_oof
+from kpipe.eval.oof import load_members
 from kpipe.io import atomic_path, check_free_space, read_csv_ids, write_csv, write_json
 from kpipe.kaggle import ledger, submission
 from kpipe.kaggle.package import PackageSpec, read_check, read_spec
-from kpipe.nn import dist, precision, predict, runtime, tta
-from kpipe.nn.engine import autocast
+from kpipe.nn import dist, forms, precision, predict, runtime, tta
 from kpipe.nn.plan import Plan, class_prior, make_plan, resolve_runs
 
-__all__ = ["Plan", "class_prior", "make_plan", "package_plan", "resolve_runs", "run", "run_oof_tta"]
+__all__ = ["Plan", "class_prior", "make_plan", "package_plan", "resolve_runs", "run"]
 
 
 @dataclass(frozen=True)
@@ -86,163 +79,6 @@ def blend_members(
         for k in keys
     ]
     return blend(per_key, np.array([weights[k] for k in keys]), how)
-
-
-# ------------------------------------------------------------------ models and prediction
-
-
-def sample_check(
-    cfg: Config, rm: predict.RunModels, device: torch.device, table: pd.DataFrame | KpipeError
-) -> Callable[..., np.ndarray] | None:
-    """The predictor both checks (infer.precision, infer.runtime) run on a sample of the run's own validation
-    images (each fold model on its own fold); None, said aloud, when the folds table could not be read."""
-    if isinstance(table, KpipeError):
-        console.print(f"[yellow]{safe(rm.run)}: no agreement check: {safe(str(table))}", soft_wrap=True)
-        return None
-    sample = check_sample(table, rm.folds, cfg.infer.precision_check_images)
-    if not any(sample.values()):
-        return None
-    return predict.sample_predictor(rm, sample, cfg.infer.batch_size, device, cfg.infer.channels_last)
-
-
-def choose_precision(
-    cfg: Config,
-    rm: predict.RunModels,
-    device: torch.device,
-    table: pd.DataFrame | KpipeError,
-    sampler: Callable[..., np.ndarray] | None = None,
-) -> precision.PrecisionChoice:
-    """infer.precision for this run; with `auto`, the proposal is checked on the run's own validation images
-    (each fold model on a sample of its fold: `table` is the folds table, or why it could not be read;
-    `sampler`, when given, is sample_check's predictor for it)."""
-    inf = cfg.infer
-    check = None
-    if inf.precision == "auto" and precision.native_fast(device)[0] is not None:
-        check = sampler or sample_check(cfg, rm, device, table)
-    choice = precision.choose(inf.precision, device, inf.channels_last, check)
-    console.print(f"{safe(rm.run)}: precision {choice.reason}", soft_wrap=True)
-    return choice
-
-
-def _example(cfg: Config, rm: predict.RunModels, rows: int, device: torch.device, cl: bool) -> torch.Tensor:
-    """A normalised-looking batch of `rows` at the run's image size: what conversion and warm-up trace with."""
-    s = int(rm.data_cfg["img_size"])
-    x = torch.randn(rows, 3, s, s, generator=torch.Generator().manual_seed(0)).to(device)
-    return x.contiguous(memory_format=torch.channels_last) if cl else x
-
-
-def choose_forms(
-    cfg: Config,
-    rm: predict.RunModels,
-    device: torch.device,
-    table: pd.DataFrame | KpipeError,
-    n_views: int,
-) -> tuple[predict.RunModels, precision.PrecisionChoice, runtime.RuntimeChoice]:
-    """infer.runtime, then (when torch runs) infer.precision and infer.compile for this run: (the run with the
-    models that will predict, the precision record, the runtime record)."""
-    inf = cfg.infer
-    need = (inf.runtime != "torch" and device.type == "cpu") or (
-        inf.precision == "auto" and precision.native_fast(device)[0] is not None
-    )
-    sampler = sample_check(cfg, rm, device, table) if need else None  # both checks share its fp32 result
-
-    took: list[float] = []
-
-    def convert(hint: str) -> list[torch.nn.Module]:
-        x, t0 = _example(cfg, rm, 2, device, False), time.perf_counter()
-        out = [runtime.to_openvino(m, x, hint) for m in rm.models]
-        took.append(round(time.perf_counter() - t0, 2))
-        return out
-
-    rt, ov_models = runtime.choose(inf.runtime, device, convert, sampler)
-    rt = replace(rt, convert_seconds=took[0] if took else None)
-    console.print(f"{safe(rm.run)}: runtime {rt.reason}", soft_wrap=True)
-    if ov_models is not None:
-        why = f"OpenVINO runs the models (INFERENCE_PRECISION_HINT {rt.hint}); torch applies the TTA views in fp32"
-        choice = precision.PrecisionChoice("fp32", False, why, rt.check)
-        rt = replace(
-            rt, compile={"compiled": False, "reason": "infer.compile is ignored: OpenVINO runs the models"}
-        )
-        return predict.RunModels(rm.run, rm.cfg, rm.folds, ov_models, rm.data_cfg), choice, rt
-    choice = choose_precision(cfg, rm, device, table, sampler)
-    if not inf.compile:
-        return rm, choice, replace(rt, compile={"compiled": False, "reason": "infer.compile=false"})
-    x = _example(cfg, rm, inf.batch_size * n_views, device, choice.channels_last)
-    compiled, seconds = [], 0.0
-    for m in rm.models:
-        c, t = runtime.compile_torch(m, x, device, lambda: autocast(device, choice.amp_dtype))
-        compiled.append(c)
-        seconds += t
-    frozen = " with frozen weights" if device.type == "cpu" else ""
-    console.print(
-        f"{safe(rm.run)}: torch.compile{frozen}, {len(compiled)} folds, {seconds:.1f} s with warm-up"
-    )
-    record = {"compiled": True, "reason": f"infer.compile=true{frozen}", "seconds": round(seconds, 2)}
-    return (
-        predict.RunModels(rm.run, rm.cfg, rm.folds, compiled, rm.data_cfg),
-        choice,
-        replace(rt, compile=record),
-    )
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    )
-
-
-def _predict_run(
-    cfg: Config,
-    rm: predict.RunModels,
-    files: list[str],
-    views: list[str],
-    n_classes: int,
-    device: torch.device,
-    tolerant: bool,
-    label: str,
-    choice: precision.PrecisionChoice,
-    decode: str = "cpu",
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """All fold models of a run on `files`, the JPEGs decoded where `decode` says (cpu | gpu); returns
-    (probs (F, V, N, K), ok (N,), images/s)."""
-    loader = predict.make_eval_loader(
-        files, rm.data_cfg, cfg.infer.batch_size, cfg.data.num_workers, device, tolerant, decode
-    )
-    start = time.perf_counter()
-    with _progress() as progress:
-        task = progress.add_task(label, total=len(files))
-        prepare = transforms.Normalize(rm.data_cfg["mean"], rm.data_cfg["std"])
-        probs, ok = predict.predict_models(
-            rm.models,
-            loader,
-            views,
-            n_classes,
-            device,
-            choice.amp_dtype,
-            choice.channels_last,
-            prepare,
-            lambda n: progress.advance(task, n),
-        )
-    return probs, ok, len(files) / max(time.perf_counter() - start, 1e-9)
-
-
-def choose_decode(
-    cfg: Config, rm: predict.RunModels, files: list[str], device: torch.device
-) -> predict.DecodeChoice:
-    """infer.decode for this run (at its image size); with auto on CUDA, both decoders timed on the first files."""
-    inf = cfg.infer
-    choice = predict.choose_decode(
-        inf.decode,
-        device,
-        lambda: predict.decode_rates(files, rm.data_cfg, inf.batch_size, cfg.data.num_workers, device),
-    )
-    console.print(f"{safe(rm.run)}: decode {choice.reason}", soft_wrap=True)
-    return choice
 
 
 def _fold_table(cfg: Config) -> pd.DataFrame | KpipeError:
@@ -291,7 +127,7 @@ def run(cfg: Config, runs: list[str] | None = None) -> dict[str, Any]:
     ok = test["found"].to_numpy(bool).copy()
     members: list[MemberPred] = []
     folds: dict[str, list[int]] = {}
-    forms: dict[str, dict[str, Any]] = {}
+    precisions: dict[str, dict[str, Any]] = {}
     runtimes: dict[str, dict[str, Any]] = {}
     decodes: dict[str, dict[str, Any]] = {}
     by_size: dict[int, predict.DecodeChoice] = {}  # runs at one image size share the decoder timing
@@ -299,12 +135,12 @@ def run(cfg: Config, runs: list[str] | None = None) -> dict[str, Any]:
     for r in plan.runs:
         rm = predict.load_run(r, classes, device, cfg.infer.channels_last)
         views = plan.views[r]
-        rm, choice, rt = choose_forms(cfg, rm, device, table, len(tta.parse_views(views)))
-        forms[r], runtimes[r] = choice.to_json(), rt.to_json()
+        rm, choice, rt = forms.choose_forms(cfg, rm, device, table, len(tta.parse_views(views)))
+        precisions[r], runtimes[r] = choice.to_json(), rt.to_json()
         size = int(rm.data_cfg["img_size"])
-        decode = by_size[size] = by_size.get(size) or choose_decode(cfg, rm, files, device)
+        decode = by_size[size] = by_size.get(size) or forms.choose_decode(cfg, rm, files, device)
         decodes[r] = decode.to_json()
-        probs, good, rate = _predict_run(
+        probs, good, rate = forms.predict_run(
             cfg, rm, files, views, len(classes), device, True, f"infer {r}", choice, decode.name
         )
         for f, k in enumerate(rm.folds):
@@ -350,7 +186,7 @@ def run(cfg: Config, runs: list[str] | None = None) -> dict[str, Any]:
         "cv_source": cv_source,
         "metric": cfg.competition.metric,
         "folds": folds,
-        "precision": forms,
+        "precision": precisions,
         "runtime": runtimes,
         "decode": decodes,
         "tta": list(dict.fromkeys(v for r in plan.runs for v in plan.views[r])),
@@ -512,117 +348,3 @@ def _cv(cfg: Config, plan: Plan) -> tuple[float | None, str]:
 
 
 # ------------------------------------------------------------------ kpipe oof-tta
-
-
-def run_oof_tta(cfg: Config, runs: list[str] | None = None) -> dict[str, dict[str, float]]:
-    """Each fold's best.pt on its own validation images, once per TTA view -> runs/<exp>/oof_tta/<view>.csv."""
-    device = dist.pick_device(cfg.train.device, cfg.train.cudnn_benchmark)
-    classes = ingest.load_classes(cfg)
-    views = tta.parse_views(cfg.infer.tta)
-    table, _ = load_fold_table(cfg)
-    files = ingest.load_train(cfg).df.set_index("id")["path"]  # every usable train image, by id
-    results: dict[str, dict[str, float]] = {}
-    for r in resolve_runs(cfg, runs):
-        rm = predict.load_run(r, classes, device, cfg.infer.channels_last)
-        own = run_assignment(Path(r), table, files, classes, paths.folds_csv(cfg))
-        choice = choose_precision(cfg, rm, device, own)
-        decode = choose_decode(cfg, rm, own["path"].tolist(), device)
-        parts: list[tuple[pd.DataFrame, np.ndarray]] = []  # (rows, probs (V, n, K)) per fold
-        for k, model in zip(rm.folds, rm.models, strict=True):
-            rows = own[own["fold"] == k]
-            if rows.empty:
-                console.print(f"[yellow]{r}: fold {k} has no rows in its oof.csv; skipped")
-                continue
-            solo = predict.RunModels(r, rm.cfg, [k], [model], rm.data_cfg)
-            probs, _, rate = _predict_run(
-                cfg,
-                solo,
-                rows["path"].tolist(),
-                views,
-                len(classes),
-                device,
-                False,
-                f"oof-tta {r} fold {k}",
-                choice,
-                decode.name,
-            )
-            console.print(f"{r} fold {k}: {len(rows)} images x {len(views)} views, {rate:.1f} images/s")
-            parts.append((rows, probs[0]))
-        if not parts:
-            raise KpipeError(f"{r}: none of its folds {rm.folds} has rows in its oof.csv.")
-        rows = pd.concat([p[0] for p in parts], ignore_index=True)
-        per_view = np.concatenate([p[1] for p in parts], axis=1)  # (V, N, K)
-        order = rows.sort_values(["fold", "id"], kind="stable").index.to_numpy()  # oof.csv's order
-        rows, per_view = rows.loc[order].reset_index(drop=True), per_view[:, order]
-        for v, view in enumerate(views):
-            oof = pd.concat(
-                [
-                    rows[["id", "fold", "label"]],
-                    pd.DataFrame(per_view[v], columns=[f"p_{c}" for c in classes]),
-                ],
-                axis=1,
-            )
-            write_csv(Path(r) / "oof_tta" / f"{view}.csv", oof)
-        results[r] = _view_scores(cfg, rows["y"].to_numpy(), per_view, views)
-        _print_views(r, cfg, results[r], len(rows))
-    return results
-
-
-def run_assignment(
-    run_dir: Path, table: pd.DataFrame, files: pd.Series, classes: list[str], folds_csv: Path
-) -> pd.DataFrame:
-    """The rows a run's fold models never trained on, with the labels it trained with: its own oof.csv's
-    (id, fold, label), and each id's image path from `files` (the competition's usable train images by id: an
-    image the folds file has left out since, e.g. a relabel `drop`, is still scored where it was). Not the folds file as it is now:
-    after `kpipe relabel --apply` and `kpipe folds` its folds and labels differ from the run's, and fold
-    k's model would be scored on images it trained on (an optimistic, leaky "OOF")."""
-    oof = read_oof(
-        paths.RunDir(run_dir).oof, "oof-tta scores a run's fold models on their own validation rows."
-    )
-    if oof.folds is None:
-        raise KpipeError(
-            f"{run_dir}/oof.csv has no fold column. Re-train the run with this kpipe (`kpipe train`)."
-        )
-    missing = [i for i in oof.ids if i not in files.index]
-    if missing:
-        raise KpipeError(
-            f"{run_dir}/oof.csv: {len(missing)} ids have no usable train image now ({preview(missing)}). "
-            "Re-train the run on the current data."
-        )
-    unknown = sorted(set(oof.labels) - set(classes))
-    if unknown:
-        raise KpipeError(f"{run_dir}/oof.csv: labels {preview(unknown)} are not in the class list.")
-    own = pd.DataFrame({"id": oof.ids, "fold": oof.folds.astype(int), "label": oof.labels})
-    now = table.set_index("id").reindex(own["id"])[["fold", "label"]].reset_index(drop=True)
-    changed = int(((now["fold"] != own["fold"]) | (now["label"] != own["label"])).sum())
-    if changed:
-        console.print(
-            f"[yellow]{safe(run_dir)}: {changed} rows have another fold or label in {safe(folds_csv)} (or are left out) "
-            "than when it trained; they are scored with the run's own (its oof.csv).",
-            soft_wrap=True,
-        )
-    index = {c: i for i, c in enumerate(classes)}
-    return own.assign(path=own["id"].map(files).to_numpy(), y=own["label"].map(index).to_numpy())
-
-
-def _view_scores(cfg: Config, labels: np.ndarray, per_view: np.ndarray, views: list[str]) -> dict[str, float]:
-    metric = cfg.competition.metric
-    scores = {v: metrics.score(metric, labels, per_view[i]) for i, v in enumerate(views)}
-    scores["mean"] = metrics.score(metric, labels, tta.aggregate(per_view.astype(np.float64), cfg.infer.agg))
-    return scores
-
-
-def _print_views(run: str, cfg: Config, scores: dict[str, float], n: int) -> None:
-    metric = cfg.competition.metric
-    table = Table(title=f"{run}: OOF {metric} per TTA view ({n} rows)")
-    table.add_column("view")
-    table.add_column(metric, justify="right")
-    for view, s in scores.items():
-        if view != "mean":
-            table.add_row(view, f"{s:.5f}")
-    table.add_section()
-    table.add_row(f"{cfg.infer.agg} of {len(scores) - 1} views", f"{scores['mean']:.5f}", style="bold")
-    console.print(table)
-    console.print(
-        f"wrote {Path(run) / 'oof_tta'}/<view>.csv; blend them with `kpipe ensemble` (TTA views included)"
-    )
