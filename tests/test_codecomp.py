@@ -277,6 +277,7 @@ def test_package_brings_check_images_and_the_notebook_checks_with_them(
         "file,fold\nfold0_00000.jpg,-2\n",  # -1 is the full-data model's
         "file,fold\nmissing.jpg,0\n",
         "name,fold\nfold0_00000.jpg,0\n",  # wrong columns
+        "file,fold\n" + "fold0_00000.jpg,0\n" * 10_001,  # too many rows
     ],
 )
 def test_a_hostile_check_csv_is_refused(packaged: Config, tmp_path: Path, rows: str) -> None:
@@ -320,6 +321,14 @@ def test_a_full_data_model_is_packaged_and_checked(tmp_path: Path, monkeypatch: 
         shutil.rmtree(run / f"fold{k}")
     (form,) = json.loads(paths.sidecar(Path(infer.run(cfg)["submission"])).read_text())["precision"].values()
     assert form["check"]["images"] == 12  # a full-only run is checked on train images, not left in fp32
+
+
+def test_an_oversized_check_csv_is_not_read(packaged: Config, tmp_path: Path) -> None:
+    root = tmp_path / "pkg"
+    shutil.copytree(paths.package_dir(packaged).root, root)
+    (root / "check" / "check.csv").write_text("file,fold\n" + "fold0_00000.jpg,0\n" * 200_000)
+    with pytest.raises(KpipeError, match="bytes, over the 2,097,152 .* not read"):
+        pkg.read_check(root)
 
 
 def test_package_check_images_zero_writes_none(tmp_path: Path) -> None:

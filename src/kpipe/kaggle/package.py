@@ -36,6 +36,7 @@ from kpipe.nn import checkpoint
 
 FORMAT = 1
 CHECK_MAX_ROWS = 10_000  # a check.csv longer than this is refused (a package is untrusted input)
+CHECK_MAX_BYTES = 2 * 1024 * 1024  # ... and one larger than this is not even read
 CHECK_JPEG_QUALITY = 95
 
 
@@ -161,6 +162,12 @@ def read_check(root: Path) -> pd.DataFrame:
         raise KpipeError(
             f"{where.check_csv}: not in the package (made with package.check_images=0, or by an older kpipe); "
             "write it again with `kpipe package` for the agreement checks to run."
+        )
+    size = where.check_csv.stat().st_size
+    if size > CHECK_MAX_BYTES:
+        raise KpipeError(
+            f"{where.check_csv}: {size:,} bytes, over the {CHECK_MAX_BYTES:,} a list of {CHECK_MAX_ROWS:,} check "
+            "images needs; not read. Write the package again with `kpipe package`."
         )
     df = read_csv_ids(where.check_csv)
     if list(df.columns) != ["file", "fold"] or len(df) > CHECK_MAX_ROWS:
