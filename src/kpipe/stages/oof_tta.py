@@ -2,8 +2,9 @@
 
 So `kpipe ensemble` can weigh TTA views on OOF, and each view's CV is shown. Which rows are a fold's, and their
 labels, come from the run's own oof.csv (`run_assignment`), not the folds file as it is now: after `kpipe relabel
---apply` and `kpipe folds` those differ, and fold k's model would be scored on images it trained on. Runs in
-torch, in the form infer.precision picks (nn.forms).
+--apply` and `kpipe folds` those differ, and fold k's model would be scored on images it trained on. Predicts in
+the form `kpipe infer` would (nn.forms: infer.runtime, infer.precision, infer.compile), since these files stand
+in for oof.csv when `kpipe ensemble` weighs members.
 Usage: ``kpipe oof-tta -c configs/exp/b0.yaml --comp demo infer.tta=identity,hflip``
 """
 
@@ -39,7 +40,7 @@ def run(cfg: Config, runs: list[str] | None = None) -> dict[str, dict[str, float
     for r in resolve_runs(cfg, runs):
         rm = predict.load_run(r, classes, device, cfg.infer.channels_last)
         own = run_assignment(Path(r), table, files, classes, paths.folds_csv(cfg))
-        choice = forms.choose_precision(cfg, rm, device, own)
+        rm, choice, _ = forms.choose_forms(cfg, rm, device, own, len(views))  # the form infer would use
         decode = forms.choose_decode(cfg, rm, own["path"].tolist(), device)
         parts: list[tuple[pd.DataFrame, np.ndarray]] = []  # (rows, probs (V, n, K)) per fold
         for k, model in zip(rm.folds, rm.models, strict=True):
