@@ -281,7 +281,7 @@ class PackageConfig(Section):
     bundle_deps: list[str] = []
     # Validation images (resized to the runs' size, JPEG) packed into check/ so the notebook can check
     # infer.precision=auto / infer.runtime against fp32 on Kaggle's own CPU or GPU; 0: none (it then runs fp32).
-    check_images: int = Field(256, ge=0)
+    check_images: int = Field(256, ge=0, le=10_000)  # le: the most rows a package's check.csv may list
     python: str = "3.11"  # the Kaggle image's Python, which the bundled wheels must fit
     platform: list[str] = ["manylinux2014_x86_64", "manylinux_2_28_x86_64"]
 

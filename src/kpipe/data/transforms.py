@@ -90,7 +90,8 @@ def seed_transform(transform: A.BaseCompose, seed: int) -> None:
 
     Not albumentations' `set_random_seed`: it gives every transform its own generator with the same seed,
     so the transforms draw the same numbers. With 'light', a flip then happened 62 % of the time on the
-    smaller crops and 40 % on the larger ones (3,000 seeds); shared, 50 % and 51 %. It also costs a quarter.
+    smaller crops and 40 % on the larger ones (3,000 seeds); shared, 50 % and 51 %. It is also 4x cheaper
+    (10 µs against 38 µs a sample, which at 32 px is more than the augmentation itself).
     """
     transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
 

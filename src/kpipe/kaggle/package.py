@@ -2,10 +2,11 @@
 
 package/<name>/ holds kpipe_package.json (the spec: classes, class prior, runs and the TTA views and
 blend weights `kpipe infer` uses for them, CV), config.yaml (the resolved config), classes.json,
-runs/<tag>/{config.yaml, fold<k>.safetensors, fold<k>.json; full.* for a `kpipe train --full` model} (weights
-with no pickle, and the checkpoint's classes / data_config / config beside them), check/ (validation images, each with the fold
-whose model checks with it: the notebook's infer.precision / infer.runtime agreement checks), wheels/kpipe-*.whl, manifest.json (every
-file's size and sha256) and dataset-metadata.json (Kaggle's). `read_spec` is how `kpipe infer`
+runs/<tag>/{config.yaml, fold<k>.safetensors, fold<k>.json; full.* for a `kpipe train --full` model}
+(weights with no pickle, and the checkpoint's classes / data_config / config beside them), check/
+(validation images, each with the fold whose model checks with it: the notebook's infer.precision /
+infer.runtime agreement checks), wheels/kpipe-*.whl, manifest.json (every file's size and sha256) and
+dataset-metadata.json (Kaggle's). `read_spec` is how `kpipe infer`
 (infer.package=DIR) reads one back; the rest is what `kpipe package` writes it with.
 Usage: ``spec = read_spec(Path("package/b0-package")); spec.runs[0].tag``
 """
