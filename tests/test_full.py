@@ -67,7 +67,7 @@ def test_full_run_trains_on_every_usable_id(tmp_path: Path, monkeypatch: pytest.
     assert np.isnan(table["cv"].iloc[0])
     assert not run.oof.exists() and run.full.best.is_file()
     rm = predict.load_run(str(run.root), ["cat", "dog", "fox"], torch.device("cpu"))
-    assert rm.folds == [predict.FULL_FOLD]
+    assert rm.folds == [paths.FULL_FOLD]
 
     monkeypatch.setattr(train, "train_epoch", real)
     alone = infer.run(cfg, runs=[str(run.root)])  # the full-data model alone ...

@@ -61,9 +61,7 @@ def choose_precision(
     return choice
 
 
-def example_batch(
-    cfg: Config, rm: predict.RunModels, rows: int, device: torch.device, cl: bool
-) -> torch.Tensor:
+def example_batch(rm: predict.RunModels, rows: int, device: torch.device, cl: bool) -> torch.Tensor:
     """A normalised-looking batch of `rows` at the run's image size: what conversion and warm-up trace with."""
     s = int(rm.data_cfg["img_size"])
     x = torch.randn(rows, 3, s, s, generator=torch.Generator().manual_seed(0)).to(device)
@@ -88,7 +86,7 @@ def choose_forms(
     took: list[float] = []
 
     def convert(hint: str) -> list[torch.nn.Module]:
-        x, t0 = example_batch(cfg, rm, 2, device, False), time.perf_counter()
+        x, t0 = example_batch(rm, 2, device, False), time.perf_counter()
         out = [runtime.to_openvino(m, x, hint) for m in rm.models]
         took.append(round(time.perf_counter() - t0, 2))
         return out
@@ -106,7 +104,7 @@ def choose_forms(
     choice = choose_precision(cfg, rm, device, table, sampler)
     if not inf.compile:
         return rm, choice, replace(rt, compile={"compiled": False, "reason": "infer.compile=false"})
-    x = example_batch(cfg, rm, inf.batch_size * n_views, device, choice.channels_last)
+    x = example_batch(rm, inf.batch_size * n_views, device, choice.channels_last)
     compiled, seconds = [], 0.0
     for m in rm.models:
         c, t = runtime.compile_torch(m, x, device, lambda: autocast(device, choice.amp_dtype))

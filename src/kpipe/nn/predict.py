@@ -46,18 +46,15 @@ class RunModels:
     data_cfg: dict[str, Any]  # img_size, mean, std
 
 
-FULL_FOLD = paths.FULL_FOLD
-
-
 def fold_of(path: Path) -> int:
-    return FULL_FOLD if path.parent.name == "full" else int(path.parent.name.removeprefix("fold"))
+    return paths.FULL_FOLD if path.parent.name == "full" else int(path.parent.name.removeprefix("fold"))
 
 
 def package_folds(run: str | Path) -> list[int]:
-    """The folds of a packaged run folder (fold<k>.safetensors, then full.safetensors as FULL_FOLD: the order
+    """The folds of a packaged run folder (fold<k>.safetensors, then full.safetensors as paths.FULL_FOLD: the order
     load_run gives a training run's), sorted; [] for a training run."""
     found = (re.fullmatch(r"fold(\d+)\.safetensors", p.name) for p in Path(run).glob("fold*.safetensors"))
-    full = [FULL_FOLD] if paths.package_weights(Path(run), FULL_FOLD).is_file() else []
+    full = [paths.FULL_FOLD] if paths.package_weights(Path(run), paths.FULL_FOLD).is_file() else []
     return sorted(int(m[1]) for m in found if m) + full
 
 
@@ -298,7 +295,7 @@ def sample_predictor(
     are left out. The fp32 result of rm.models is computed once and reused (both checks compare against it)."""
     prepare = transforms.Normalize(rm.data_cfg["mean"], rm.data_cfg["std"])
     batches: list[tuple[int, torch.Tensor]] = []  # (index into the models, images)
-    for i, (k, _) in enumerate(zip(rm.folds, rm.models, strict=True)):
+    for i, k in enumerate(rm.folds):
         files = files_by_fold.get(k, [])
         if files:
             loader = make_eval_loader(files, rm.data_cfg, batch_size, 0, device, tolerant=True)
